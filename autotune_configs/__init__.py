@@ -1,0 +1,1 @@
+"""Tuned Triton launch configs, one JSON file per GPU name (read with importlib.resources)."""

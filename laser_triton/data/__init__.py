@@ -1,0 +1,1 @@
+"""Datasets: Sudoku puzzles (generator, augmentations, Sudoku-Extreme CSV loader)."""

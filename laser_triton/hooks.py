@@ -1,0 +1,352 @@
+"""Autograd integration: `Laser.compress()`, `role()`, `raw()`, `report()` (DESIGN §2, §3).
+
+Inside `compress()`, every tensor that autograd saves for backward goes through `_pack`:
+- ineligible tensors (integer/bool, weights and weight copies, narrow rows, too few rows,
+  non-dense layouts, anything saved inside `raw()`) are kept as they are and counted;
+- eligible storages are compressed once per step by their site's `SiteTracker`; the site is
+  the role (one network call) plus the ordinal of the storage within that call, so the same
+  network applied n times gives one site per saved tensor, tracked across recursion steps.
+
+Fidelity decisions are read on the host once per network call (or per `batch_size` tensors)
+through a non-blocking copy, so the hot path never synchronizes per tensor. Undecided tensors
+keep their raw values until decided; decided ones drop them. At `compress()` exit every
+decision is resolved, so backward always sees final values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from . import ops
+from .config import LaserConfig
+from .storage import Entry, Packed, dense_region, region_view, storage_key, weight_leaf
+from .tracker import SiteTracker
+from .util import HostFuture
+
+__all__ = ["Laser"]
+
+
+@dataclass
+class _RawCount:
+    tensors: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class _Step:
+    """State of one `compress()` context (one training step). Dropped at exit."""
+
+    thread: int
+    entries: dict = field(default_factory=dict)  # StorageWeakRef -> Entry
+    raw_seen: dict = field(default_factory=dict)  # StorageWeakRef -> category
+    raw_counts: dict = field(default_factory=dict)  # category -> _RawCount
+    batch: list = field(default_factory=list)  # entries drafted since the last decision point
+    pending: list = field(default_factory=list)  # (entries, HostFuture) awaiting decisions
+    roles: list = field(default_factory=lambda: ["main"])
+    ordinals: dict = field(default_factory=dict)  # (role, label) -> next ordinal
+    raw_depth: int = 0
+
+
+class Laser:
+    """Per-site low-rank trackers that live across training steps.
+
+    One Laser serves one model in one thread at a time: `compress()` raises if it is already
+    active (nested, or from another thread). Different threads may use different Lasers.
+    """
+
+    def __init__(self, cfg: LaserConfig | None = None):
+        self.cfg = cfg or LaserConfig()
+        if not isinstance(self.cfg, LaserConfig):
+            raise TypeError(f"Laser expects a LaserConfig, got {type(self.cfg).__name__}")
+        self.trackers: dict[str, SiteTracker] = {}
+        self._step: _Step | None = None
+        self._lock = threading.Lock()
+        self._labels = threading.local()
+        self._last_sites: dict[str, dict] = {}
+        self._last_raw: dict[str, _RawCount] = {}
+        self.steps = 0
+
+    # ------------------------------------------------------------------ contexts
+
+    @contextlib.contextmanager
+    def compress(self) -> Iterator[Laser]:
+        """Compress what autograd saves inside this block (a no-op when tau == 0)."""
+        with self._lock:
+            if self._step is not None:
+                raise RuntimeError(
+                    "Laser.compress() is already active (nested, or in another thread); "
+                    "use one compress() per step and one Laser per thread")
+            self._step = _Step(thread=threading.get_ident())
+        try:
+            if not self.cfg.enabled:
+                yield self
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+                    yield self
+        finally:
+            step, self._step = self._step, None
+            self._finish(step)
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """Tag one network call: sites are (role, ordinal of the saved storage in the call)."""
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"role name must be a non-empty string without '/', got {name!r}")
+        step = self._active_step()
+        if step is None:
+            yield
+            return
+        step.roles.append(name)
+        for key in [k for k in step.ordinals if k[0] == name]:
+            del step.ordinals[key]
+        try:
+            yield
+        finally:
+            step.roles.pop()
+            self._close_batch(step)
+            self._poll(step, block=False)
+
+    @contextlib.contextmanager
+    def raw(self) -> Iterator[None]:
+        """Innermost pass-through: tensors saved inside are kept exactly (e.g. attention)."""
+        step = self._active_step()
+        if step is None or not self.cfg.enabled:
+            yield
+            return
+        step.raw_depth += 1
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_raw, _unpack):
+                yield
+        finally:
+            step.raw_depth -= 1
+
+    def watch(self, model: torch.nn.Module) -> list:
+        """Name sites by module path ("z/blocks.0.mlp.down_proj#0"). Returns removable handles."""
+        handles = []
+        for path, module in model.named_modules():
+            if not path:
+                continue
+            handles.append(module.register_forward_pre_hook(self._enter_label(path)))
+            handles.append(module.register_forward_hook(self._exit_label()))
+        return handles
+
+    def _enter_label(self, path: str):
+        def hook(module, args):
+            self._label_stack().append(path)
+        return hook
+
+    def _exit_label(self):
+        def hook(module, args, output):
+            stack = self._label_stack()
+            if stack:
+                stack.pop()
+        return hook
+
+    def _label_stack(self) -> list:
+        stack = getattr(self._labels, "stack", None)
+        if stack is None:
+            stack = self._labels.stack = []
+        return stack
+
+    def _active_step(self) -> _Step | None:
+        step = self._step
+        if step is None or step.thread != threading.get_ident():
+            return None
+        return step
+
+    # ------------------------------------------------------------------ pack
+
+    def _count_raw(self, step: _Step, t: torch.Tensor, category: str) -> torch.Tensor:
+        key = storage_key(t)
+        if key not in step.raw_seen:
+            step.raw_seen[key] = category
+            c = step.raw_counts.setdefault(category, _RawCount())
+            c.tensors += 1
+            c.nbytes += t.untyped_storage().nbytes()
+        entry = step.entries.get(key)
+        if entry is not None and entry.pinned is None:
+            entry.pin(t)  # the storage stays alive raw anyway: serve exact values
+        return t
+
+    def _pack_raw(self, t: torch.Tensor):
+        step = self._active_step()
+        if step is None:
+            return t
+        return self._count_raw(step, t, "raw()")
+
+    def _ineligible(self, t: torch.Tensor) -> str | None:
+        if t.dtype not in ops.FLOAT_DTYPES:
+            return "dtype"
+        if t.grad_fn is None:
+            return "parameter" if t.requires_grad else "leaf"
+        leaf = weight_leaf(t)
+        if leaf is not None:
+            # A view of the parameter itself costs nothing; a cast copy (w.to(bf16)) does.
+            return "parameter" if storage_key(leaf) == storage_key(t) else "weight copy"
+        return None
+
+    def _pack(self, t: torch.Tensor):
+        step = self._active_step()
+        if step is None:
+            return t
+        reason = self._ineligible(t)
+        if reason == "parameter":
+            return t  # the model owns it: no extra memory, nothing to count
+        if reason is not None:
+            return self._count_raw(step, t, reason)
+        key = storage_key(t)
+        if key in step.raw_seen:
+            return t  # already held raw by another reference
+        entry = step.entries.get(key)
+        if entry is not None and entry.version == t._version and entry.region.covers(t):
+            return Packed(entry, t)
+        if entry is not None:  # same storage, new contents or layout: keep this one exact
+            return self._count_raw(step, t, "aliased")
+        region = dense_region(t)
+        if region is None:
+            return self._count_raw(step, t, "layout")
+        if region.width < self.cfg.min_width:
+            return self._count_raw(step, t, "narrow")
+        site, site_cfg = self._site_for(step, region.width)
+        if site_cfg is None:
+            return self._count_raw(step, t, "excluded")
+        if region.rows < site_cfg.max_rank:
+            return self._count_raw(step, t, "few rows")
+        tracker = self.trackers.get(site)
+        if tracker is None:
+            tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg)
+        with torch.no_grad():
+            draft = tracker.draft(region_view(t, region))
+        entry = Entry(region, t.dtype, t._version, site, tracker, draft)
+        step.entries[key] = entry
+        step.batch.append(entry)
+        if len(step.batch) >= self.cfg.batch_size:
+            self._close_batch(step)
+            self._poll(step, block=False)
+        return Packed(entry, t)
+
+    def _site_for(self, step: _Step, width: int) -> tuple[str, LaserConfig | None]:
+        role = step.roles[-1]
+        stack = self._label_stack()
+        label = stack[-1] if stack else ""
+        k = step.ordinals.get((role, label), 0)
+        step.ordinals[(role, label)] = k + 1
+        site = f"{role}/{label}#{k}"
+        tracker = self.trackers.get(site)
+        if tracker is not None and tracker.width != width:
+            site = f"{site}@{width}"
+        tracker = self.trackers.get(site)
+        if tracker is not None:
+            return site, tracker.cfg
+        return site, self.cfg.for_site(site)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _close_batch(self, step: _Step) -> None:
+        """End a decision batch: advance bases in one batched call; read errors non-blocking."""
+        batch, step.batch = step.batch, []
+        if not batch:
+            return
+        with torch.no_grad():
+            movers = list({id(e.tracker): e.tracker for e in batch
+                           if e.tracker.pending_Y is not None}.values())
+            if movers:
+                Qs, ok = ops.orthonormalize_batched([tr.pending_Y for tr in movers])
+                for i, tr in enumerate(movers):
+                    tr.apply_pending(Qs[i], ok[i])
+            payload = [e.draft.err for e in batch]
+            grams = [e.draft.shrink_gram for e in batch if e.draft.shrink_gram is not None]
+            step.pending.append((batch, HostFuture(payload + grams)))
+
+    def _poll(self, step: _Step, block: bool) -> None:
+        """Finalize every batch whose decisions have reached the host (all, if block)."""
+        while step.pending:
+            batch, fut = step.pending[0]
+            if not block and not fut.ready():
+                return
+            step.pending.pop(0)
+            values = fut.get()
+            errs, grams = values[: len(batch)], iter(values[len(batch):])
+            with torch.no_grad():
+                for entry, err in zip(batch, errs):
+                    d = entry.draft
+                    gram = next(grams) if d.shrink_gram is not None else None
+                    passed = bool(err <= entry.tracker.cfg.tau)  # NaN-safe: NaN fails
+                    entry.stored = entry.tracker.finalize(d, passed, gram)
+                    entry.draft = None  # drops X unless stored raw
+
+    def _finish(self, step: _Step | None) -> None:
+        if step is None:
+            return
+        self._close_batch(step)
+        self._poll(step, block=True)
+        self.steps += 1
+        sites: dict[str, dict] = {}
+        bases: set[int] = set()
+        for entry in step.entries.values():
+            row = sites.setdefault(entry.site, {"tensors": 0, "raw_bytes": 0, "stored_bytes": 0,
+                                                "raw_tensors": 0})
+            row["tensors"] += 1
+            row["raw_bytes"] += entry.raw_bytes()
+            row["stored_bytes"] += entry.held_bytes()
+            if entry.pinned is not None or entry.stored.is_raw:
+                row["raw_tensors"] += 1
+            elif id(entry.stored.U) not in bases:
+                bases.add(id(entry.stored.U))
+                row["stored_bytes"] += entry.stored.U.numel() * 4
+        self._last_sites = sites
+        self._last_raw = dict(step.raw_counts)
+
+    # ------------------------------------------------------------------ reporting
+
+    def report(self) -> pd.DataFrame:
+        """Per-site table for the last step, plus cumulative errors, resets and fallbacks.
+
+        Bytes are those of the last `compress()` step: raw_bytes what autograd would have held,
+        stored_bytes what LASER held (coefficients, bases counted once each, raw fallbacks).
+        Rows named "(raw: ...)" count tensors kept raw by rule, per storage.
+        """
+        rows = []
+        for name, tr in self.trackers.items():
+            s = self._last_sites.get(name, {})
+            rows.append({
+                "site": name, "width": tr.width, "rank": tr.rank,
+                "tensors": s.get("tensors", 0), "raw_tensors": s.get("raw_tensors", 0),
+                "raw_bytes": s.get("raw_bytes", 0), "stored_bytes": s.get("stored_bytes", 0),
+                "max_rel_err": _scalar(tr.max_err), "max_row_err": _scalar(tr.max_row_err),
+                "resets": tr.resets, "raw_fallbacks": tr.raw_fallbacks, "shrinks": tr.shrinks,
+            })
+        for cat, c in self._last_raw.items():
+            rows.append({"site": f"(raw: {cat})", "width": 0, "rank": 0, "tensors": c.tensors,
+                         "raw_tensors": c.tensors, "raw_bytes": c.nbytes, "stored_bytes": c.nbytes,
+                         "max_rel_err": 0.0, "max_row_err": 0.0, "resets": 0,
+                         "raw_fallbacks": 0, "shrinks": 0})
+        return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+
+    def summary(self) -> dict[str, float]:
+        """Totals of the last step: raw and stored bytes and their ratio."""
+        df = self.report()
+        raw, stored = int(df.raw_bytes.sum()), int(df.stored_bytes.sum())
+        return {"raw_bytes": raw, "stored_bytes": stored,
+                "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum())}
+
+
+_REPORT_COLUMNS = ["site", "width", "rank", "tensors", "raw_tensors", "raw_bytes", "stored_bytes",
+                   "max_rel_err", "max_row_err", "resets", "raw_fallbacks", "shrinks"]
+
+
+def _scalar(t: torch.Tensor | None) -> float:
+    return float("nan") if t is None else float(t)
+
+
+def _unpack(p):
+    if isinstance(p, Packed):
+        with torch.no_grad():
+            return p.unpack()
+    return p

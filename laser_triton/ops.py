@@ -1,0 +1,179 @@
+"""The one dispatch point between LASER's algorithm and its backends.
+
+Every public op validates its inputs from metadata only (no host synchronization) and then
+runs either the Triton kernels (`laser_triton.kernels`) or the pure-torch reference
+(`laser_triton.reference`). Nothing else in the package picks a backend.
+
+Backend choice (`LASER_TRITON_BACKEND`):
+- `auto` (default): Triton for CUDA tensors when Triton imports and the kernel supports the
+  shape; the torch reference otherwise.
+- `torch`: always the reference.
+- `triton`: always the kernels; with TRITON_INTERPRET=1 they run on CPU tensors too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from .results import CompressOut
+
+__all__ = [
+    "compress_pass",
+    "orthonormalize",
+    "orthonormalize_batched",
+    "reconstruct",
+    "backend_for",
+    "FLOAT_DTYPES",
+]
+
+log = logging.getLogger("laser_triton")
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("auto", "torch", "triton")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def _check_basis(U: object, width: int, device: torch.device, what: str = "U") -> torch.Tensor:
+    U = _check_tensor(what, U, 2, (torch.float32,))
+    D, r = U.shape
+    if D != width:
+        raise ValueError(f"{what} has {D} rows but the activation width is {width}")
+    if r > D:
+        raise ValueError(f"rank {r} of {what} exceeds its width {D}")
+    if U.device != device:
+        raise ValueError(f"{what} is on {U.device} but the activation is on {device}")
+    return U
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def _env_backend() -> str:
+    b = os.environ.get("LASER_TRITON_BACKEND", "auto").strip().lower() or "auto"
+    if b not in _BACKENDS:
+        raise ValueError(f"LASER_TRITON_BACKEND={b!r}; expected one of {', '.join(_BACKENDS)}")
+    return b
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernels():
+    """The kernels package if Triton imports and provides the ops, else None (logged once)."""
+    try:
+        from . import kernels  # noqa: PLC0415  (laser_triton.kernels, installed from kernels/)
+
+        if not all(hasattr(kernels, f) for f in ("compress_pass", "orthonormalize", "reconstruct")):
+            raise ImportError("laser_triton.kernels provides no launchers")
+        return kernels
+    except Exception as exc:  # ImportError, or a broken Triton install
+        log.info("laser_triton: Triton kernels unavailable (%s); using the torch reference", exc)
+        return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_for(op: str, *tensors: torch.Tensor) -> str:
+    """'triton' or 'torch' for this op on these tensors (see the module docstring)."""
+    choice = _env_backend()
+    if choice == "torch":
+        return "torch"
+    kernels = _triton_kernels()
+    if choice == "triton":
+        if kernels is None:
+            raise RuntimeError("LASER_TRITON_BACKEND=triton but the Triton kernels cannot be imported")
+        if not (all(t.is_cuda for t in tensors) or _interpreting()):
+            raise RuntimeError(
+                "LASER_TRITON_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)"
+            )
+        return "triton"
+    if kernels is None or not all(t.is_cuda for t in tensors):
+        return "torch"
+    return "triton" if kernels.supports(op, *tensors) else "torch"
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def compress_pass(
+    X: torch.Tensor,
+    U: torch.Tensor,
+    need_y: bool = True,
+    coeff_dtype: torch.dtype | None = None,
+) -> CompressOut:
+    """One pass over X (N x D): C = X U, ||X||^2, ||C||^2 and, if need_y, Y = X^T C.
+
+    Unpacks as (C, e_X, e_C, Y); `.row_err_max` and `.c_amax` are extra fields (see
+    `CompressOut`). C has `coeff_dtype` (default X.dtype); the rest is fp32.
+    """
+    X = _check_tensor("X", X, 2, FLOAT_DTYPES)
+    _check_basis(U, X.shape[1], X.device)
+    coeff_dtype = X.dtype if coeff_dtype is None else coeff_dtype
+    if coeff_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"coeff_dtype {coeff_dtype} is not one of float32, bfloat16, float16")
+    if backend_for("compress_pass", X, U) == "triton":
+        return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)
+    return reference.compress_pass(X, U, need_y, coeff_dtype)
+
+
+def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal fp32 basis of span(Y) (D x r, r <= D) and a device bool `ok`."""
+    Y = _check_tensor("Y", Y, 2, FLOAT_DTYPES)
+    if Y.shape[1] > Y.shape[0]:
+        raise ValueError(f"rank {Y.shape[1]} exceeds width {Y.shape[0]}: cannot orthonormalize")
+    if backend_for("orthonormalize", Y) == "triton":
+        return _triton_kernels().orthonormalize(Y)
+    return reference.orthonormalize(Y)
+
+
+def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Orthonormalize the bases of many sites in one call; `ok` is a bool tensor per input."""
+    Ys = list(Ys)
+    for i, Y in enumerate(Ys):
+        _check_tensor(f"Ys[{i}]", Y, 2, FLOAT_DTYPES)
+        if Y.shape[1] > Y.shape[0]:
+            raise ValueError(f"Ys[{i}]: rank {Y.shape[1]} exceeds width {Y.shape[0]}")
+        if Y.device != Ys[0].device:
+            raise ValueError(f"Ys[{i}] is on {Y.device} but Ys[0] is on {Ys[0].device}")
+    if Ys and backend_for("orthonormalize", *Ys) == "triton":
+        return _triton_kernels().orthonormalize_batched(Ys)
+    return reference.orthonormalize_batched(Ys)
+
+
+def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """X_hat = C U^T (N x D), computed in fp32 and returned in `dtype` (default C.dtype)."""
+    C = _check_tensor("C", C, 2, FLOAT_DTYPES)
+    U = _check_tensor("U", U, 2, (torch.float32,))
+    if U.shape[1] != C.shape[1]:
+        raise ValueError(f"C has rank {C.shape[1]} but U has rank {U.shape[1]}")
+    if U.shape[1] > U.shape[0]:
+        raise ValueError(f"rank {U.shape[1]} of U exceeds its width {U.shape[0]}")
+    if U.device != C.device:
+        raise ValueError(f"U is on {U.device} but C is on {C.device}")
+    dtype = C.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"output dtype {dtype} is not one of float32, bfloat16, float16")
+    if backend_for("reconstruct", C, U) == "triton":
+        return _triton_kernels().reconstruct(C, U, dtype)
+    return reference.reconstruct(C, U, dtype)

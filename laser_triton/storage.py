@@ -1,0 +1,164 @@
+"""Storage-level bookkeeping for saved tensors (DESIGN §2 "What is compressed").
+
+Autograd saves views that share storage. Each storage is compressed once, as its dense base
+region laid out as rows of the contiguous row length; every saved view is rebuilt with
+`as_strided` from one reconstructed region, cached weakly so two unpacks do not rebuild twice.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import ops
+from .tracker import Draft, SiteTracker, Stored
+
+__all__ = ["Region", "Entry", "Packed", "dense_region", "storage_key", "weight_leaf"]
+
+# Autograd nodes that only view or cast: a saved tensor whose history reaches a leaf
+# (AccumulateGrad) through these alone is a weight copy, e.g. F.linear(x, w.to(bf16)).
+_VIEW_CAST_NODES = {
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1",
+    "PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0",
+    "ExpandBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "SliceBackward0", "SelectBackward0", "AsStridedBackward0",
+    "CloneBackward0", "AliasBackward0", "DetachBackward0", "ContiguousBackward0",
+    "NarrowBackward0", "SplitBackward0", "UnbindBackward0",
+}
+
+
+def weight_leaf(t: torch.Tensor, max_depth: int = 12) -> torch.Tensor | None:
+    """The leaf (parameter) that t derives from through views and casts only, else None."""
+    node = t.grad_fn
+    for _ in range(max_depth):
+        if node is None:
+            return None
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            return node.variable
+        if name not in _VIEW_CAST_NODES:
+            return None
+        nxt = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+    return None
+
+
+def storage_key(t: torch.Tensor) -> StorageWeakRef:
+    """Identity of t's storage. The weak reference pins the storage's control block, so the
+    key cannot be reused by a new allocation while we hold it (unlike a data pointer)."""
+    return StorageWeakRef(t.untyped_storage())
+
+
+@dataclass(frozen=True)
+class Region:
+    """A dense span of a storage, read as a (rows, width) matrix in memory order."""
+
+    start: int  # storage offset, in elements
+    numel: int
+    width: int  # the contiguous row length
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.width
+
+    def covers(self, t: torch.Tensor) -> bool:
+        """True when every element of view t lies inside this region."""
+        if t.numel() == 0:
+            return True
+        lo = t.storage_offset()
+        hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+        return self.start <= lo and hi < self.start + self.numel
+
+
+def dense_region(t: torch.Tensor) -> Region | None:
+    """The dense region of t's base tensor, or None if the base is not dense and non-overlapping."""
+    base = t._base if t._base is not None else t
+    if base.numel() == 0 or base.dim() == 0:
+        return None
+    dims = sorted(((st, s) for s, st in zip(base.shape, base.stride()) if s > 1))
+    expected = 1
+    for st, s in dims:
+        if st != expected:
+            return None
+        expected *= s
+    width = dims[0][1] if dims else 1
+    region = Region(base.storage_offset(), base.numel(), width)
+    return region if region.covers(t) else None
+
+
+def region_view(t: torch.Tensor, region: Region) -> torch.Tensor:
+    """A (rows, width) tensor over `region` of t's storage, without autograd history."""
+    flat = torch.empty(0, dtype=t.dtype, device=t.device)
+    flat.set_(t.untyped_storage(), region.start, (region.numel,), (1,))
+    return flat.view(region.rows, region.width)
+
+
+class Entry:
+    """One compressed (or raw-held) storage region for one step."""
+
+    __slots__ = ("region", "dtype", "version", "site", "tracker", "draft", "stored", "pinned",
+                 "_cache", "__weakref__")
+
+    def __init__(self, region: Region, dtype: torch.dtype, version: int, site: str,
+                 tracker: SiteTracker | None, draft: Draft | None):
+        self.region = region
+        self.dtype = dtype
+        self.version = version
+        self.site = site
+        self.tracker = tracker
+        self.draft = draft
+        self.stored: Stored | None = None
+        self.pinned: torch.Tensor | None = None  # raw region, when a raw reference holds it anyway
+        self._cache: weakref.ref | None = None
+
+    def pin(self, t: torch.Tensor) -> None:
+        """Another, raw reference keeps this storage alive: serve exact values from it."""
+        self.pinned = region_view(t, self.region)
+
+    def matrix(self) -> torch.Tensor:
+        """The (rows, width) values for unpacking: exact where held raw, else rebuilt."""
+        if self.pinned is not None:
+            return self.pinned
+        if self.stored is None:  # undecided (backward inside compress()): X is still held
+            return self.draft.X
+        if self.stored.raw is not None:
+            return self.stored.raw
+        X_hat = self._cache() if self._cache is not None else None
+        if X_hat is None:
+            X_hat = ops.reconstruct(self.stored.C, self.stored.U, self.dtype)
+            self._cache = weakref.ref(X_hat)
+        return X_hat
+
+    def raw_bytes(self) -> int:
+        return self.region.numel * _itemsize(self.dtype)
+
+    def held_bytes(self) -> int:
+        """Bytes this entry holds besides the basis (counted per basis by the caller)."""
+        if self.pinned is not None or self.stored is None:
+            return self.raw_bytes()
+        return self.stored.nbytes()
+
+
+class Packed:
+    """What autograd keeps for one saved view: its entry and its geometry."""
+
+    __slots__ = ("entry", "size", "stride", "offset")
+
+    def __init__(self, entry: Entry, t: torch.Tensor):
+        self.entry = entry
+        self.size = tuple(t.shape)
+        self.stride = tuple(t.stride())
+        self.offset = t.storage_offset() - entry.region.start
+
+    def unpack(self) -> torch.Tensor:
+        m = self.entry.matrix()
+        return m.as_strided(self.size, self.stride, m.storage_offset() + self.offset)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,274 @@
+"""The LASER algorithm for one site (DESIGN §2), on plain (N, D) matrices.
+
+A `SiteTracker` owns the basis U (fp32, orthonormal columns) of one computational site. For
+each activation matrix X it produces a `Draft`: the coefficients C = X U, the estimated relative
+error, and the next power-iteration product, all on the device with no host synchronization.
+The caller decides drafts in batches (one host read per network call) and calls `finalize`:
+drafts within `tau` are stored as (C, U); the others go through a reset (randomized range
+finder, Ritz-value rank selection, recompression), which may synchronize, and fall back to raw
+storage when even `max_rank` cannot meet `tau`. No stored tensor exceeds `tau`.
+
+The basis is never written in place: every update makes a fresh tensor, since packed tensors
+still reference older bases.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, reference
+from .config import LaserConfig, rounding_error
+from .results import CompressOut
+
+__all__ = ["SiteTracker", "Draft", "Stored", "relative_error"]
+
+
+@dataclass
+class Draft:
+    """A compressed candidate for X, awaiting the batched fidelity decision."""
+
+    X: torch.Tensor  # (N, D), kept alive until decided
+    C: torch.Tensor | None  # None when the site had no basis yet
+    U: torch.Tensor | None
+    err: torch.Tensor  # fp32 device scalar (inf when undecidable without a reset)
+    row_err: torch.Tensor
+    e_X: torch.Tensor
+    shrink_gram: torch.Tensor | None = None  # U^T Y (r x r) when a shrink check is due
+
+
+@dataclass
+class Stored:
+    """What is kept for one matrix: either (C, U) or the raw X."""
+
+    C: torch.Tensor | None = None
+    U: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+    err: torch.Tensor | None = None  # estimated relative error (device scalar), 0 for raw
+    row_err: torch.Tensor | None = None
+    reset: bool = False
+
+    @property
+    def is_raw(self) -> bool:
+        return self.raw is not None
+
+    def nbytes(self) -> int:
+        if self.raw is not None:
+            return self.raw.numel() * self.raw.element_size()
+        return self.C.numel() * self.C.element_size()  # U is counted once per basis by callers
+
+
+def relative_error(out: CompressOut, cfg: LaserConfig, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Relative error ||X - round(C) U^T|| / ||X|| of one compress pass, as a device scalar.
+
+    Estimated as err^2 = (1 - e_C/e_X) + rho^2 e_C/e_X: the projection residual is orthogonal
+    to span(U), where the coefficient rounding error (at most rho relative) lives. Below
+    `exact_below` the residual is measured directly instead, because 1 - e_C/e_X cannot
+    resolve such errors in fp32. e_X == 0 gives 0; non-finite X or coefficients that overflow
+    coeff_dtype give inf, so NaN-safe predicates (`err <= tau`) reject them.
+    """
+    e_X = out.e_X
+    if cfg.tau < cfg.exact_below:
+        X_hat = ops.reconstruct(out.C, U, torch.float32)
+        err = torch.linalg.vector_norm(X.float() - X_hat) / e_X.sqrt()
+    else:
+        rho = rounding_error(cfg.coeff_dtype)
+        frac = out.e_C / e_X
+        err = ((1.0 - frac).clamp_min(0.0) + rho * rho * frac).sqrt()
+    err = torch.where(e_X > 0, err, torch.zeros_like(err))
+    bad = ~(out.c_amax <= torch.finfo(cfg.coeff_dtype).max) | ~torch.isfinite(e_X)  # NaN-safe
+    return torch.where(bad, torch.full_like(err, math.inf), err)
+
+
+class SiteTracker:
+    """Basis state and statistics of one site. Not thread-safe (one per site per Laser)."""
+
+    def __init__(self, name: str, width: int, cfg: LaserConfig):
+        self.name = name
+        self.width = width
+        self.cfg = cfg
+        self.U: torch.Tensor | None = None
+        self.pending_Y: torch.Tensor | None = None  # next power product, orthonormalized in batch
+        self.pending_shrink: torch.Tensor | None = None  # rotation W[:, :r''] awaiting apply
+        self.since_shrink_check = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode()))
+        # Cumulative statistics. Errors stay on the device; report() reads them.
+        self.tensors = 0
+        self.resets = 0
+        self.raw_fallbacks = 0
+        self.shrinks = 0
+        self.max_err: torch.Tensor | None = None
+        self.max_row_err: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.U is None else self.U.shape[1]
+
+    # ------------------------------------------------------------------ hot path (no sync)
+
+    def _compress(self, X: torch.Tensor, U: torch.Tensor, need_y: bool) -> CompressOut:
+        return ops.compress_pass(X, U, need_y, self.cfg.coeff_dtype)
+
+    def _err(self, out: CompressOut, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return relative_error(out, self.cfg, X, U)
+
+    def draft(self, X: torch.Tensor) -> Draft:
+        """Compress X with the tracked basis and advance the basis; no host synchronization."""
+        self.apply_pending()
+        self.tensors += 1
+        U = self.U
+        if U is None:  # first tensor at this site: only a reset can build a basis
+            e_X = torch.linalg.vector_norm(X, dtype=torch.float32).square()
+            inf = torch.full((), math.inf, device=X.device)
+            return Draft(X, None, None, inf, inf, e_X)
+        cfg = self.cfg
+        if cfg.mode == "refresh":
+            # Refine U on X first (power_iters steps), then compress with the refined basis.
+            for _ in range(cfg.power_iters):
+                Q, ok = ops.orthonormalize(self._compress(X, U, True).Y)
+                U = torch.where(ok, Q, U)
+            out = self._compress(X, U, True)
+        else:
+            out = self._compress(X, U, True)
+            Y = out.Y
+            for _ in range(cfg.power_iters - 1):  # extra power steps for the next basis only
+                Q, ok = ops.orthonormalize(Y)
+                Y = self._compress(X, torch.where(ok, Q, U), True).Y
+            out = CompressOut(out.C, out.e_X, out.e_C, Y, out.row_err_max, out.c_amax)
+        err = self._err(out, U, X)
+        d = Draft(X, out.C, U, err, out.row_err_max, out.e_X)
+        self.since_shrink_check += 1
+        if self.since_shrink_check >= cfg.shrink_every and U.shape[1] > cfg.min_rank:
+            self.since_shrink_check = 0
+            d.shrink_gram = U.t() @ out.Y  # Ritz matrix U^T X^T X U, read with the decision
+        self.pending_Y = out.Y
+        return d
+
+    def apply_pending(self, Q: torch.Tensor | None = None, ok: torch.Tensor | None = None) -> None:
+        """Install the next basis from pending_Y (orthonormalized here or given, batched)."""
+        if self.pending_Y is not None:
+            if Q is None:
+                Q, ok = ops.orthonormalize(self.pending_Y)
+            self.U = torch.where(ok, Q, self.U)  # fresh tensor; keeps U_prev where not ok
+            self.pending_Y = None
+        if self.pending_shrink is not None and self.U is not None:
+            W = self.pending_shrink
+            if W.shape[0] == self.U.shape[1]:
+                Q, ok = ops.orthonormalize(self.U @ W)
+                self.U = torch.where(ok, Q, self.U[:, : W.shape[1]].contiguous())
+                self.shrinks += 1
+            self.pending_shrink = None
+
+    # ------------------------------------------------------------------ decisions
+
+    def finalize(self, d: Draft, passed: bool, shrink_theta: torch.Tensor | None = None) -> Stored:
+        """Turn a decided draft into what is stored. `passed` came from `err <= tau` on the host."""
+        if passed:
+            if shrink_theta is not None:
+                self._plan_shrink(shrink_theta, d)
+            st = Stored(C=d.C, U=d.U, err=d.err, row_err=d.row_err)
+        else:
+            st = self.reset(d.X, d.e_X)
+        self._note(st)
+        return st
+
+    def _note(self, st: Stored) -> None:
+        if st.err is None:
+            return
+        self.max_err = st.err if self.max_err is None else torch.maximum(self.max_err, st.err)
+        if st.row_err is not None:
+            self.max_row_err = (st.row_err if self.max_row_err is None
+                                else torch.maximum(self.max_row_err, st.row_err))
+
+    def _plan_shrink(self, gram: torch.Tensor, d: Draft) -> None:
+        """Drop columns when fewer Ritz directions meet shrink_target * tau (host values)."""
+        cfg = self.cfg
+        G = gram.double()
+        theta, W = torch.linalg.eigh(0.5 * (G + G.t()))
+        theta, W = theta.flip(0).clamp_min(0), W.flip(1)
+        e_X = float(d.e_X)
+        if not (e_X > 0) or not math.isfinite(e_X):
+            return
+        target = self._projection_target(cfg.shrink_target)
+        r_new = reference.select_rank(theta, e_X, target) if target > 0 else None
+        if r_new is None:
+            return
+        r_new = max(r_new, cfg.min_rank)
+        if r_new < W.shape[0]:
+            self.pending_shrink = W[:, :r_new].float().to(d.X.device)
+
+    def _projection_target(self, frac: float) -> float:
+        """Projection error allowed so that, with coefficient rounding, err <= frac * tau."""
+        rho = rounding_error(self.cfg.coeff_dtype)
+        t2 = (frac * self.cfg.tau) ** 2 - rho * rho
+        return math.sqrt(t2) if t2 > 0 else 0.0
+
+    # ------------------------------------------------------------------ slow path (may sync)
+
+    def reset(self, X: torch.Tensor, e_X: torch.Tensor | None = None) -> Stored:
+        """Rebuild the basis from X itself and recompress; raw when max_rank cannot meet tau."""
+        cfg = self.cfg
+        self.resets += 1
+        self.pending_Y = None
+        self.pending_shrink = None
+        e_X_f = float(torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X)
+        if not math.isfinite(e_X_f):
+            return self._raw(X, count=True)
+        N, D = X.shape
+        r_cap = self._rank_cap(N, D, X.element_size())
+        if e_X_f == 0.0:  # all-zero X: any basis is exact
+            U = self.U if self.U is not None else reference.completion_matrix(D, 1, X.device).float()
+            out = self._compress(X, U, False)
+            zero = torch.zeros((), device=X.device)
+            return Stored(C=out.C, U=U, err=zero, row_err=zero, reset=True)
+        if r_cap < 1:
+            return self._raw(X, count=True)
+        target = self._projection_target(cfg.reset_target)
+        k_full = min(D, N, r_cap + cfg.oversample)
+        k = min(k_full, max(cfg.rank, 2 * self.rank) + cfg.oversample)
+        while True:
+            Q, Y = reference.range_finder(
+                X, k, cfg.reset_power_iters, self.gen,
+                compress=lambda A, B, need: ops.compress_pass(A, B, need, cfg.coeff_dtype),
+                orth=ops.orthonormalize,
+            )
+            theta, V = reference.ritz(Q, Y)
+            r_new = reference.select_rank(theta[: min(k, r_cap)], e_X_f, target)
+            if r_new is not None or k >= k_full:
+                break
+            k = k_full
+        if r_new is None:
+            # Even max_rank misses tau: keep the best basis for tracking, store X raw.
+            self.U = V[:, :r_cap].contiguous()
+            return self._raw(X, count=True)
+        r_new = max(r_new, min(cfg.min_rank, r_cap))
+        U = V[:, :r_new].contiguous()
+        out = self._compress(X, U, True)
+        err = self._err(out, U, X)
+        if not bool(err <= cfg.tau):  # Ritz energy is exact, so this is rare (rounding)
+            if r_new < r_cap:
+                U = V[:, : min(r_cap, r_new + max(1, r_new // 4))].contiguous()
+                out = self._compress(X, U, True)
+                err = self._err(out, U, X)
+            if not bool(err <= cfg.tau):
+                self.U = U
+                return self._raw(X, count=True)
+        Q, ok = ops.orthonormalize(out.Y)
+        self.U = torch.where(ok, Q, U)
+        self.since_shrink_check = 0
+        return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max, reset=True)
+
+    def _rank_cap(self, N: int, D: int, itemsize: int) -> int:
+        """Largest rank allowed: max_rank, D, N, and strictly fewer bytes than storing X raw."""
+        coeff = torch.empty((), dtype=self.cfg.coeff_dtype).element_size()
+        by_bytes = (N * D * itemsize - 1) // (N * coeff + D * 4)
+        return max(0, min(self.cfg.max_rank, D, N, by_bytes))
+
+    def _raw(self, X: torch.Tensor, count: bool) -> Stored:
+        if count:
+            self.raw_fallbacks += 1
+        zero = torch.zeros((), device=X.device)
+        return Stored(raw=X, err=zero, row_err=zero, reset=True)

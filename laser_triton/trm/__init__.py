@@ -1,0 +1,1 @@
+"""Tiny Recursive Model (TRM) with LASER inside."""
