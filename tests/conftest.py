@@ -1,0 +1,30 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before any kernel module is imported (DESIGN §6), so it is set
+here, at collection time, whenever no CUDA device is present.
+"""
+
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Small shapes: one intra-op thread is faster and immune to a busy neighbour core, where
+# OpenMP spin-waiting made fp64 eigh 200x slower in a probe.
+torch.set_num_threads(1)
+
+requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield

@@ -1,0 +1,69 @@
+"""Test helpers: synthetic spectra and a tap that compares unpacked tensors with originals."""
+
+from __future__ import annotations
+
+import torch
+
+import laser_triton.hooks as hooks_mod
+
+
+def matrix_with_spectrum(N: int, D: int, sigma: torch.Tensor, seed: int = 0,
+                         dtype=torch.float32) -> torch.Tensor:
+    """X = A diag(sigma) B^T with orthonormal A (N x k), B (D x k), built in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    k = sigma.numel()
+    A, _ = torch.linalg.qr(torch.randn(N, k, generator=g, dtype=torch.float64))
+    B, _ = torch.linalg.qr(torch.randn(D, k, generator=g, dtype=torch.float64))
+    return ((A * sigma.double()) @ B.t()).to(dtype)
+
+
+def random_orthonormal(D: int, r: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    nb = b.norm()
+    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
+
+
+class UnpackTap:
+    """Records every saved tensor at pack time (a copy) and what unpack returns for it.
+
+    Measures the package from outside: errors are computed here, never read from its report.
+    """
+
+    def __init__(self, laser, monkeypatch):
+        self.records = []  # [original copy, packed object, list of unpacked results]
+        self._by_id = {}
+        orig_pack = laser._pack
+
+        def pack(t):
+            p = orig_pack(t)
+            rec = [t.detach().clone(), p, []]
+            self.records.append(rec)
+            self._by_id[id(p)] = rec
+            return p
+
+        orig_unpack = hooks_mod._unpack
+
+        def unpack(p):
+            out = orig_unpack(p)
+            rec = self._by_id.get(id(p))
+            if rec is not None:
+                rec[2].append(out.detach().clone())
+            return out
+
+        monkeypatch.setattr(laser, "_pack", pack)
+        monkeypatch.setattr(hooks_mod, "_unpack", unpack)
+
+    def errors(self):
+        """(relative error, exact?) for every unpack seen."""
+        out = []
+        for orig, _, results in self.records:
+            for res in results:
+                assert res.shape == orig.shape and res.dtype == orig.dtype
+                assert res.stride() == orig.stride()
+                out.append((rel_err(res, orig), torch.equal(res, orig)))
+        return out
