@@ -16,6 +16,7 @@ decision is resolved, so backward always sees final values.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -195,6 +196,9 @@ class Laser:
         step = self._active_step()
         if step is None:
             return t
+        # Every save takes a slot, eligible or not, so the k-th save of a call names the same
+        # site in every call even when the first call's input is a leaf.
+        slot = self._next_slot(step)
         reason = self._ineligible(t)
         if reason == "parameter":
             return t  # the model owns it: no extra memory, nothing to count
@@ -204,16 +208,16 @@ class Laser:
         if key in step.raw_seen:
             return t  # already held raw by another reference
         entry = step.entries.get(key)
-        if entry is not None and entry.version == t._version and entry.region.covers(t):
-            return Packed(entry, t)
-        if entry is not None:  # same storage, new contents or layout: keep this one exact
-            return self._count_raw(step, t, "aliased")
+        if entry is not None:
+            if entry.version != t._version or not entry.region.covers(t):
+                return self._count_raw(step, t, "aliased")  # new contents or layout: exact
+            return self._packed(entry, t)
         region = dense_region(t)
         if region is None:
             return self._count_raw(step, t, "layout")
         if region.width < self.cfg.min_width:
             return self._count_raw(step, t, "narrow")
-        site, site_cfg = self._site_for(step, region.width)
+        site, site_cfg = self._site_for(slot, region.width)
         if site_cfg is None:
             return self._count_raw(step, t, "excluded")
         if region.rows < site_cfg.max_rank:
@@ -226,22 +230,37 @@ class Laser:
         entry = Entry(region, t.dtype, t._version, site, tracker, draft)
         step.entries[key] = entry
         step.batch.append(entry)
+        packed = self._packed(entry, t)
         if len(step.batch) >= self.cfg.batch_size:
             self._close_batch(step)
             self._poll(step, block=False)
-        return Packed(entry, t)
+        return packed
 
-    def _site_for(self, step: _Step, width: int) -> tuple[str, LaserConfig | None]:
+    @staticmethod
+    def _packed(entry: Entry, t: torch.Tensor) -> Packed:
+        """Pack view t of entry. A view covering only part of the region must meet tau on its
+        own: checked with the batch while undecided, else the entry is served exactly."""
+        packed = Packed(entry, t)
+        if t.numel() < entry.region.numel and entry.pinned is None:
+            if entry.stored is None:
+                entry.views.append(packed)
+            elif not entry.stored.is_raw:
+                entry.pin(t)  # decided already; the storage is alive now, keep it exact
+        return packed
+
+    def _next_slot(self, step: _Step) -> str:
         role = step.roles[-1]
         stack = self._label_stack()
         label = stack[-1] if stack else ""
         k = step.ordinals.get((role, label), 0)
         step.ordinals[(role, label)] = k + 1
-        site = f"{role}/{label}#{k}"
+        return f"{role}/{label}#{k}"
+
+    def _site_for(self, site: str, width: int) -> tuple[str, LaserConfig | None]:
         tracker = self.trackers.get(site)
         if tracker is not None and tracker.width != width:
             site = f"{site}@{width}"
-        tracker = self.trackers.get(site)
+            tracker = self.trackers.get(site)
         if tracker is not None:
             return site, tracker.cfg
         return site, self.cfg.for_site(site)
@@ -260,9 +279,11 @@ class Laser:
                 Qs, ok = ops.orthonormalize_batched([tr.pending_Y for tr in movers])
                 for i, tr in enumerate(movers):
                     tr.apply_pending(Qs[i], ok[i])
-            payload = [e.draft.err for e in batch]
-            grams = [e.draft.shrink_gram for e in batch if e.draft.shrink_gram is not None]
-            step.pending.append((batch, HostFuture(payload + grams)))
+            payload = [_decision_error(e) for e in batch]
+            for e in batch:
+                if e.draft.shrink_gram is not None:
+                    payload += [e.draft.shrink_gram, e.draft.e_X]
+            step.pending.append((batch, HostFuture(payload)))
 
     def _poll(self, step: _Step, block: bool) -> None:
         """Finalize every batch whose decisions have reached the host (all, if block)."""
@@ -272,14 +293,23 @@ class Laser:
                 return
             step.pending.pop(0)
             values = fut.get()
-            errs, grams = values[: len(batch)], iter(values[len(batch):])
+            errs, extra = values[: len(batch)], iter(values[len(batch):])
             with torch.no_grad():
                 for entry, err in zip(batch, errs):
                     d = entry.draft
-                    gram = next(grams) if d.shrink_gram is not None else None
+                    shrink = None
+                    if d.shrink_gram is not None:
+                        shrink = (next(extra), float(next(extra)))
                     passed = bool(err <= entry.tracker.cfg.tau)  # NaN-safe: NaN fails
-                    entry.stored = entry.tracker.finalize(d, passed, gram)
+                    scale = 1.0 if passed else _view_target_scale(entry)
+                    st = entry.tracker.finalize(d, passed, shrink, scale)
+                    if entry.views and not st.is_raw and not passed:
+                        entry.stored = st  # verify the sub-views against the reset basis
+                        if not bool(_view_error(entry, d.X) <= entry.tracker.cfg.tau):
+                            st = entry.tracker.fallback_raw(d.X)
+                    entry.stored = st
                     entry.draft = None  # drops X unless stored raw
+                    entry.views = []
 
     def _finish(self, step: _Step | None) -> None:
         if step is None:
@@ -350,3 +380,41 @@ def _unpack(p):
         with torch.no_grad():
             return p.unpack()
     return p
+
+
+def _decision_error(entry: Entry) -> torch.Tensor:
+    """The error the decision reads: the region's, or its worst partial view's if larger."""
+    d = entry.draft
+    if not entry.views or d.C is None:
+        return d.err
+    return torch.maximum(d.err, _view_error(entry, d.X))
+
+
+def _view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
+    """Largest relative error over the entry's partial views, measured on what unpack returns."""
+    if entry.stored is not None:
+        C, U = entry.stored.C, entry.stored.U
+    else:
+        C, U = entry.draft.C, entry.draft.U
+    X_hat = ops.reconstruct(C, U, X.dtype)
+    worst = torch.zeros((), device=X.device)
+    for p in entry.views:
+        v = X.as_strided(p.size, p.stride, X.storage_offset() + p.offset).float()
+        v_hat = X_hat.as_strided(p.size, p.stride, p.offset).float()
+        num = torch.linalg.vector_norm(v - v_hat)
+        den = torch.linalg.vector_norm(v)
+        e = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
+        worst = torch.maximum(worst, torch.nan_to_num(e, nan=math.inf))
+    return worst
+
+
+def _view_target_scale(entry: Entry) -> float:
+    """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
+    if not entry.views:
+        return 1.0
+    X = entry.draft.X
+    total = float(torch.linalg.vector_norm(X, dtype=torch.float32).square())
+    shares = [float(torch.linalg.vector_norm(
+        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float32
+    ).square()) / total for p in entry.views] if total > 0 else [1.0]
+    return max(math.sqrt(max(min(shares), 0.0)), 1e-3)

@@ -102,7 +102,7 @@ class Entry:
     """One compressed (or raw-held) storage region for one step."""
 
     __slots__ = ("region", "dtype", "version", "site", "tracker", "draft", "stored", "pinned",
-                 "_cache", "__weakref__")
+                 "views", "_cache", "__weakref__")
 
     def __init__(self, region: Region, dtype: torch.dtype, version: int, site: str,
                  tracker: SiteTracker | None, draft: Draft | None):
@@ -114,6 +114,7 @@ class Entry:
         self.draft = draft
         self.stored: Stored | None = None
         self.pinned: torch.Tensor | None = None  # raw region, when a raw reference holds it anyway
+        self.views: list[Packed] = []  # undecided partial views that must meet tau on their own
         self._cache: weakref.ref | None = None
 
     def pin(self, t: torch.Tensor) -> None:

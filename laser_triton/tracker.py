@@ -23,6 +23,7 @@ import torch
 from . import ops, reference
 from .config import LaserConfig, rounding_error
 from .results import CompressOut
+from .util import to_device_async
 
 __all__ = ["SiteTracker", "Draft", "Stored", "relative_error"]
 
@@ -62,25 +63,30 @@ class Stored:
 
 
 def relative_error(out: CompressOut, cfg: LaserConfig, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """Relative error ||X - round(C) U^T|| / ||X|| of one compress pass, as a device scalar.
+    """Relative error of what unpack will return, ||X - cast(round(C) U^T)|| / ||X||.
 
-    Estimated as err^2 = (1 - e_C/e_X) + rho^2 e_C/e_X: the projection residual is orthogonal
-    to span(U), where the coefficient rounding error (at most rho relative) lives. Below
-    `exact_below` the residual is measured directly instead, because 1 - e_C/e_X cannot
-    resolve such errors in fp32. e_X == 0 gives 0; non-finite X or coefficients that overflow
-    coeff_dtype give inf, so NaN-safe predicates (`err <= tau`) reject them.
+    Estimated from one pass: the projection residual (1 - e_C/e_X) is orthogonal to span(U),
+    where the coefficient rounding error (at most rho_c relative) lives, so they add in
+    quadrature; casting the rebuilt tensor back to X's dtype adds at most rho_x ||X_hat||
+    (triangle inequality). Below `exact_below` the residual is measured directly instead,
+    because 1 - e_C/e_X cannot resolve such errors in fp32. e_X == 0 gives 0; non-finite X or
+    coefficients that overflow coeff_dtype give inf, so NaN-safe predicates reject them.
     """
     e_X = out.e_X
     if cfg.tau < cfg.exact_below:
-        X_hat = ops.reconstruct(out.C, U, torch.float32)
-        err = torch.linalg.vector_norm(X.float() - X_hat) / e_X.sqrt()
+        X_hat = ops.reconstruct(out.C, U, X.dtype)
+        err = torch.linalg.vector_norm(X.float() - X_hat.float()) / e_X.sqrt()
     else:
-        rho = rounding_error(cfg.coeff_dtype)
+        rho_c, rho_x = rounding_error(cfg.coeff_dtype), _output_rounding(X.dtype)
         frac = out.e_C / e_X
-        err = ((1.0 - frac).clamp_min(0.0) + rho * rho * frac).sqrt()
+        err = ((1.0 - frac).clamp_min(0.0) + rho_c * rho_c * frac).sqrt() + rho_x * frac.sqrt()
     err = torch.where(e_X > 0, err, torch.zeros_like(err))
     bad = ~(out.c_amax <= torch.finfo(cfg.coeff_dtype).max) | ~torch.isfinite(e_X)  # NaN-safe
     return torch.where(bad, torch.full_like(err, math.inf), err)
+
+
+def _output_rounding(dtype: torch.dtype) -> float:
+    return rounding_error(dtype) if dtype in (torch.bfloat16, torch.float16) else 0.0
 
 
 class SiteTracker:
@@ -164,15 +170,19 @@ class SiteTracker:
 
     # ------------------------------------------------------------------ decisions
 
-    def finalize(self, d: Draft, passed: bool, shrink_theta: torch.Tensor | None = None) -> Stored:
-        """Turn a decided draft into what is stored. `passed` came from `err <= tau` on the host."""
+    def finalize(self, d: Draft, passed: bool,
+                 shrink: tuple[torch.Tensor, float] | None = None,
+                 target_scale: float = 1.0) -> Stored:
+        """Turn a decided draft into what is stored. `passed` came from `err <= tau` on the host;
+        `shrink` is the host copy of (U^T Y, e_X) when a shrink check was due."""
         if passed:
-            if shrink_theta is not None:
-                self._plan_shrink(shrink_theta, d)
+            if shrink is not None:
+                self._plan_shrink(*shrink, device=d.X.device, dtype=d.X.dtype)
             st = Stored(C=d.C, U=d.U, err=d.err, row_err=d.row_err)
         else:
-            st = self.reset(d.X, d.e_X)
+            st = self.reset(d.X, d.e_X, target_scale)
         self._note(st)
+        st.err = st.row_err = None  # folded into the site maxima; entries need not hold them
         return st
 
     def _note(self, st: Stored) -> None:
@@ -183,33 +193,38 @@ class SiteTracker:
             self.max_row_err = (st.row_err if self.max_row_err is None
                                 else torch.maximum(self.max_row_err, st.row_err))
 
-    def _plan_shrink(self, gram: torch.Tensor, d: Draft) -> None:
+    def _plan_shrink(self, gram: torch.Tensor, e_X: float, device: torch.device,
+                     dtype: torch.dtype) -> None:
         """Drop columns when fewer Ritz directions meet shrink_target * tau (host values)."""
         cfg = self.cfg
         G = gram.double()
+        if not (e_X > 0) or not math.isfinite(e_X) or not bool(torch.isfinite(G).all()):
+            return
         theta, W = torch.linalg.eigh(0.5 * (G + G.t()))
         theta, W = theta.flip(0).clamp_min(0), W.flip(1)
-        e_X = float(d.e_X)
-        if not (e_X > 0) or not math.isfinite(e_X):
-            return
-        target = self._projection_target(cfg.shrink_target)
+        target = self._projection_target(cfg.shrink_target, dtype)
         r_new = reference.select_rank(theta, e_X, target) if target > 0 else None
         if r_new is None:
             return
         r_new = max(r_new, cfg.min_rank)
         if r_new < W.shape[0]:
-            self.pending_shrink = W[:, :r_new].float().to(d.X.device)
+            self.pending_shrink = to_device_async(W[:, :r_new].float(), device)
 
-    def _projection_target(self, frac: float) -> float:
-        """Projection error allowed so that, with coefficient rounding, err <= frac * tau."""
-        rho = rounding_error(self.cfg.coeff_dtype)
-        t2 = (frac * self.cfg.tau) ** 2 - rho * rho
+    def _projection_target(self, frac: float, dtype: torch.dtype) -> float:
+        """Projection error allowed so that, with both roundings, err <= frac * tau."""
+        rho_c = rounding_error(self.cfg.coeff_dtype)
+        t = frac * self.cfg.tau - _output_rounding(dtype)
+        t2 = t * t - rho_c * rho_c if t > 0 else 0.0
         return math.sqrt(t2) if t2 > 0 else 0.0
 
     # ------------------------------------------------------------------ slow path (may sync)
 
-    def reset(self, X: torch.Tensor, e_X: torch.Tensor | None = None) -> Stored:
-        """Rebuild the basis from X itself and recompress; raw when max_rank cannot meet tau."""
+    def reset(self, X: torch.Tensor, e_X: torch.Tensor | None = None,
+              target_scale: float = 1.0) -> Stored:
+        """Rebuild the basis from X itself and recompress; raw when max_rank cannot meet tau.
+
+        target_scale < 1 asks for a tighter fit (used when sub-views of X must meet tau too).
+        """
         cfg = self.cfg
         self.resets += 1
         self.pending_Y = None
@@ -226,7 +241,9 @@ class SiteTracker:
             return Stored(C=out.C, U=U, err=zero, row_err=zero, reset=True)
         if r_cap < 1:
             return self._raw(X, count=True)
-        target = self._projection_target(cfg.reset_target)
+        target = self._projection_target(cfg.reset_target * target_scale, X.dtype)
+        if target <= 0:
+            return self._raw(X, count=True)
         k_full = min(D, N, r_cap + cfg.oversample)
         k = min(k_full, max(cfg.rank, 2 * self.rank) + cfg.oversample)
         while True:
@@ -266,6 +283,10 @@ class SiteTracker:
         coeff = torch.empty((), dtype=self.cfg.coeff_dtype).element_size()
         by_bytes = (N * D * itemsize - 1) // (N * coeff + D * 4)
         return max(0, min(self.cfg.max_rank, D, N, by_bytes))
+
+    def fallback_raw(self, X: torch.Tensor) -> Stored:
+        """Store X raw after all (a caller found the compressed form inadequate)."""
+        return self._raw(X, count=True)
 
     def _raw(self, X: torch.Tensor, count: bool) -> Stored:
         if count:

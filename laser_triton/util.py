@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HostFuture"]
+__all__ = ["HostFuture", "to_device_async"]
 
 
 class HostFuture:
@@ -45,3 +45,10 @@ class HostFuture:
             out.append(self._host[i:i + n].view(shape))
             i += n
         return out
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without a synchronizing copy (pinned, non-blocking on CUDA)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
