@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class Laser:
         self._last_sites: dict[str, dict] = {}
         self._last_raw: dict[str, _RawCount] = {}
         self.steps = 0
+        self._warned_nonfinite = False
 
     # ------------------------------------------------------------------ contexts
 
@@ -332,6 +334,13 @@ class Laser:
                 row["stored_bytes"] += entry.stored.U.numel() * 4
         self._last_sites = sites
         self._last_raw = dict(step.raw_counts)
+        if not self._warned_nonfinite:
+            bad = [tr.name for tr in self.trackers.values() if tr.nonfinite]
+            if bad:
+                self._warned_nonfinite = True
+                warnings.warn(f"LASER: non-finite activations at {len(bad)} site(s) (first: "
+                              f"{bad[0]}) were stored raw; see report().nonfinite", RuntimeWarning,
+                              stacklevel=3)
 
     # ------------------------------------------------------------------ reporting
 
@@ -351,12 +360,13 @@ class Laser:
                 "raw_bytes": s.get("raw_bytes", 0), "stored_bytes": s.get("stored_bytes", 0),
                 "max_rel_err": _scalar(tr.max_err), "max_row_err": _scalar(tr.max_row_err),
                 "resets": tr.resets, "raw_fallbacks": tr.raw_fallbacks, "shrinks": tr.shrinks,
+                "nonfinite": tr.nonfinite,
             })
         for cat, c in self._last_raw.items():
             rows.append({"site": f"(raw: {cat})", "width": 0, "rank": 0, "tensors": c.tensors,
                          "raw_tensors": c.tensors, "raw_bytes": c.nbytes, "stored_bytes": c.nbytes,
                          "max_rel_err": 0.0, "max_row_err": 0.0, "resets": 0,
-                         "raw_fallbacks": 0, "shrinks": 0})
+                         "raw_fallbacks": 0, "shrinks": 0, "nonfinite": 0})
         return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
 
     def summary(self) -> dict[str, float]:
@@ -368,7 +378,7 @@ class Laser:
 
 
 _REPORT_COLUMNS = ["site", "width", "rank", "tensors", "raw_tensors", "raw_bytes", "stored_bytes",
-                   "max_rel_err", "max_row_err", "resets", "raw_fallbacks", "shrinks"]
+                   "max_rel_err", "max_row_err", "resets", "raw_fallbacks", "shrinks", "nonfinite"]
 
 
 def _scalar(t: torch.Tensor | None) -> float:

@@ -106,6 +106,7 @@ class SiteTracker:
         self.resets = 0
         self.raw_fallbacks = 0
         self.shrinks = 0
+        self.nonfinite = 0  # tensors with NaN/Inf, stored raw
         self.max_err: torch.Tensor | None = None
         self.max_row_err: torch.Tensor | None = None
 
@@ -231,6 +232,7 @@ class SiteTracker:
         self.pending_shrink = None
         e_X_f = float(torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X)
         if not math.isfinite(e_X_f):
+            self.nonfinite += 1
             return self._raw(X, count=True)
         N, D = X.shape
         r_cap = self._rank_cap(N, D, X.element_size())

@@ -280,3 +280,67 @@ def test_backward_inside_compress_and_roles_outside_are_safe():
         loss = F.mse_loss(model(x), torch.zeros_like(x))
         loss.backward()  # undecided tensors are served exactly
     assert all(rel_err(a, b) <= 4 * TAU for a, b in zip(_grads(model), g_ref))
+
+
+def test_nonfinite_activation_stored_raw_counted_and_warned_once(monkeypatch):
+    laser = lt.Laser(lt.LaserConfig(tau=TAU, max_rank=48, min_width=64))
+    model = GatedMLP()
+    tap = UnpackTap(laser, monkeypatch)
+    for step in range(2):
+        x = low_rank_tokens(2, 150, 160, rank=6, seed=step)
+        x[0, 3, 5] = float("nan")
+        x.requires_grad_()
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="non-finite"):
+                _step(model, x, laser)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                _step(model, x, laser)
+    assert laser.report().nonfinite.sum() >= 2
+    for orig, _, results in tap.records:
+        if not torch.isfinite(orig).all():
+            assert all(torch.equal(r, orig) or torch.equal(r.isnan(), orig.isnan()) for r in results)
+    for tr in laser.trackers.values():
+        assert tr.U is None or torch.isfinite(tr.U).all()
+
+
+def test_lasers_in_two_threads_and_one_laser_shared_across_threads():
+    import threading
+
+    results, errors = {}, []
+
+    def work(name, laser):
+        try:
+            model = GatedMLP()
+            x = low_rank_tokens(2, 150, 160, rank=6, seed=1).requires_grad_()
+            results[name] = _step(model, x, laser)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, lt.Laser(lt.LaserConfig(min_width=64))))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2
+
+    shared = lt.Laser()
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        with shared.compress():
+            started.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    started.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="already active"):
+            with shared.compress():
+                pass
+    finally:
+        release.set()
+        t.join()
