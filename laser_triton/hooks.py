@@ -74,6 +74,8 @@ class Laser:
         self._last_raw: dict[str, _RawCount] = {}
         self.steps = 0
         self._warned_nonfinite = False
+        self._model_state: set = set()  # storages of watched parameters and buffers
+        self._weight_shapes: set = set()  # shapes (and transposes) of watched weights
 
     # ------------------------------------------------------------------ contexts
 
@@ -130,7 +132,18 @@ class Laser:
             step.raw_depth -= 1
 
     def watch(self, model: torch.nn.Module) -> list:
-        """Name sites by module path ("z/blocks.0.mlp.down_proj#0"). Returns removable handles."""
+        """Tell LASER about the model. Returns removable hook handles.
+
+        - Sites are named by module path ("z/blocks.0.mlp.down_proj#0").
+        - Its parameters and buffers are never compressed, and saved tensors without autograd
+          history (as inside torch.compile'd regions, where activations are saved by one
+          compiled Function) become eligible, except those shaped like a watched weight
+          (compiled weight casts). Without watch(), such tensors are kept raw ("leaf").
+        """
+        for t in list(model.parameters()) + list(model.buffers()):
+            self._model_state.add(storage_key(t))
+            if t.dim() == 2:
+                self._weight_shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
         handles = []
         for path, module in model.named_modules():
             if not path:
@@ -187,7 +200,13 @@ class Laser:
         if t.dtype not in ops.FLOAT_DTYPES:
             return "dtype"
         if t.grad_fn is None:
-            return "parameter" if t.requires_grad else "leaf"
+            if t.requires_grad or storage_key(t) in self._model_state:
+                return "parameter"
+            if not self._model_state:
+                return "leaf"
+            if t.dim() == 2 and tuple(t.shape) in self._weight_shapes:
+                return "weight copy"
+            return None
         leaf = weight_leaf(t)
         if leaf is not None:
             # A view of the parameter itself costs nothing; a cast copy (w.to(bf16)) does.

@@ -344,3 +344,33 @@ def test_lasers_in_two_threads_and_one_laser_shared_across_threads():
     finally:
         release.set()
         t.join()
+
+
+def test_torch_compile_block_with_hooks_outside(monkeypatch):
+    """A compiled block saves its activations through one compiled Function (no autograd
+    history): with watch(), LASER compresses them, keeps weight casts raw, and meets tau."""
+    laser = lt.Laser(lt.LaserConfig(tau=TAU, max_rank=48, min_width=64))
+    model = GatedMLP()
+    laser.watch(model)
+    compiled = torch.compile(model)
+    tap = UnpackTap(laser, monkeypatch)
+    x = low_rank_tokens(2, 150, 160, rank=6, seed=12, dtype=torch.bfloat16).requires_grad_()
+    target = torch.randn(2, 150, 160)
+
+    def grads(fn, use_laser):
+        model.zero_grad(set_to_none=True)
+        ctx = laser.compress() if use_laser else torch.enable_grad()
+        with ctx:
+            loss = (fn(x).float() - target).square().mean()
+        loss.backward()
+        return _grads(model)
+
+    ref = grads(model, False)
+    for _ in range(2):
+        got = grads(compiled, True)
+    errs = tap.errors()
+    assert sum(not exact for _, exact in errs) >= 1  # compiled activations were compressed
+    assert all(e <= TAU or exact for e, exact in errs)
+    assert "(raw: weight copy)" in set(laser.report().site)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 4 * TAU
