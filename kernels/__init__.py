@@ -1,1 +1,50 @@
-"""Triton kernels for LASER's hot paths, installed as `laser_triton.kernels`."""
+"""Triton kernels for LASER's hot paths, installed as `laser_triton.kernels`.
+
+One module per primitive, each with its kernels and launcher:
+- `compress_pass(X, U, need_y, coeff_dtype)` -> CompressOut (C, e_X, e_C, Y; row_err_max, c_amax)
+- `orthonormalize(Y)` -> (Q, ok) and `orthonormalize_batched(Ys)` -> ([Q], ok)
+- `reconstruct(C, U, dtype)` -> X_hat
+- `supports(op, *tensors)`: whether the kernels are the better choice for these shapes.
+Launch configs come from `configs` (DESIGN §5). Importing this package raises ImportError when
+Triton is missing or broken, which `laser_triton.ops` takes as "use the torch reference".
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # not installed, or an install that fails on import
+    raise ImportError(f"laser_triton.kernels needs a working Triton ({exc})") from exc
+
+import torch
+
+from .compress_pass import compress_pass
+from .orthonormalize import completion_matrix, orthonormalize, orthonormalize_batched
+from .reconstruct import reconstruct
+
+__all__ = ["compress_pass", "orthonormalize", "orthonormalize_batched", "reconstruct",
+           "supports", "completion_matrix", "MAX_D", "MAX_RANK", "MAX_ORTH_RANK"]
+
+MAX_D = 8192  # widest activation the compress pass is built and tested for
+MAX_RANK = 256  # largest basis rank of compress_pass / reconstruct
+# The r x r factor step keeps an R_PAD x R_PAD fp64 tile in registers: beyond 64 it spills on
+# a GPU, so `auto` dispatch sends larger ranks to the torch reference (the kernels still work).
+MAX_ORTH_RANK = 64
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(op: str, *tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels handle `op` on these tensors (metadata only, no sync)."""
+    if not tensors or any(t.dtype not in _FLOATS or t.dim() != 2 for t in tensors):
+        return False
+    if op == "compress_pass":
+        X, U = tensors[0], tensors[1]
+        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK and U.dtype == torch.float32
+    if op == "reconstruct":
+        C, U = tensors[0], tensors[1]
+        return C.shape[1] <= MAX_RANK and U.dtype == torch.float32
+    if op == "orthonormalize":
+        return all(Y.shape[0] <= MAX_D and Y.shape[1] <= MAX_ORTH_RANK for Y in tensors)
+    return False

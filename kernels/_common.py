@@ -1,0 +1,147 @@
+"""Helpers shared by the kernel launchers: device facts, output allocation, launch fallback.
+
+Nothing here knows about LASER's algorithm. The `@triton.jit` helpers at the bottom implement
+the two fp32-accurate matrix products every kernel uses (DESIGN §2, §6).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger("laser_triton")
+T = TypeVar("T")
+
+# TRITON_INTERPRET is read by Triton at import time, so it is read here once, too. Kernels get it
+# as a constexpr: the interpreter computes garbage for bf16 arithmetic (DESIGN §6), so under it
+# the bf16 halves of a split product are widened to fp32 before tl.dot (same values, exactly).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Test mode: fill every output and scratch buffer with NaN (or -1) before launch, so a test
+# proves each element is written. Toggled by tests (monkeypatch) or LASER_TRITON_POISON=1.
+POISON: bool = os.environ.get("LASER_TRITON_POISON", "0") not in ("", "0")
+
+# fp32 tl.dot modes. "ieee" is exact fp32 FMA math (the correct default everywhere). "bf16x3"
+# splits each fp32 operand into hi + lo bf16 halves and sums the three significant products on
+# bf16 tensor cores with fp32 accumulation: about 2^-16 relative error, a bf16 X needs only two
+# products because its lo half is zero. Only a tuned config that passed the sweep's accuracy
+# check selects "bf16x3".
+PRECISIONS = ("ieee", "bf16x3")
+
+TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(n, lo) (tl.arange and tl.dot need powers of two >= 16)."""
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; a small fixed number under the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output or scratch buffer: uninitialised, or poisoned (NaN / -1) in test mode."""
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def launch(name: str, run: Callable[[dict], T], config: dict,
+           shrink: Callable[[dict], dict | None] | None = None) -> tuple[dict, T]:
+    """`run(config)` (which allocates and launches); on out-of-resource errors, smaller configs.
+
+    A config read from a file may not fit this GPU (another GPU's file, another Triton). Each
+    failure is logged and `shrink(config)` proposes a smaller one. Returns the config that ran
+    (for the caller to remember) and what `run` returned. `run` sizes grids and buffers from
+    the config it is given.
+    """
+    from triton.runtime.errors import OutOfResources  # noqa: PLC0415
+
+    cfg = dict(config)
+    while True:
+        try:
+            return cfg, run(cfg)
+        except OutOfResources as exc:
+            smaller = shrink(cfg) if shrink is not None else None
+            if smaller is None or smaller == cfg:
+                raise
+            log.warning("laser_triton: %s config %s does not fit (%s); retrying with %s",
+                        name, cfg, exc, smaller)
+            cfg = smaller
+
+
+def shrink_config(cfg: dict, block_keys: tuple[str, ...], min_block: int = 16) -> dict | None:
+    """Halve num_stages first, then the largest block; None when nothing can shrink."""
+    cfg = dict(cfg)
+    if cfg.get("num_stages", 1) > 1:
+        cfg["num_stages"] -= 1
+        return cfg
+    blocks = [k for k in block_keys if cfg.get(k, 0) > min_block]
+    if not blocks:
+        return None
+    big = max(blocks, key=lambda k: cfg[k])
+    cfg[big] //= 2
+    return cfg
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _split_bf16(v):
+    """v (fp32) = hi + lo + O(2^-16 |v|) with hi, lo in bf16."""
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _bf16_dot(a, b, acc, INTERPRET: tl.constexpr):
+    if INTERPRET:  # exact same values, computed in fp32 (bf16 arithmetic is broken there)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def mma_fp32(a, b, acc, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    """acc + a @ b for fp32 tiles at fp32-class accuracy (see PRECISIONS).
+
+    A_IS_BF16 says that `a` holds values loaded from a bf16 tensor: then its lo half is zero
+    and the split needs two products instead of three.
+    """
+    if PRECISION == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    b_hi, b_lo = _split_bf16(b)
+    if A_IS_BF16:
+        a_hi = a.to(tl.bfloat16)
+        acc = _bf16_dot(a_hi, b_lo, acc, INTERPRET)
+    else:
+        a_hi, a_lo = _split_bf16(a)
+        acc = _bf16_dot(a_lo, b_hi, acc, INTERPRET)  # small terms first
+        acc = _bf16_dot(a_hi, b_lo, acc, INTERPRET)
+    return _bf16_dot(a_hi, b_hi, acc, INTERPRET)
+
+
+@triton.jit
+def nan_max(v, axis: tl.constexpr):
+    """tl.max that returns NaN when any element is NaN (tl.max drops NaN on GPUs)."""
+    m = tl.max(v, axis=axis)
+    n_nan = tl.sum((v != v).to(tl.int32), axis=axis)
+    return tl.where(n_nan > 0, float("nan"), m)

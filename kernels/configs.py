@@ -1,0 +1,259 @@
+"""The launch-config store (DESIGN §5): one config per launch, resolved before the launch.
+
+Triton's multi-config `@triton.autotune` cannot run without a GPU, so every launcher asks the
+store for one config. Files map, per kernel, `D=..,r=..,dtype=..[,N=..]` to
+`{BLOCK_*, num_warps, num_stages, ...}` (N is a bucket, never a raw row count).
+
+Lookup order, per (kernel, key), cached:
+  1. `$LASER_TRITON_CONFIG_DIR/<sanitized GPU name>.json`, exact key;
+  2. the shipped `autotune_configs/<sanitized GPU name>.json`, exact key;
+  3. the nearest (D, r) entry for the same dtype in those files;
+  4. a safe default: the shipped `default.json` (configs proven to fit sm_90 by compiling them
+     on CPU, never timed), exact or nearest, then the built-in DEFAULTS.
+Which one was used is logged once per kernel and source. A file written by another Triton
+version is still used (logged). Entries are checked for structure here; whether they fit the
+GPU is checked by compiling (`fits`) in the sweep and tests, and by catching out-of-resource
+errors at launch (`_common.launch`), whose smaller config the launcher then `remember`s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+log = logging.getLogger("laser_triton")
+
+__all__ = ["ConfigStore", "DEFAULTS", "get_store", "reset_stores", "config_key", "n_bucket",
+           "sanitize_gpu_name", "gpu_name", "validate_entry", "SHARED_LIMIT_SM90"]
+
+SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on H100/H200
+SCHEMA = 1
+PACKAGE = "laser_triton.autotune_configs"
+
+# Safe built-in defaults: small blocks, exact fp32 ("ieee") products.
+DEFAULTS: dict[str, dict] = {
+    "compress_fused": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 2, "PRECISION": "ieee",
+                       "num_warps": 8, "num_stages": 1},
+    "compress_coeff": {"BLOCK_N": 32, "BLOCK_D": 64, "PRECISION": "ieee",
+                       "num_warps": 4, "num_stages": 2},
+    "compress_y": {"BLOCK_N": 32, "BLOCK_D": 64, "PRECISION": "ieee",
+                   "num_warps": 4, "num_stages": 2},
+    "reconstruct": {"BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_R": 32, "PRECISION": "ieee",
+                    "num_warps": 4, "num_stages": 2},
+    "orth_gram": {"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 64,
+                  "num_warps": 4, "num_stages": 1},
+    "orth_factor": {"num_warps": 8, "num_stages": 1},
+    "orth_apply": {"BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
+}
+# Under TRITON_INTERPRET=1 (CPU tensors) every tl op costs ~0.1 ms of Python, whatever its
+# size: big blocks mean few programs and few loop trips. Used only when there is no GPU name.
+INTERPRETER_DEFAULTS: dict[str, dict] = {
+    "compress_fused": {**DEFAULTS["compress_fused"], "BLOCK_N": 256},
+    "compress_coeff": {**DEFAULTS["compress_coeff"], "BLOCK_N": 256, "BLOCK_D": 256},
+    "compress_y": {**DEFAULTS["compress_y"], "BLOCK_N": 256, "BLOCK_D": 256},
+    "reconstruct": {**DEFAULTS["reconstruct"], "BLOCK_N": 256, "BLOCK_D": 256, "BLOCK_R": 64},
+    "orth_gram": {**DEFAULTS["orth_gram"], "BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
+    "orth_factor": dict(DEFAULTS["orth_factor"]),
+    "orth_apply": {**DEFAULTS["orth_apply"], "BLOCK_D": 128},
+}
+# compress_pass has two designs; this table picks one per key ("fused" or "split"). Without an
+# entry: fused while the D x r fp32 accumulator is small (see compress_pass.FUSED_MAX_ELEMS).
+PATH_TABLE = "compress_path"
+_BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_R", "ROWS_PER_CHUNK", "GRAM_TILE"}
+_KEY_RE = re.compile(r"^D=(\d+),r=(\d+),dtype=(fp32|bf16|fp16)(?:,N=(\d+))?$")
+
+
+def sanitize_gpu_name(name: str) -> str:
+    """'NVIDIA H200' -> 'NVIDIA_H200' (the file name of that GPU's configs)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown"
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter"
+
+
+def n_bucket(N: int) -> int:
+    """Row-count bucket: the power of 4 at or above N, within [1024, 2^20]."""
+    return int(min(max(4 ** math.ceil(math.log(max(N, 1), 4)), 1024), 1 << 20))
+
+
+def config_key(D: int, r: int, dtype: str, N: int | None = None) -> str:
+    key = f"D={D},r={r},dtype={dtype}"
+    return key if N is None else f"{key},N={n_bucket(N)}"
+
+
+def validate_entry(kernel: str, entry: object) -> str | None:
+    """Why `entry` is not a usable config for `kernel`, or None when it is well formed."""
+    if kernel == PATH_TABLE:
+        return None if entry in ("fused", "split") else f"path {entry!r} is not fused/split"
+    if kernel not in DEFAULTS:
+        return f"unknown kernel {kernel!r}"
+    if not isinstance(entry, dict):
+        return "entry is not an object"
+    allowed = set(DEFAULTS[kernel])
+    for k, v in entry.items():
+        if k not in allowed:
+            return f"unknown field {k!r}"
+        if k == "PRECISION":
+            if v not in ("ieee", "bf16x3"):
+                return f"PRECISION {v!r}"
+        elif not isinstance(v, int) or isinstance(v, bool):
+            return f"{k} is not an integer"
+        elif k == "num_warps" and v not in (1, 2, 4, 8, 16, 32):
+            return f"num_warps={v}"
+        elif k == "num_stages" and not 1 <= v <= 8:
+            return f"num_stages={v}"
+        elif k in _BLOCK_KEYS and (v < 16 or v > 8192 or v & (v - 1)):
+            return f"{k}={v} is not a power of two in [16, 8192]"
+        elif k == "PROGRAMS_PER_SM" and not 1 <= v <= 32:
+            return f"PROGRAMS_PER_SM={v}"
+    return None
+
+
+def _parse_key(key: str) -> tuple[int, int, str, int | None] | None:
+    m = _KEY_RE.match(key)
+    if m is None:
+        return None
+    return int(m[1]), int(m[2]), m[3], (int(m[4]) if m[4] else None)
+
+
+class ConfigStore:
+    """Configs for one GPU name, from an override dir, the shipped files and the defaults."""
+
+    def __init__(self, gpu: str, env_dir: str | os.PathLike | None = None,
+                 shipped_dir=None, interpreter: bool = False) -> None:
+        self.gpu = gpu
+        # Without a GPU (the interpreter) the shipped GPU files do not apply.
+        self.defaults = INTERPRETER_DEFAULTS if interpreter else DEFAULTS
+        self.file_name = sanitize_gpu_name(gpu) + ".json"
+        self._logged: set[tuple[str, str]] = set()
+        self._cache: dict[tuple[str, str], dict | str] = {}
+        if shipped_dir is None:
+            import importlib.resources  # noqa: PLC0415
+
+            shipped_dir = importlib.resources.files(PACKAGE)
+        tuned: list[tuple[str, dict]] = []  # (source label, kernels table), priority order
+        if env_dir:
+            tuned += self._load(Path(env_dir) / self.file_name, "LASER_TRITON_CONFIG_DIR")
+        if not interpreter:
+            tuned += self._load(shipped_dir / self.file_name, "shipped")
+        self.tuned = tuned
+        self.fallback = [] if interpreter else self._load(shipped_dir / "default.json",
+                                                          "shipped default")
+
+    def _load(self, path, label: str) -> list[tuple[str, dict]]:
+        """[(label, kernels)] for a readable file, [] for a missing or corrupt one (logged)."""
+        try:
+            if not path.is_file():
+                return []
+            data = json.loads(path.read_text())
+            kernels = data["kernels"]
+            if not isinstance(kernels, dict):
+                raise ValueError("'kernels' is not an object")
+        except Exception as exc:  # corrupt JSON, wrong structure, unreadable
+            log.warning("laser_triton: ignoring config file %s (%s: %s)", path,
+                        type(exc).__name__, exc)
+            return []
+        tv = data.get("triton_version")
+        if tv != triton.__version__:
+            log.info("laser_triton: config file %s was written with Triton %s (running %s); "
+                     "using it, entries are checked by fit", path, tv, triton.__version__)
+        return [(f"{label} {path}", kernels)]
+
+    def _entries(self, tables, kernel: str):
+        for label, kernels in tables:
+            table = kernels.get(kernel)
+            if not isinstance(table, dict):
+                continue
+            for key, entry in table.items():
+                why = validate_entry(kernel, entry)
+                if why is not None:
+                    self._log_once(kernel, f"skip-{label}-{key}", "warning",
+                                   f"skipping {kernel} entry {key} in {label}: {why}")
+                    continue
+                yield label, key, entry
+
+    def _exact(self, tables, kernel, keys):
+        for label, key, entry in self._entries(tables, kernel):
+            if key in keys:
+                return label, key, entry
+        return None
+
+    def _nearest(self, tables, kernel, D, r, dtype, N):
+        best, best_d = None, math.inf
+        for label, key, entry in self._entries(tables, kernel):
+            parsed = _parse_key(key)
+            if parsed is None or parsed[2] != dtype:
+                continue
+            d = abs(math.log2(parsed[0] / D)) + abs(math.log2(parsed[1] / r))
+            if N is not None and parsed[3] is not None:
+                d += 0.25 * abs(math.log(parsed[3] / n_bucket(N), 4))
+            if d < best_d:
+                best, best_d = (label, key, entry), d
+        return best
+
+    def lookup(self, kernel: str, D: int, r: int, dtype: str, N: int | None = None):
+        """The config (a dict; a str for PATH_TABLE, or None when it has no entry)."""
+        ckey = (kernel, config_key(D, r, dtype, N))
+        if ckey in self._cache:
+            return self._cache[ckey]
+        keys = (config_key(D, r, dtype, N), config_key(D, r, dtype)) if N else (config_key(D, r, dtype),)
+        hit = self._exact(self.tuned, kernel, keys)
+        how = "exact"
+        near = kernel != PATH_TABLE  # a path choice does not carry over to other shapes
+        if hit is None and near:
+            hit, how = self._nearest(self.tuned, kernel, D, r, dtype, N), "nearest"
+        if hit is None:
+            hit, how = self._exact(self.fallback, kernel, keys), "safe default (exact)"
+        if hit is None and near:
+            hit, how = self._nearest(self.fallback, kernel, D, r, dtype, N), "safe default (nearest)"
+        if hit is None:
+            result = None if kernel == PATH_TABLE else dict(self.defaults[kernel])
+            self._log_once(kernel, "built-in", "info",
+                           f"{kernel}: no tuned config for {self.gpu}; using built-in defaults")
+        else:
+            label, key, entry = hit
+            result = entry if isinstance(entry, str) else {**self.defaults[kernel], **entry}
+            self._log_once(kernel, f"{how}-{label}", "info",
+                           f"{kernel}: using {how} configs from {label} (first: {key} for {ckey[1]})")
+        self._cache[ckey] = result
+        return result
+
+    def remember_path(self, D: int, r: int, dtype: str, path: str) -> None:
+        self._cache[(PATH_TABLE, config_key(D, r, dtype))] = path
+
+    def remember(self, kernel: str, D: int, r: int, dtype: str, N: int | None, cfg: dict) -> None:
+        """Replace a cached config by one that ran (after an out-of-resource fallback)."""
+        self._cache[(kernel, config_key(D, r, dtype, N))] = dict(cfg)
+
+    def _log_once(self, kernel: str, what: str, level: str, msg: str) -> None:
+        if (kernel, what) not in self._logged:
+            self._logged.add((kernel, what))
+            getattr(log, level)("laser_triton: " + msg)
+
+
+_STORES: dict[str, ConfigStore] = {}
+
+
+def get_store(device: torch.device) -> ConfigStore:
+    """The store for this device's GPU name (built once; honours LASER_TRITON_CONFIG_DIR)."""
+    name = gpu_name(device)
+    store = _STORES.get(name)
+    if store is None:
+        store = _STORES[name] = ConfigStore(name, os.environ.get("LASER_TRITON_CONFIG_DIR"),
+                                            interpreter=device.type != "cuda")
+    return store
+
+
+def reset_stores() -> None:
+    """Forget every store (tests, or after changing LASER_TRITON_CONFIG_DIR)."""
+    _STORES.clear()
