@@ -1,0 +1,320 @@
+"""`laser-triton train`: deep-supervision training of a TRM on Sudoku, with or without LASER.
+
+One training step is one supervision step of the reference's loop (pretrain.py `train_batch`):
+a fresh batch arrives, samples whose carry halted take the new puzzle at their index, the model
+runs one supervision step, and (loss / batch) goes backward. AdamW trains the network, SignSGD
+the puzzle embedding, both under the warm-up schedule; an EMA of the weights is evaluated.
+
+Deliberate differences from the reference trainer:
+- AdamW (torch) instead of AdamATan2 (the same decoupled weight decay; eps-division instead of
+  atan2), as this project's issue specifies.
+- Augmentations are drawn fresh per sample instead of 1000 precomputed copies per puzzle, and
+  the default data is the built-in generator (see laser_triton/data/sudoku.py), not
+  Sudoku-Extreme.
+- Checkpoints hold the full training state (optimizers, EMA, carry, RNGs, data position), so
+  a resumed run continues identically; the reference saves model weights only.
+- No torch.compile, no distributed data parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.sudoku import PuzzleStream, encode
+from .training import EMA, TrainConfig, load_data, lr_at, make_laser, resolve_device
+from .trm import TRM, SparseSignSGD, act_loss
+
+__all__ = ["Trainer", "cli_main"]
+
+
+class Trainer:
+    """Owns the model, optimizers, EMA, deep-supervision carry, data stream and RNGs."""
+
+    def __init__(self, cfg: TrainConfig, data: tuple[np.ndarray, ...] | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = tuple(data) if data is not None else load_data(cfg)
+        train_p, train_s, self.test_p, self.test_s = self.data
+        self.stream = PuzzleStream(train_p, train_s, cfg.batch_size, seed=cfg.seed,
+                                   augment=cfg.augment)
+        self.model = TRM(cfg.model_config()).to(self.device)
+        self.laser = make_laser(cfg)
+        self.model.laser = self.laser
+        if self.laser is not None:
+            self.laser.watch(self.model.net)  # sites named like "z/blocks.0.mlp.down_proj#0"
+        self.opt = torch.optim.AdamW(list(self.model.main_parameters()), lr=0.0,
+                                     betas=(cfg.beta1, cfg.beta2),
+                                     weight_decay=cfg.weight_decay)
+        self.sparse_opt = None
+        if self.model.puzzle_emb is not None:
+            self.sparse_opt = SparseSignSGD([self.model.puzzle_emb], lr=0.0,
+                                            weight_decay=cfg.puzzle_emb_weight_decay)
+        self.ema = EMA(self._main_named(), cfg.ema_rate) if cfg.ema else None
+        self.gen = torch.Generator(device=self.device)  # halting exploration
+        self.gen.manual_seed(cfg.seed + 1)
+        self.carry = None
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    def _main_named(self):
+        sparse = None if self.model.puzzle_emb is None else self.model.puzzle_emb.weight
+        return [(n, p) for n, p in self.model.named_parameters() if p is not sparse]
+
+    # -- training ---------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        self.step += 1
+        batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
+        if self.carry is None:
+            self.carry = model.initial_carry(batch)
+        self.carry, out = model(self.carry, batch, generator=self.gen)
+        loss, m = act_loss(out["logits"], out["q_halt_logits"], self.carry.data["labels"],
+                           self.carry.halted, self.carry.steps)
+        B = batch["inputs"].shape[0]
+        (loss / B).backward()
+        lr = lr_at(self.step, cfg.lr, cfg.lr_warmup_steps, cfg.steps, cfg.lr_min_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        if self.sparse_opt is not None:
+            self.sparse_opt.param_groups[0]["lr"] = lr_at(
+                self.step, cfg.puzzle_emb_lr, cfg.lr_warmup_steps, cfg.steps, cfg.lr_min_ratio)
+            self.sparse_opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sparse_opt is not None:
+            self.sparse_opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self._main_named())
+        count = max(int(m["count"]), 1)
+        row = {"step": self.step, "lr": lr, "loss": float(loss.detach()) / B,
+               "lm_loss": float(m["lm_loss"]) / B, "q_halt_loss": float(m["q_halt_loss"]) / B,
+               "halted": int(m["count"]), "cell_acc": float(m["cell_acc"]) / count,
+               "exact_acc": float(m["exact_acc"]) / count,
+               "q_halt_acc": float(m["q_halt_acc"]) / count, "steps": float(m["steps"]) / count}
+        self.history.append(row)
+        return row
+
+    def train(self, steps: int | None = None, progress: bool = True, out: str | None = None,
+              desc: str = "train") -> list[dict[str, float]]:
+        """Run until `steps` (default cfg.steps) total steps, evaluating and checkpointing as
+        configured; returns the evaluation rows."""
+        cfg, target = self.cfg, self.cfg.steps if steps is None else steps
+        evals = []
+        bar = tqdm(total=target, initial=self.step, desc=desc, disable=not progress,
+                   dynamic_ncols=True)
+        while self.step < target:
+            row = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", cell=f"{row['cell_acc']:.3f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
+                evals.append(self.evaluate())
+            if out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save(os.path.join(out, "last.pt"))
+        bar.close()
+        evals.append(self.evaluate())
+        return evals
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval_model(self, use_ema: bool = True) -> TRM:
+        """The model to evaluate: a copy holding the EMA weights, or the live model."""
+        if self.ema is None or not use_ema:
+            return self.model
+        m = TRM(self.model.config).to(self.device)
+        m.load_state_dict(self.model.state_dict())
+        with torch.no_grad():
+            params = dict(m.named_parameters())
+            for n, t in self.ema.shadow.items():
+                params[n].copy_(t)
+        return m
+
+    def evaluate(self, use_ema: bool = True) -> dict[str, float]:
+        model = self.eval_model(use_ema)
+        row = evaluate_model(model, self.test_p, self.test_s, self.cfg.eval_batch_size,
+                             self.device)
+        row["step"] = self.step
+        return row
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        state = {
+            "config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sparse_opt": None if self.sparse_opt is None else self.sparse_opt.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "carry": None if self.carry is None else self.carry.state_dict(),
+            "stream": self.stream.state_dict(), "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": list(self.history),
+            "data": self.data if self.cfg.data is None else None,
+        }
+        if self.laser is not None and hasattr(self.laser, "state_dict"):
+            state["laser"] = self.laser.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        from .trm import Carry
+
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.sparse_opt is not None and state["sparse_opt"] is not None:
+            self.sparse_opt.load_state_dict(state["sparse_opt"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        carry = state["carry"]
+        if carry is not None:
+            dev = self.device
+            carry = {k: ({n: t.to(dev) for n, t in v.items()} if isinstance(v, dict) else v.to(dev))
+                     for k, v in carry.items()}
+        self.carry = None if carry is None else Carry.from_state_dict(carry)
+        self.stream.load_state_dict(state["stream"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
+        if self.laser is not None and "laser" in state and hasattr(self.laser, "load_state_dict"):
+            self.laser.load_state_dict(state["laser"])
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: object) -> Trainer:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**{**state["config"], **overrides})
+        trainer = cls(cfg, data=state.get("data"))
+        trainer.load_state_dict(state)
+        return trainer
+
+
+@torch.inference_mode()
+def evaluate_model(model: TRM, puzzles: np.ndarray, solutions: np.ndarray, batch_size: int,
+                   device: torch.device) -> dict[str, float]:
+    """Run every test puzzle through all halt_max_steps supervision steps; accuracies of the
+    final answers: cells (all 81, the reference's metric), blank cells only, exact puzzles."""
+    model.eval()
+    sums = {"loss": 0.0, "cell_acc": 0.0, "blank_acc": 0.0, "exact_acc": 0.0, "q_halt_acc": 0.0}
+    n = len(puzzles)
+    for start in range(0, n, batch_size):
+        batch = {k: v.to(device) for k, v in encode(puzzles[start:start + batch_size],
+                                                   solutions[start:start + batch_size]).items()}
+        carry = model.initial_carry(batch)
+        for _ in range(model.config.halt_max_steps):
+            carry, out = model(carry, batch)
+        labels = carry.data["labels"]
+        loss, m = act_loss(out["logits"], out["q_halt_logits"], labels, carry.halted, carry.steps)
+        blank = carry.data["inputs"] == 1
+        hit = (out["logits"].argmax(-1) == labels) & blank
+        sums["blank_acc"] += float((hit.sum(-1) / blank.sum(-1).clamp_min(1)).sum())
+        sums["loss"] += float(loss)
+        for k in ("cell_acc", "exact_acc", "q_halt_acc"):
+            sums[k] += float(m[k])
+    return {k: v / max(n, 1) for k, v in sums.items()} | {"puzzles": n}
+
+
+# -- command line -------------------------------------------------------------------------
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str]) -> None:
+    """One --option per dataclass field, typed by its default value."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = f"--{prefix}{f.name.replace('_', '-')}"
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=None)
+        elif isinstance(default, (int, float)):
+            parser.add_argument(flag, dest=dest, type=type(default), default=None)
+        elif isinstance(default, (tuple, list)):
+            parser.add_argument(flag, dest=dest, nargs="*", default=None)
+        elif isinstance(default, dict):
+            parser.add_argument(flag, dest=dest, type=json.loads, default=None,
+                                help="JSON object")
+        else:  # str, None, torch.dtype
+            parser.add_argument(flag, dest=dest, type=str, default=None)
+
+
+def _parse_kv(items: list[str]) -> dict[str, object]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_parser(prog: str = "laser-triton train") -> argparse.ArgumentParser:
+    import laser_triton as lt
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="TRMConfig overrides, e.g. L_cycles=4 mlp_t=false")
+    _add_dataclass_args(p, TrainConfig, "", skip={"model", "laser"})
+    _add_dataclass_args(p, lt.LaserConfig, "laser-", skip=set())
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    import laser_triton as lt
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name not in ("model", "laser") and getattr(args, f.name, None) is not None}
+    preset = given.pop("preset", "tiny")
+    laser = dict(TrainConfig.for_preset(preset).laser)
+    for f in dataclasses.fields(lt.LaserConfig):
+        v = getattr(args, f"laser_{f.name}")
+        if v is not None:
+            laser[f.name] = v
+    cfg = TrainConfig.for_preset(preset, **given, laser=laser)
+    cfg.model = {**cfg.model, **_parse_kv(args.model)}
+    return cfg
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        trainer = Trainer.from_checkpoint(args.resume, **{
+            k: v for k, v in vars(args).items()
+            if k in ("steps", "eval_every", "checkpoint_every") and v is not None})
+    else:
+        trainer = Trainer(config_from_args(args))
+    cfg = trainer.cfg
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"preset {cfg.preset}: {n_params:,} parameters, device {trainer.device}, "
+          f"LASER {'on' if trainer.laser is not None else 'off'}")
+    t0 = time.time()
+    evals = trainer.train(progress=not args.no_progress, out=args.out)
+    trainer.save(os.path.join(args.out, "last.pt"))
+    import pandas as pd
+
+    pd.DataFrame(trainer.history).to_csv(os.path.join(args.out, "train_metrics.csv"), index=False)
+    pd.DataFrame(evals).to_csv(os.path.join(args.out, "eval_metrics.csv"), index=False)
+    if trainer.laser is not None:
+        trainer.laser.report().to_csv(os.path.join(args.out, "laser_report.csv"), index=False)
+    last = evals[-1]
+    print(f"step {trainer.step} in {time.time() - t0:.1f}s: test cell acc {last['cell_acc']:.4f}, "
+          f"blank-cell acc {last['blank_acc']:.4f}, exact {last['exact_acc']:.4f} "
+          f"({last['puzzles']} puzzles); outputs in {args.out}")
+    return 0

@@ -1,0 +1,162 @@
+"""Training configuration and helpers: data, LASER construction, EMA, learning-rate schedule.
+
+The trainer itself (`Trainer`) lives in `train.py`; this module holds what it and the demo/eval
+commands share. Hyper-parameters of the paper presets follow the reference's Sudoku command
+(pretrain.py with `lr=1e-4 puzzle_emb_lr=1e-4 weight_decay=1.0 puzzle_emb_weight_decay=1.0
+ema=True`, global batch 768, 2000 warm-up steps, constant learning rate after warm-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import sudoku
+from .trm import TRMConfig
+
+__all__ = ["TrainConfig", "EMA", "lr_at", "load_data", "make_laser", "laser_config_kwargs",
+           "resolve_device"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `laser` holds LaserConfig keyword arguments."""
+
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # TRMConfig overrides
+    # Data: a Sudoku-Extreme CSV file, or the generator (data=None)
+    data: str | None = None
+    test_data: str | None = None
+    train_puzzles: int = 1000  # generated pool size (the reference subsamples 1000 puzzles)
+    test_puzzles: int = 256
+    clues: int = 30  # givens of generated puzzles (difficulty)
+    data_seed: int = 0
+    augment: bool = True
+    # Optimization
+    steps: int = 1000
+    batch_size: int = 768
+    lr: float = 1e-4
+    lr_warmup_steps: int = 2000
+    lr_min_ratio: float = 1.0  # cosine decay floor after warm-up; 1.0 = constant (reference)
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    puzzle_emb_lr: float = 1e-4
+    puzzle_emb_weight_decay: float = 1.0
+    ema: bool = True
+    ema_rate: float = 0.999
+    # Evaluation and bookkeeping
+    eval_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 256
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    # LASER: one switch, and every LaserConfig field
+    use_laser: bool = False
+    laser: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides: object) -> TrainConfig:
+        """Paper hyper-parameters for the paper presets; CPU-scaled ones for `tiny`."""
+        TRMConfig.preset(preset)  # validates the name
+        base: dict[str, object] = {"preset": preset}
+        if preset == "tiny":
+            # A few hundred steps on 2 cores: warm-up, EMA horizon and lr scaled down with them;
+            # easier puzzles so that learning shows within minutes.
+            base.update(batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_rate=0.95,
+                        weight_decay=0.1, puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1,
+                        train_puzzles=400, test_puzzles=128, clues=45, steps=150,
+                        eval_batch_size=128, laser={"rank": 16, "max_rank": 64})
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    def model_config(self) -> TRMConfig:
+        return TRMConfig.preset(self.preset).replace(**self.model)
+
+    def to_dict(self) -> dict[str, object]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """The reference's schedule at 1-based `step`: linear warm-up, then cosine decay to
+    min_ratio * base_lr (min_ratio = 1 keeps it constant)."""
+    if step < warmup:
+        return base_lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + max(0.0, (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))))
+
+
+class EMA:
+    """Exponential moving average of the main parameters (not the puzzle embedding, which the
+    reference keeps in a buffer outside its EMA). No bias correction, as in the reference."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], rate: float):
+        self.rate = rate
+        self.shadow = {n: p.detach().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        for n, p in named_params:
+            self.shadow[n].mul_(self.rate).add_(p.detach(), alpha=1.0 - self.rate)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+def load_data(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train puzzles, train solutions, test puzzles, test solutions), uint8 (n, 81).
+
+    Generated data draws train and test pools from different seeds, so test puzzles are new
+    puzzles, not augmentations of training ones. With a CSV file and no test file, the last
+    `test_puzzles` rows are held out.
+    """
+    if cfg.data is None:
+        tp, ts = sudoku.generate(cfg.train_puzzles, seed=2 * cfg.data_seed, clues=cfg.clues)
+        vp, vs = sudoku.generate(cfg.test_puzzles, seed=2 * cfg.data_seed + 1, clues=cfg.clues)
+        return tp, ts, vp, vs
+    train = sudoku.load_sudoku_csv(cfg.data)
+    if cfg.test_data is not None:
+        test = sudoku.load_sudoku_csv(cfg.test_data, limit=cfg.test_puzzles)
+        return train.puzzles, train.solutions, test.puzzles, test.solutions
+    k = min(cfg.test_puzzles, len(train) // 2)
+    if k == 0:
+        raise ValueError(f"{cfg.data}: too few puzzles to hold any out; give --test-data")
+    return train.puzzles[:-k], train.solutions[:-k], train.puzzles[-k:], train.solutions[-k:]
+
+
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def laser_config_kwargs(options: dict[str, object]) -> dict[str, object]:
+    """LaserConfig keyword arguments from JSON-friendly values (dtype names become dtypes)."""
+    out = dict(options)
+    dt = out.get("coeff_dtype")
+    if isinstance(dt, str):
+        out["coeff_dtype"] = _DTYPE_NAMES[dt.removeprefix("torch.")]
+    return out
+
+
+def make_laser(cfg: TrainConfig):
+    """The run's `laser_triton.Laser`, or None when LASER is switched off."""
+    if not cfg.use_laser:
+        return None
+    import laser_triton as lt
+
+    return lt.Laser(lt.LaserConfig(**laser_config_kwargs(cfg.laser)))
