@@ -52,6 +52,8 @@ class LaserConfig:
     site_overrides: {pattern: {field: value}} applied to matching sites (first match wins per
         field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}.
     seed: seeds the random sketches of resets, per site.
+    sync_basis: share bases across torch.distributed ranks: power products and Gram matrices
+        are summed over ranks and reset decisions all-reduced first (see laser_triton.distributed).
     """
 
     rank: int = 32
@@ -73,6 +75,7 @@ class LaserConfig:
     exclude: Sequence[str] = ()
     site_overrides: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     seed: int = 0
+    sync_basis: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -118,7 +121,8 @@ class LaserConfig:
                 raise TypeError(f"LaserConfig: {name} must be a sequence of glob strings")
             object.__setattr__(self, name, tuple(pats))
         valid = {f.name for f in dataclasses.fields(self)} - {"include", "exclude",
-                                                               "site_overrides", "seed"}
+                                                               "site_overrides", "seed",
+                                                               "sync_basis"}
         for pat, over in self.site_overrides.items():
             bad = set(over) - valid
             need(not bad, f"site_overrides[{pat!r}] names unknown fields {sorted(bad)}")

@@ -27,6 +27,7 @@ import torch
 
 from . import ops
 from .config import LaserConfig
+from .distributed import LocalSync, make_sync
 from .storage import Entry, Packed, dense_region, region_view, storage_key, weight_leaf
 from .tracker import SiteTracker
 from .util import HostFuture
@@ -74,6 +75,7 @@ class Laser:
         self._last_raw: dict[str, _RawCount] = {}
         self.steps = 0
         self._warned_nonfinite = False
+        self._sync = LocalSync()
         self._model_state: set = set()  # storages of watched parameters and buffers
         self._weight_shapes: set = set()  # shapes (and transposes) of watched weights
 
@@ -87,6 +89,8 @@ class Laser:
                 raise RuntimeError(
                     "Laser.compress() is already active (nested, or in another thread); "
                     "use one compress() per step and one Laser per thread")
+            if self.cfg.sync_basis and not self._sync.active:
+                self._sync = make_sync(True)
             self._step = _Step(thread=threading.get_ident())
         try:
             if not self.cfg.enabled:
@@ -245,7 +249,7 @@ class Laser:
             return self._count_raw(step, t, "few rows")
         tracker = self.trackers.get(site)
         if tracker is None:
-            tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg)
+            tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
         with torch.no_grad():
             draft = tracker.draft(region_view(t, region))
         entry = Entry(region, t.dtype, t._version, site, tracker, draft)
@@ -289,22 +293,26 @@ class Laser:
     # ------------------------------------------------------------------ decisions
 
     def _close_batch(self, step: _Step) -> None:
-        """End a decision batch: advance bases in one batched call; read errors non-blocking."""
+        """End a decision batch: advance bases in one batched call; read decisions non-blocking."""
         batch, step.batch = step.batch, []
         if not batch:
             return
+        sync = self._sync
         with torch.no_grad():
             movers = list({id(e.tracker): e.tracker for e in batch
                            if e.tracker.pending_Y is not None}.values())
             if movers:
-                Qs, ok = ops.orthonormalize_batched([tr.pending_Y for tr in movers])
+                Ys = sync.sum_many([tr.pending_Y for tr in movers])
+                Qs, ok = ops.orthonormalize_batched(Ys)
                 for i, tr in enumerate(movers):
                     tr.apply_pending(Qs[i], ok[i])
-            payload = [_decision_error(e) for e in batch]
+            fails = torch.stack([~(_decision_error(e) <= e.tracker.cfg.tau) for e in batch])
+            fails = sync.any(fails)  # with sync_basis, one rank's miss resets all ranks
+            shrink = []
             for e in batch:
                 if e.draft.shrink_gram is not None:
-                    payload += [e.draft.shrink_gram, e.draft.e_X]
-            step.pending.append((batch, HostFuture(payload)))
+                    shrink += [e.draft.shrink_gram, e.draft.e_X]
+            step.pending.append((batch, HostFuture([fails.float(), *sync.sum_many(shrink)])))
 
     def _poll(self, step: _Step, block: bool) -> None:
         """Finalize every batch whose decisions have reached the host (all, if block)."""
@@ -313,15 +321,15 @@ class Laser:
             if not block and not fut.ready():
                 return
             step.pending.pop(0)
-            values = fut.get()
-            errs, extra = values[: len(batch)], iter(values[len(batch):])
+            fails, *extra = fut.get()
+            extra = iter(extra)
             with torch.no_grad():
-                for entry, err in zip(batch, errs):
+                for entry, failed in zip(batch, fails.tolist()):
                     d = entry.draft
                     shrink = None
                     if d.shrink_gram is not None:
                         shrink = (next(extra), float(next(extra)))
-                    passed = bool(err <= entry.tracker.cfg.tau)  # NaN-safe: NaN fails
+                    passed = not failed
                     scale = 1.0 if passed else _view_target_scale(entry)
                     st = entry.tracker.finalize(d, passed, shrink, scale)
                     if entry.views and not st.is_raw and not passed:

@@ -22,6 +22,7 @@ import torch
 
 from . import ops, reference
 from .config import LaserConfig, rounding_error
+from .distributed import LocalSync
 from .results import CompressOut
 from .util import to_device_async
 
@@ -92,8 +93,9 @@ def _output_rounding(dtype: torch.dtype) -> float:
 class SiteTracker:
     """Basis state and statistics of one site. Not thread-safe (one per site per Laser)."""
 
-    def __init__(self, name: str, width: int, cfg: LaserConfig):
+    def __init__(self, name: str, width: int, cfg: LaserConfig, sync: LocalSync | None = None):
         self.name = name
+        self.sync = sync or LocalSync()
         self.width = width
         self.cfg = cfg
         self.U: torch.Tensor | None = None
@@ -158,7 +160,7 @@ class SiteTracker:
         """Install the next basis from pending_Y (orthonormalized here or given, batched)."""
         if self.pending_Y is not None:
             if Q is None:
-                Q, ok = ops.orthonormalize(self.pending_Y)
+                Q, ok = ops.orthonormalize(self.sync.sum(self.pending_Y))
             self.U = torch.where(ok, Q, self.U)  # fresh tensor; keeps U_prev where not ok
             self.pending_Y = None
         if self.pending_shrink is not None and self.U is not None:
@@ -225,37 +227,44 @@ class SiteTracker:
         """Rebuild the basis from X itself and recompress; raw when max_rank cannot meet tau.
 
         target_scale < 1 asks for a tighter fit (used when sub-views of X must meet tau too).
+        With a distributed sync, every collective below runs on all ranks in the same order
+        whatever the local data: branches depend only on all-reduced values.
         """
-        cfg = self.cfg
+        cfg, sync = self.cfg, self.sync
         self.resets += 1
         self.pending_Y = None
         self.pending_shrink = None
-        e_X_f = float(torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X)
-        if not math.isfinite(e_X_f):
+        e_loc = torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X
+        finite = bool(torch.isfinite(e_loc))
+        if not finite:
             self.nonfinite += 1
-            return self._raw(X, count=True)
+            if not sync.active:
+                return self._raw(X, count=True)
+        X_work = X if finite else torch.zeros_like(X)  # a faulty rank adds nothing to the basis
+        e_glob = float(sync.sum(e_loc if finite else torch.zeros_like(e_loc)))
         N, D = X.shape
-        r_cap = self._rank_cap(N, D, X.element_size())
-        if e_X_f == 0.0:  # all-zero X: any basis is exact
+        r_cap = sync.min_int(self._rank_cap(N, D, X.element_size()), X.device)
+        target = self._projection_target(cfg.reset_target * target_scale, X.dtype)
+        if e_glob == 0.0 and finite:  # all-zero X: any basis is exact
             U = self.U if self.U is not None else reference.completion_matrix(D, 1, X.device).float()
             out = self._compress(X, U, False)
-            zero = torch.zeros((), device=X.device)
-            return Stored(C=out.C, U=U, err=zero, row_err=zero, reset=True)
-        if r_cap < 1:
+            return Stored(C=out.C, U=U, err=torch.zeros((), device=X.device),
+                          row_err=torch.zeros((), device=X.device), reset=True)
+        if not (e_glob > 0.0) or r_cap < 1 or target <= 0:
             return self._raw(X, count=True)
-        target = self._projection_target(cfg.reset_target * target_scale, X.dtype)
-        if target <= 0:
-            return self._raw(X, count=True)
+
+        def power(A: torch.Tensor, B: torch.Tensor, need_y: bool) -> CompressOut:
+            out = ops.compress_pass(A, B, need_y, cfg.coeff_dtype)
+            Y = sync.sum(out.Y) if need_y else None
+            return CompressOut(out.C, out.e_X, out.e_C, Y, out.row_err_max, out.c_amax)
+
         k_full = min(D, N, r_cap + cfg.oversample)
         k = min(k_full, max(cfg.rank, 2 * self.rank) + cfg.oversample)
         while True:
-            Q, Y = reference.range_finder(
-                X, k, cfg.reset_power_iters, self.gen,
-                compress=lambda A, B, need: ops.compress_pass(A, B, need, cfg.coeff_dtype),
-                orth=ops.orthonormalize,
-            )
+            Q, Y = reference.range_finder(X_work, k, cfg.reset_power_iters, self.gen,
+                                          compress=power, orth=ops.orthonormalize)
             theta, V = reference.ritz(Q, Y)
-            r_new = reference.select_rank(theta[: min(k, r_cap)], e_X_f, target)
+            r_new = reference.select_rank(theta[: min(k, r_cap)], e_glob, target)
             if r_new is not None or k >= k_full:
                 break
             k = k_full
@@ -263,21 +272,19 @@ class SiteTracker:
             # Even max_rank misses tau: keep the best basis for tracking, store X raw.
             self.U = V[:, :r_cap].contiguous()
             return self._raw(X, count=True)
-        r_new = max(r_new, min(cfg.min_rank, r_cap))
-        U = V[:, :r_new].contiguous()
-        out = self._compress(X, U, True)
-        err = self._err(out, U, X)
-        if not bool(err <= cfg.tau):  # Ritz energy is exact, so this is rare (rounding)
-            if r_new < r_cap:
-                U = V[:, : min(r_cap, r_new + max(1, r_new // 4))].contiguous()
-                out = self._compress(X, U, True)
-                err = self._err(out, U, X)
-            if not bool(err <= cfg.tau):
-                self.U = U
-                return self._raw(X, count=True)
+        U = V[:, : max(r_new, min(cfg.min_rank, r_cap))].contiguous()
+        out = power(X_work, U, True)
+        err = self._err(out, U, X_work)
+        if bool(sync.any(~(err <= cfg.tau))) and U.shape[1] < r_cap:
+            # Ritz energies are exact, so this is rare (rounding, or another rank's data).
+            U = V[:, : min(r_cap, U.shape[1] + max(1, U.shape[1] // 4))].contiguous()
+            out = power(X_work, U, True)
+            err = self._err(out, U, X_work)
         Q, ok = ops.orthonormalize(out.Y)
         self.U = torch.where(ok, Q, U)
         self.since_shrink_check = 0
+        if not (finite and bool(err <= cfg.tau)):
+            return self._raw(X, count=True)
         return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max, reset=True)
 
     def _rank_cap(self, N: int, D: int, itemsize: int) -> int:
