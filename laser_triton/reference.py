@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .results import CompressOut
+from .util import to_device_async
 
 __all__ = [
     "compress_pass",
@@ -86,7 +87,7 @@ def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
     if Z is None:
         gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
         Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
-        Z = (Z / Z.norm(dim=0, keepdim=True)).to(device)
+        Z = to_device_async(Z / Z.norm(dim=0, keepdim=True), device)
         _COMPLETION_CACHE[key] = Z
     return Z
 
