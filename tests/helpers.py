@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import laser_triton.hooks as hooks_mod
+from laser_triton.storage import Packed, region_view
 
 
 def matrix_with_spectrum(N: int, D: int, sigma: torch.Tensor, seed: int = 0,
@@ -39,11 +40,15 @@ class UnpackTap:
         self._by_id = {}
         orig_pack = laser._pack
 
+        self.regions = {}  # id(entry) -> (entry, copy of the whole storage region at save time)
+
         def pack(t):
             p = orig_pack(t)
             rec = [t.detach().clone(), p, []]
             self.records.append(rec)
             self._by_id[id(p)] = rec
+            if isinstance(p, Packed) and id(p.entry) not in self.regions:
+                self.regions[id(p.entry)] = (p.entry, region_view(t, p.entry.region).clone())
             return p
 
         orig_unpack = hooks_mod._unpack

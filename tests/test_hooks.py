@@ -374,3 +374,32 @@ def test_torch_compile_block_with_hooks_outside(monkeypatch):
     assert "(raw: weight copy)" in set(laser.report().site)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 4 * TAU
+
+
+def test_stored_rank_is_near_the_optimal_rank_for_tau(monkeypatch):
+    """Storage near what the optimal rank for tau needs, on real transformer activations."""
+    laser = lt.Laser(lt.LaserConfig(tau=TAU, max_rank=64, min_width=64))
+    model = Block(laser=laser)
+    tap = UnpackTap(laser, monkeypatch)
+    for step in range(2):
+        x = low_rank_tokens(3, 120, 160, rank=10, seed=20 + step, noise=0.01).requires_grad_()
+        _step(model, x, laser, roles=["z"] * 3)
+    partial = {id(p.entry) for orig, p, _ in tap.records
+               if isinstance(p, storage_mod.Packed) and orig.numel() < p.entry.region.numel}
+    checked = 0
+    for entry, X in tap.regions.values():
+        st = entry.stored
+        if st is None or st.is_raw or entry.pinned is not None or id(entry) in partial:
+            continue  # (sub-views that must meet tau alone legitimately need more rank)
+        s2 = torch.linalg.svdvals(X.double()).square()
+        tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum()).tolist() + [0.0]
+
+        def optimal(tau, tail=tail):
+            return next(j for j, t in enumerate(tail) if t <= tau**2)
+
+        r = st.C.shape[1]
+        # resets aim at reset_target * tau (0.85) to leave room for drift
+        assert optimal(TAU) <= r <= optimal(0.85 * TAU) + 2, (entry.site, r, optimal(TAU))
+        assert r <= 1.35 * optimal(TAU) + 3
+        checked += 1
+    assert checked >= 3
