@@ -18,10 +18,10 @@ import triton.language as tl
 
 from ._common import nan_max
 
-EPS64: tl.constexpr = 2.220446049250313e-16  # float64 machine epsilon (shift of the Gram)
-TINY32: tl.constexpr = 1.1754943508222875e-38  # smallest normal float32: zero-column cutoff
-DEGENERATE_REL: tl.constexpr = 1e-6  # same as reference._DEGENERATE_REL
-ORTH_TOL: tl.constexpr = 1e-4  # `ok` threshold on max |Q^T Q - I|, as in the reference
+EPS64 = tl.constexpr(2.220446049250313e-16)  # float64 machine epsilon (shift of the Gram)
+TINY32 = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: zero-column cutoff
+DEGENERATE_REL = tl.constexpr(1e-6)  # same as reference._DEGENERATE_REL
+ORTH_TOL = tl.constexpr(1e-4)  # `ok` threshold on max |Q^T Q - I|, as in the reference
 
 
 @triton.jit

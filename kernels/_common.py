@@ -31,8 +31,8 @@ POISON: bool = os.environ.get("LASER_TRITON_POISON", "0") not in ("", "0")
 
 # fp32 tl.dot modes. "ieee" is exact fp32 FMA math (the correct default everywhere). "bf16x3"
 # splits each fp32 operand into hi + lo bf16 halves and sums the three significant products on
-# bf16 tensor cores with fp32 accumulation: about 2^-16 relative error, a bf16 X needs only two
-# products because its lo half is zero. Only a tuned config that passed the sweep's accuracy
+# bf16 tensor cores with fp32 accumulation: about 2^-17 relative error per product (the lo x lo
+# term is dropped); a bf16 X needs only two products because its lo half is zero. Only a tuned config that passed the sweep's accuracy
 # check selects "bf16x3".
 PRECISIONS = ("ieee", "bf16x3")
 
@@ -104,11 +104,23 @@ def shrink_config(cfg: dict, block_keys: tuple[str, ...], min_block: int = 16) -
 
 
 @triton.jit
+def _round_bf16(v):
+    """v (fp32) rounded to the nearest bf16 value, ties to even, still in fp32.
+
+    Done on the bits so that the split is the same on every backend (the interpreter's
+    fp32 -> bf16 cast truncates, which biases the split's error).
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _split_bf16(v):
-    """v (fp32) = hi + lo + O(2^-16 |v|) with hi, lo in bf16."""
-    hi = v.to(tl.bfloat16)
-    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
-    return hi, lo
+    """v (fp32) = hi + lo + e with hi, lo in bf16 and |e| <= 2^-18 |v| (finite v)."""
+    hi = _round_bf16(v)
+    lo = _round_bf16(v - hi)
+    return hi.to(tl.bfloat16), lo.to(tl.bfloat16)  # exact casts: already bf16 values
 
 
 @triton.jit
@@ -130,7 +142,7 @@ def mma_fp32(a, b, acc, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr,
         return tl.dot(a, b, acc, input_precision="ieee")
     b_hi, b_lo = _split_bf16(b)
     if A_IS_BF16:
-        a_hi = a.to(tl.bfloat16)
+        a_hi = a.to(tl.bfloat16)  # exact: the values came from a bf16 tensor
         acc = _bf16_dot(a_hi, b_lo, acc, INTERPRET)
     else:
         a_hi, a_lo = _split_bf16(a)

@@ -130,8 +130,12 @@ class ConfigStore:
     """Configs for one GPU name, from an override dir, the shipped files and the defaults."""
 
     def __init__(self, gpu: str, env_dir: str | os.PathLike | None = None,
-                 shipped_dir=None, interpreter: bool = False) -> None:
+                 shipped_dir=None, interpreter: bool = False, validate_fit: bool = False,
+                 arch: int = 90, shared_limit: int = SHARED_LIMIT_SM90) -> None:
         self.gpu = gpu
+        # validate_fit: compile each candidate for `arch` and skip those over `shared_limit`
+        # (the sweep and tests; at run time a launch failure does the same job, cheaper).
+        self.validate_fit, self.arch, self.shared_limit = validate_fit, arch, shared_limit
         # Without a GPU (the interpreter) the shipped GPU files do not apply.
         self.defaults = INTERPRETER_DEFAULTS if interpreter else DEFAULTS
         self.file_name = sanitize_gpu_name(gpu) + ".json"
@@ -182,47 +186,68 @@ class ConfigStore:
                     continue
                 yield label, key, entry
 
-    def _exact(self, tables, kernel, keys):
-        for label, key, entry in self._entries(tables, kernel):
-            if key in keys:
-                return label, key, entry
-        return None
-
-    def _nearest(self, tables, kernel, D, r, dtype, N):
-        best, best_d = None, math.inf
-        for label, key, entry in self._entries(tables, kernel):
+    def _ranked(self, tables, kernel, D, r, dtype, N, keys, nearest: bool):
+        """Entries of `tables` for `kernel`: exact keys in priority order, or all same-dtype
+        entries by (log D, log r[, log N]) distance."""
+        found = list(self._entries(tables, kernel))
+        if not nearest:
+            order = {(label, k): i for i, (label, _) in enumerate(tables) for k in keys}
+            order = {lk: i * len(keys) + keys.index(lk[1]) for lk, i in order.items()}
+            hits = sorted((order[(lb, k)], lb, k, e) for lb, k, e in found if (lb, k) in order)
+            return [h[1:] for h in hits]
+        scored = []
+        for label, key, entry in found:
             parsed = _parse_key(key)
             if parsed is None or parsed[2] != dtype:
                 continue
             d = abs(math.log2(parsed[0] / D)) + abs(math.log2(parsed[1] / r))
             if N is not None and parsed[3] is not None:
                 d += 0.25 * abs(math.log(parsed[3] / n_bucket(N), 4))
-            if d < best_d:
-                best, best_d = (label, key, entry), d
-        return best
+            scored.append((d, len(scored), label, key, entry))
+        return [t[2:] for t in sorted(scored, key=lambda t: t[:2])]
+
+    def fits(self, kernel: str, entry: dict, D: int, r: int, dtype: str) -> bool:
+        """Whether `entry` compiles for this store's arch within its shared-memory limit."""
+        from ._hopper import shared_bytes  # noqa: PLC0415
+
+        try:
+            used = shared_bytes(kernel, D, r, dtype, {**self.defaults[kernel], **entry}, self.arch)
+        except Exception as exc:  # does not compile at all (e.g. out of registers/shared)
+            log.warning("laser_triton: %s config %s does not compile (%s)", kernel, entry, exc)
+            return False
+        return used <= self.shared_limit
 
     def lookup(self, kernel: str, D: int, r: int, dtype: str, N: int | None = None):
         """The config (a dict; a str for PATH_TABLE, or None when it has no entry)."""
         ckey = (kernel, config_key(D, r, dtype, N))
         if ckey in self._cache:
             return self._cache[ckey]
-        keys = (config_key(D, r, dtype, N), config_key(D, r, dtype)) if N else (config_key(D, r, dtype),)
-        hit = self._exact(self.tuned, kernel, keys)
-        how = "exact"
+        keys = [config_key(D, r, dtype, N), config_key(D, r, dtype)] if N else [config_key(D, r, dtype)]
         near = kernel != PATH_TABLE  # a path choice does not carry over to other shapes
-        if hit is None and near:
-            hit, how = self._nearest(self.tuned, kernel, D, r, dtype, N), "nearest"
-        if hit is None:
-            hit, how = self._exact(self.fallback, kernel, keys), "safe default (exact)"
-        if hit is None and near:
-            hit, how = self._nearest(self.fallback, kernel, D, r, dtype, N), "safe default (nearest)"
-        if hit is None:
+        steps = [("exact", self.tuned, False), ("nearest", self.tuned, True),
+                 ("safe default (exact)", self.fallback, False),
+                 ("safe default (nearest)", self.fallback, True)]
+        result, used = None, None
+        for how, tables, nearest in steps:
+            if nearest and not near:
+                continue
+            for label, key, entry in self._ranked(tables, kernel, D, r, dtype, N, keys, nearest):
+                if self.validate_fit and near and not self.fits(kernel, entry, D, r, dtype):
+                    self._log_once(kernel, f"unfit-{label}-{key}", "warning",
+                                   f"{kernel}: rejecting {key} from {label}: it does not fit "
+                                   f"{self.shared_limit} bytes of shared memory")
+                    continue
+                result = entry if isinstance(entry, str) else {**self.defaults[kernel], **entry}
+                used = (how, label, key)
+                break
+            if used:
+                break
+        if used is None:
             result = None if kernel == PATH_TABLE else dict(self.defaults[kernel])
             self._log_once(kernel, "built-in", "info",
                            f"{kernel}: no tuned config for {self.gpu}; using built-in defaults")
         else:
-            label, key, entry = hit
-            result = entry if isinstance(entry, str) else {**self.defaults[kernel], **entry}
+            how, label, key = used
             self._log_once(kernel, f"{how}-{label}", "info",
                            f"{kernel}: using {how} configs from {label} (first: {key} for {ckey[1]})")
         self._cache[ckey] = result

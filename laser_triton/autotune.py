@@ -1,0 +1,308 @@
+"""`laser-triton autotune`: the launch-config sweep, and the config store's public face.
+
+    laser-triton autotune --hidden 512 1536 --rank 8 16 32 64 128 --dtype bf16 [--out DIR]
+
+For every kernel and (D, r): candidates are pruned on the CPU by compiling them for the GPU's
+architecture (sm_90 without a GPU) and keeping those whose shared memory fits; survivors are
+timed with `triton.testing.do_bench` through the real launchers, the winner is checked against
+the torch reference, and the JSON file `<DIR>/<sanitized GPU name>.json` is rewritten after
+every entry (an interrupted sweep keeps what it finished). Without a GPU nothing can be timed:
+the command says so and stops after pruning, unless `--prune-only` asks for a file of untimed,
+compile-validated configs (how `autotune_configs/default.json` is made).
+
+The store itself (lookup order, logging, validation by fit) lives in
+`laser_triton.kernels.configs`, beside the launchers that use it; it is re-exported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.resources
+import itertools
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["cli_main", "candidates", "prune", "ConfigStore", "get_store", "config_key",
+           "sanitize_gpu_name", "SHARED_LIMIT_SM90"]
+
+try:  # the store needs Triton; the CLI reports a missing Triton itself
+    from .kernels.configs import (
+        DEFAULTS,
+        PATH_TABLE,
+        SHARED_LIMIT_SM90,
+        ConfigStore,
+        config_key,
+        get_store,
+        sanitize_gpu_name,
+    )
+except ImportError:  # pragma: no cover - exercised only without Triton
+    DEFAULTS = {}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
+           "orth_factor", "orth_apply")
+_GRIDS: dict[str, dict[str, tuple]] = {  # candidate values per field; DEFAULTS fill the rest
+    "compress_fused": {"BLOCK_N": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2),
+                       "PROGRAMS_PER_SM": (1, 2)},
+    "compress_coeff": {"BLOCK_N": (32, 64, 128), "BLOCK_D": (64, 128), "num_warps": (4, 8),
+                       "num_stages": (2, 3)},
+    "compress_y": {"BLOCK_N": (32, 64), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8),
+                   "num_stages": (2, 3)},
+    "reconstruct": {"BLOCK_N": (64, 128), "BLOCK_D": (64, 128), "BLOCK_R": (32, 64),
+                    "num_warps": (4, 8), "num_stages": (2, 3)},
+    "orth_gram": {"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
+                  "num_stages": (1, 2)},
+    "orth_factor": {"num_warps": (4, 8, 16)},
+    "orth_apply": {"BLOCK_D": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
+}
+
+
+def candidates(kernel: str, allow_split: bool = False) -> list[dict]:
+    """The defaults first, then the grid (with PRECISION="bf16x3" too when allowed)."""
+    grid = dict(_GRIDS[kernel])
+    if allow_split and "PRECISION" in DEFAULTS[kernel]:
+        grid["PRECISION"] = ("ieee", "bf16x3")
+    names = list(grid)
+    out = [dict(DEFAULTS[kernel])]
+    for values in itertools.product(*(grid[n] for n in names)):
+        cfg = {**DEFAULTS[kernel], **dict(zip(names, values))}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
+    """The (D, r, dtype) a launcher uses as key: orthonormalize keys on fp32 and padded r."""
+    if kernel.startswith("orth"):
+        from .kernels._common import pow2  # noqa: PLC0415
+
+        return D, pow2(r), "fp32"
+    return D, r, dtype
+
+
+def applies(kernel: str, D: int, r: int) -> bool:
+    """Whether a kernel is worth tuning at (D, r) (the fused design only where it may fit)."""
+    from .kernels._common import pow2  # noqa: PLC0415
+    from .kernels.compress_pass import FUSED_MAX_ELEMS  # noqa: PLC0415
+
+    if kernel == "compress_fused":
+        return pow2(D) * pow2(r) <= 2 * FUSED_MAX_ELEMS
+    if kernel.startswith("orth"):
+        from .kernels import MAX_ORTH_RANK  # noqa: PLC0415
+
+        return r <= MAX_ORTH_RANK
+    return True
+
+
+def _shared_or_error(args) -> tuple[int | None, str]:
+    kernel, D, r, dtype, cfg, arch = args
+    from .kernels._hopper import shared_bytes  # noqa: PLC0415
+
+    try:
+        return shared_bytes(kernel, D, r, dtype, cfg, arch), ""
+    except Exception as exc:  # a candidate that does not compile is pruned like one too big
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int = 90,
+          limit: int = 232_448, jobs: int = 1, first_only: bool = False) -> list[tuple[dict, int]]:
+    """[(config, shared bytes)] of the candidates that compile for `arch` within `limit`.
+
+    `first_only`: compile in order and stop at the first that fits.
+    """
+    work = [(kernel, D, r, dtype, c, arch) for c in cands]
+    if first_only:
+        for w in work:
+            shared, _ = _shared_or_error(w)
+            if shared is not None and shared <= limit:
+                return [(w[4], shared)]
+        return []
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing  # noqa: PLC0415
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            results = list(ex.map(_shared_or_error, work))
+    else:
+        results = [_shared_or_error(w) for w in work]
+    return [(c, s) for c, (s, _) in zip(cands, results) if s is not None and s <= limit]
+
+
+# ----------------------------------------------------------------------------- GPU timing
+
+
+def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device):
+    """A closure running the op that `kernel` belongs to, and a check of its result."""
+    from . import reference  # noqa: PLC0415
+    from .kernels import compress_pass, orthonormalize, reconstruct  # noqa: PLC0415
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    U = torch.linalg.qr(torch.randn(D, r, generator=g))[0].to(device)
+    if kernel.startswith("compress"):
+        X = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
+        ref = reference.compress_pass(X, U, True, torch.bfloat16)
+
+        def check() -> bool:
+            out = compress_pass(X, U, True, torch.bfloat16)
+            y_err = (out.Y - ref.Y).norm() / ref.Y.norm()
+            e_err = abs(out.e_C - ref.e_C) / ref.e_X
+            return bool(y_err < 1e-4 and e_err < 1e-6)
+        return (lambda: compress_pass(X, U, True, torch.bfloat16)), check
+    if kernel == "reconstruct":
+        C = torch.randn(N, r, generator=g).to(device=device, dtype=dtype)
+        ref = reference.reconstruct(C, U, dtype).float()
+        return (lambda: reconstruct(C, U, dtype)), lambda: bool(
+            (reconstruct(C, U, dtype).float() - ref).norm() <= 1e-2 * ref.norm())
+    Y = (torch.randn(N, D, generator=g).to(device).t() @ torch.randn(N, r, generator=g).to(device))
+
+    def check_orth() -> bool:
+        Q, ok = orthonormalize(Y)
+        eye = torch.eye(r, device=device, dtype=torch.float64)
+        return bool(ok) and float((Q.double().t() @ Q.double() - eye).abs().max()) <= 1e-5
+    return (lambda: orthonormalize(Y)), check_orth
+
+
+def _time_kernel(store, kernel, D, r, dtype_name, N, fitting, best, device) -> tuple[dict, float]:
+    """Time each fitting config through the launchers; (fastest that checks out, ms)."""
+    from triton.testing import do_bench  # noqa: PLC0415
+
+    kD, kr, kdt = shape_key(kernel, D, r, dtype_name)
+    n_key = None if kernel.startswith("orth") else N
+    run, check = _bench_op(kernel, D, r, DTYPES[dtype_name], N, device)
+    timed = []
+    for cfg, _shared in fitting:
+        store._cache.clear()
+        for other, other_cfg in best.items():  # the winners so far for the other kernels
+            oD, orr, odt = shape_key(other, D, r, dtype_name)
+            store.remember(other, oD, orr, odt, None if other.startswith("orth") else N, other_cfg)
+        store.remember(kernel, kD, kr, kdt, n_key, cfg)
+        if kernel.startswith("compress"):
+            store.remember_path(D, r, dtype_name, "fused" if kernel == "compress_fused" else "split")
+        try:
+            timed.append((do_bench(run, warmup=10, rep=50), len(timed), cfg))
+        except Exception as exc:  # e.g. out of resources on this GPU despite the compile check
+            print(f"  {kernel} {cfg}: failed ({type(exc).__name__})", file=sys.stderr)
+    for ms, _, cfg in sorted(timed, key=lambda t: t[:2]):
+        store.remember(kernel, kD, kr, kdt, n_key, cfg)
+        if check():
+            return cfg, ms
+        print(f"  {kernel} {cfg}: fast but inaccurate, skipped", file=sys.stderr)
+    raise RuntimeError(f"no {kernel} candidate ran correctly at D={D}, r={r}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _default_out_dir() -> Path:
+    shipped = importlib.resources.files("laser_triton.autotune_configs")
+    path = Path(str(shipped))
+    return path if path.is_dir() and os.access(path, os.W_OK) else Path.cwd()
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="laser-triton autotune", description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[512, 1536])
+    p.add_argument("--rank", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--rows", type=int, default=65536, help="N of the timed activations")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    p.add_argument("--prune-only", action="store_true",
+                   help="no timing: write the first fitting candidate (defaults first) to "
+                        "default.json, marked untimed")
+    p.add_argument("--allow-split", action="store_true",
+                   help="also try bf16x3 products (kept only if they pass the accuracy check)")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    args = p.parse_args(argv)
+    if not DEFAULTS:
+        print("laser-triton autotune: Triton is not importable; nothing to tune", file=sys.stderr)
+        return 2
+    import triton  # noqa: PLC0415
+
+    from .kernels import configs  # noqa: PLC0415
+    from .kernels._common import pow2  # noqa: PLC0415
+    from .kernels.compress_pass import FUSED_MAX_ELEMS  # noqa: PLC0415
+
+    has_gpu = torch.cuda.is_available()
+    if not has_gpu and not args.prune_only:
+        print("laser-triton autotune: no CUDA GPU here, so nothing can be timed "
+              "(triton.testing.do_bench needs one). Use --prune-only for compile-validated, "
+              "untimed configs.", file=sys.stderr)
+        return 0
+    device = torch.device("cuda") if has_gpu else torch.device("cpu")
+    gpu = torch.cuda.get_device_name(device) if has_gpu else "sm_90 (compiled on CPU)"
+    arch, limit = 90, SHARED_LIMIT_SM90
+    if has_gpu:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+        props = torch.cuda.get_device_properties(device)
+        limit = int(getattr(props, "shared_memory_per_block_optin", limit))
+    out_dir = args.out or _default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ("default.json" if args.prune_only else sanitize_gpu_name(gpu) + ".json")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc.update(schema=configs.SCHEMA, gpu=gpu, triton_version=triton.__version__,
+               torch_version=torch.__version__, timed=not args.prune_only,
+               updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               note=("untimed: the first candidate (built-in defaults first) that compiles for "
+                     f"sm_{arch} within {limit} bytes of shared memory" if args.prune_only else
+                     f"fastest of the fitting candidates by do_bench at N={args.rows}"))
+    tables = doc.setdefault("kernels", {})
+    shared_tab = doc.setdefault("shared_bytes", {})
+    timing_tab = doc.setdefault("timings_ms", {}) if has_gpu and not args.prune_only else None
+    store = configs.ConfigStore(gpu, interpreter=False)
+    if has_gpu and not args.prune_only:
+        configs._STORES[configs.gpu_name(device)] = store  # the launchers read this store
+    print(f"autotune: {gpu}, sm_{arch}, limit {limit} B, writing {path}")
+    for D, r in itertools.product(args.hidden, args.rank):
+        if r > D:
+            continue
+        best: dict[str, dict] = {}
+        fused_ms = None
+        for kernel in args.kernels:
+            if not applies(kernel, D, r):
+                continue
+            if args.prune_only and kernel == "compress_fused" and (
+                    pow2(D) * pow2(r) > FUSED_MAX_ELEMS):
+                continue  # untimed: keep the size rule; only prove the fused configs it picks
+            kD, kr, kdt = shape_key(kernel, D, r, args.dtype)
+            key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
+                             else args.rows)
+            fitting = prune(kernel, kD, kr, kdt, candidates(kernel, args.allow_split), arch,
+                            limit, args.jobs, first_only=args.prune_only)
+            print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
+            if not fitting:
+                if kernel == "compress_fused":  # the size rule would pick fused: forbid it
+                    tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype)] = "split"
+                    _write(path, doc)
+                continue
+            if args.prune_only:
+                cfg, ms = fitting[0][0], None
+            else:
+                cfg, ms = _time_kernel(store, kernel, D, r, args.dtype, args.rows, fitting,
+                                       best, device)
+                timing_tab.setdefault(kernel, {})[key] = round(ms, 5)
+                print(f"  {'':15s} best {ms:.4f} ms: {cfg}", flush=True)
+            best[kernel] = cfg
+            tables.setdefault(kernel, {})[key] = cfg
+            shared_tab.setdefault(kernel, {})[key] = next(sh for c, sh in fitting if c == cfg)
+            if kernel == "compress_fused":
+                fused_ms = ms
+            if kernel == "compress_y" and "compress_coeff" in best and not args.prune_only:
+                # The compress_y timings ran the whole split op (with the best coeff config).
+                tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype)] = (
+                    "fused" if fused_ms is not None and fused_ms <= ms else "split")
+            _write(path, doc)
+    print(f"autotune: wrote {path}")
+    return 0
