@@ -16,7 +16,6 @@ decision is resolved, so backward always sees final values.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -26,19 +25,24 @@ import pandas as pd
 import torch
 
 from . import ops
+from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .distributed import LocalSync, make_sync
-from .storage import Entry, Packed, dense_region, region_view, storage_key, weight_leaf
+from .storage import (
+    Entry,
+    Packed,
+    decision_error,
+    dense_region,
+    region_view,
+    storage_key,
+    view_error,
+    view_target_scale,
+    weight_leaf,
+)
 from .tracker import SiteTracker
 from .util import HostFuture
 
 __all__ = ["Laser"]
-
-
-@dataclass
-class _RawCount:
-    tensors: int = 0
-    nbytes: int = 0
 
 
 @dataclass
@@ -48,7 +52,7 @@ class _Step:
     thread: int
     entries: dict = field(default_factory=dict)  # StorageWeakRef -> Entry
     raw_seen: dict = field(default_factory=dict)  # StorageWeakRef -> category
-    raw_counts: dict = field(default_factory=dict)  # category -> _RawCount
+    raw_counts: dict = field(default_factory=dict)  # category -> RawCount
     batch: list = field(default_factory=list)  # entries drafted since the last decision point
     pending: list = field(default_factory=list)  # (entries, HostFuture) awaiting decisions
     roles: list = field(default_factory=lambda: ["main"])
@@ -72,7 +76,7 @@ class Laser:
         self._lock = threading.Lock()
         self._labels = threading.local()
         self._last_sites: dict[str, dict] = {}
-        self._last_raw: dict[str, _RawCount] = {}
+        self._last_raw: dict[str, RawCount] = {}
         self.steps = 0
         self._warned_nonfinite = False
         self._sync = LocalSync()
@@ -186,7 +190,7 @@ class Laser:
         key = storage_key(t)
         if key not in step.raw_seen:
             step.raw_seen[key] = category
-            c = step.raw_counts.setdefault(category, _RawCount())
+            c = step.raw_counts.setdefault(category, RawCount())
             c.tensors += 1
             c.nbytes += t.untyped_storage().nbytes()
         entry = step.entries.get(key)
@@ -306,7 +310,7 @@ class Laser:
                 Qs, ok = ops.orthonormalize_batched(Ys)
                 for i, tr in enumerate(movers):
                     tr.apply_pending(Qs[i], ok[i])
-            fails = torch.stack([~(_decision_error(e) <= e.tracker.cfg.tau) for e in batch])
+            fails = torch.stack([~(decision_error(e) <= e.tracker.cfg.tau) for e in batch])
             fails = sync.any(fails)  # with sync_basis, one rank's miss resets all ranks
             shrink = []
             for e in batch:
@@ -330,11 +334,11 @@ class Laser:
                     if d.shrink_gram is not None:
                         shrink = (next(extra), float(next(extra)))
                     passed = not failed
-                    scale = 1.0 if passed else _view_target_scale(entry)
+                    scale = 1.0 if passed else view_target_scale(entry)
                     st = entry.tracker.finalize(d, passed, shrink, scale)
                     if entry.views and not st.is_raw and not passed:
                         entry.stored = st  # verify the sub-views against the reset basis
-                        if not bool(_view_error(entry, d.X) <= entry.tracker.cfg.tau):
+                        if not bool(view_error(entry, d.X) <= entry.tracker.cfg.tau):
                             st = entry.tracker.fallback_raw(d.X)
                     entry.stored = st
                     entry.draft = None  # drops X unless stored raw
@@ -346,20 +350,7 @@ class Laser:
         self._close_batch(step)
         self._poll(step, block=True)
         self.steps += 1
-        sites: dict[str, dict] = {}
-        bases: set[int] = set()
-        for entry in step.entries.values():
-            row = sites.setdefault(entry.site, {"tensors": 0, "raw_bytes": 0, "stored_bytes": 0,
-                                                "raw_tensors": 0})
-            row["tensors"] += 1
-            row["raw_bytes"] += entry.raw_bytes()
-            row["stored_bytes"] += entry.held_bytes()
-            if entry.pinned is not None or entry.stored.is_raw:
-                row["raw_tensors"] += 1
-            elif id(entry.stored.U) not in bases:
-                bases.add(id(entry.stored.U))
-                row["stored_bytes"] += entry.stored.U.numel() * 4
-        self._last_sites = sites
+        self._last_sites = step_bytes(step.entries.values())
         self._last_raw = dict(step.raw_counts)
         if not self._warned_nonfinite:
             bad = [tr.name for tr in self.trackers.values() if tr.nonfinite]
@@ -378,23 +369,7 @@ class Laser:
         stored_bytes what LASER held (coefficients, bases counted once each, raw fallbacks).
         Rows named "(raw: ...)" count tensors kept raw by rule, per storage.
         """
-        rows = []
-        for name, tr in self.trackers.items():
-            s = self._last_sites.get(name, {})
-            rows.append({
-                "site": name, "width": tr.width, "rank": tr.rank,
-                "tensors": s.get("tensors", 0), "raw_tensors": s.get("raw_tensors", 0),
-                "raw_bytes": s.get("raw_bytes", 0), "stored_bytes": s.get("stored_bytes", 0),
-                "max_rel_err": _scalar(tr.max_err), "max_row_err": _scalar(tr.max_row_err),
-                "resets": tr.resets, "raw_fallbacks": tr.raw_fallbacks, "shrinks": tr.shrinks,
-                "nonfinite": tr.nonfinite,
-            })
-        for cat, c in self._last_raw.items():
-            rows.append({"site": f"(raw: {cat})", "width": 0, "rank": 0, "tensors": c.tensors,
-                         "raw_tensors": c.tensors, "raw_bytes": c.nbytes, "stored_bytes": c.nbytes,
-                         "max_rel_err": 0.0, "max_row_err": 0.0, "resets": 0,
-                         "raw_fallbacks": 0, "shrinks": 0, "nonfinite": 0})
-        return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+        return build_report(self.trackers, self._last_sites, self._last_raw)
 
     def summary(self) -> dict[str, float]:
         """Totals of the last step: raw and stored bytes and their ratio."""
@@ -404,54 +379,9 @@ class Laser:
                 "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum())}
 
 
-_REPORT_COLUMNS = ["site", "width", "rank", "tensors", "raw_tensors", "raw_bytes", "stored_bytes",
-                   "max_rel_err", "max_row_err", "resets", "raw_fallbacks", "shrinks", "nonfinite"]
-
-
-def _scalar(t: torch.Tensor | None) -> float:
-    return float("nan") if t is None else float(t)
-
-
 def _unpack(p):
     if isinstance(p, Packed):
         with torch.no_grad():
             return p.unpack()
     return p
 
-
-def _decision_error(entry: Entry) -> torch.Tensor:
-    """The error the decision reads: the region's, or its worst partial view's if larger."""
-    d = entry.draft
-    if not entry.views or d.C is None:
-        return d.err
-    return torch.maximum(d.err, _view_error(entry, d.X))
-
-
-def _view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
-    """Largest relative error over the entry's partial views, measured on what unpack returns."""
-    if entry.stored is not None:
-        C, U = entry.stored.C, entry.stored.U
-    else:
-        C, U = entry.draft.C, entry.draft.U
-    X_hat = ops.reconstruct(C, U, X.dtype)
-    worst = torch.zeros((), device=X.device)
-    for p in entry.views:
-        v = X.as_strided(p.size, p.stride, X.storage_offset() + p.offset).float()
-        v_hat = X_hat.as_strided(p.size, p.stride, p.offset).float()
-        num = torch.linalg.vector_norm(v - v_hat)
-        den = torch.linalg.vector_norm(v)
-        e = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
-        worst = torch.maximum(worst, torch.nan_to_num(e, nan=math.inf))
-    return worst
-
-
-def _view_target_scale(entry: Entry) -> float:
-    """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
-    if not entry.views:
-        return 1.0
-    X = entry.draft.X
-    total = float(torch.linalg.vector_norm(X, dtype=torch.float32).square())
-    shares = [float(torch.linalg.vector_norm(
-        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float32
-    ).square()) / total for p in entry.views] if total > 0 else [1.0]
-    return max(math.sqrt(max(min(shares), 0.0)), 1e-3)

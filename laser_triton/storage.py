@@ -7,6 +7,7 @@ region laid out as rows of the contiguous row length; every saved view is rebuil
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import ops
 from .tracker import Draft, SiteTracker, Stored
 
-__all__ = ["Region", "Entry", "Packed", "dense_region", "storage_key", "weight_leaf"]
+__all__ = ["Region", "Entry", "Packed", "dense_region", "storage_key", "weight_leaf",
+           "decision_error", "view_error", "view_target_scale"]
 
 # Autograd nodes that only view or cast: a saved tensor whose history reaches a leaf
 # (AccumulateGrad) through these alone is a weight copy, e.g. F.linear(x, w.to(bf16)).
@@ -160,6 +162,43 @@ class Packed:
         m = self.entry.matrix()
         return m.as_strided(self.size, self.stride, m.storage_offset() + self.offset)
 
+
+def decision_error(entry: Entry) -> torch.Tensor:
+    """The error the decision reads: the region's, or its worst partial view's if larger."""
+    d = entry.draft
+    if not entry.views or d.C is None:
+        return d.err
+    return torch.maximum(d.err, view_error(entry, d.X))
+
+
+def view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
+    """Largest relative error over the entry's partial views, measured on what unpack returns."""
+    if entry.stored is not None:
+        C, U = entry.stored.C, entry.stored.U
+    else:
+        C, U = entry.draft.C, entry.draft.U
+    X_hat = ops.reconstruct(C, U, X.dtype)
+    worst = torch.zeros((), device=X.device)
+    for p in entry.views:
+        v = X.as_strided(p.size, p.stride, X.storage_offset() + p.offset).float()
+        v_hat = X_hat.as_strided(p.size, p.stride, p.offset).float()
+        num = torch.linalg.vector_norm(v - v_hat)
+        den = torch.linalg.vector_norm(v)
+        e = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
+        worst = torch.maximum(worst, torch.nan_to_num(e, nan=math.inf))
+    return worst
+
+
+def view_target_scale(entry: Entry) -> float:
+    """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
+    if not entry.views:
+        return 1.0
+    X = entry.draft.X
+    total = float(torch.linalg.vector_norm(X, dtype=torch.float32).square())
+    shares = [float(torch.linalg.vector_norm(
+        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float32
+    ).square()) / total for p in entry.views] if total > 0 else [1.0]
+    return max(math.sqrt(max(min(shares), 0.0)), 1e-3)
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
