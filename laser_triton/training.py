@@ -72,7 +72,7 @@ class TrainConfig:
             base.update(batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_rate=0.95,
                         weight_decay=0.1, puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1,
                         train_puzzles=400, test_puzzles=128, clues=45, steps=150,
-                        eval_batch_size=128, laser={"rank": 16, "max_rank": 64})
+                        eval_batch_size=128)
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
 
