@@ -1,0 +1,127 @@
+"""Plots and the markdown report of `laser-triton analyze` (see analysis.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+
+__all__ = ["plot_all", "write_markdown", "site_table"]
+
+_COLORS = {"untrained": "tab:gray", "baseline": "tab:blue", "laser": "tab:red"}
+
+
+def _call_label(role: str, call: int) -> str:
+    return f"{role}{call + 1}" if role == "z" else role
+
+
+def site_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Median ranks per model and site stem (role-free site name), over roles and steps."""
+    g = steps.groupby(["model", "stem"], sort=False)
+    return g.agg(width=("width", "first"), rows=("rows", "first"),
+                 rank90=("rank90", "median"), rank95=("rank95", "median"),
+                 rank99=("rank99", "median"), rank_tau=("rank_tau", "median"),
+                 eff_rank=("eff_rank", "median"), participation=("participation", "median"),
+                 drift_max_deg=("drift_max_deg", "median")).reset_index()
+
+
+def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    stems = list(dict.fromkeys(steps.stem))
+    models = list(dict.fromkeys(steps.model))
+    spec = spec.assign(stem=spec.site.str.split("/", n=1).str[1])
+    ncol = 6
+    nrow = math.ceil(len(stems) / ncol)
+    for kind in ("spectrum", "error"):
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 2.4 * nrow), squeeze=False)
+        for ax, stem in zip(axes.flat, stems):
+            for model in models:
+                for role, style in (("z", "-"), ("y", ":")):
+                    d = spec[(spec.model == model) & (spec.stem == stem)
+                             & (spec.site.str.startswith(role + "/"))].sort_values("index")
+                    if d.empty:
+                        continue
+                    if kind == "spectrum":
+                        yv = d.energy_frac
+                    else:  # Eckart-Young error of the best rank-r approximation
+                        yv = (1 - d.energy_frac.cumsum()).clip(lower=1e-12) ** 0.5
+                    ax.plot(d["index"], yv, style, color=_COLORS.get(model), lw=1,
+                            label=f"{model} {role}")
+            if kind == "error" and tau:
+                ax.axhline(tau, color="k", lw=0.6, ls="--")
+            ax.set_yscale("log")
+            ax.set_title(stem, fontsize=7)
+            ax.tick_params(labelsize=6)
+        for ax in list(axes.flat)[len(stems):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=5)
+        fig.suptitle("normalized sigma^2 per site (mean over steps)" if kind == "spectrum" else
+                     "optimal relative error vs rank (Eckart-Young); dashed: tau", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out, "spectra.png" if kind == "spectrum" else "optimal_error.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 0.3 * len(stems) + 1.5),
+                             squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        d = steps[steps.model == model].assign(
+            col=lambda f: [_call_label(r, c) for r, c in zip(f.role, f.call)])
+        cols = sorted(set(d.col), key=lambda c: (c == "y", int(c[1:]) if c[1:].isdigit() else 0))
+        piv = d.pivot_table(index="stem", columns="col", values="rank_tau", aggfunc="median")
+        piv = piv.reindex(index=stems, columns=cols)
+        width = d.groupby("stem").width.first().reindex(stems)
+        frac = piv.div(width, axis=0)
+        im = ax.imshow(frac.values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i in range(piv.shape[0]):
+            for j in range(piv.shape[1]):
+                v = piv.values[i, j]
+                if v == v:
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w")
+        ax.set_xticks(range(len(cols)), cols, fontsize=7)
+        ax.set_yticks(range(len(stems)), [f"{s} ({w})" for s, w in zip(stems, width)]
+                      if model == models[0] else [], fontsize=6)
+        ax.set_title(f"{model}: rank for tau (median)", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="rank / width", shrink=0.8)
+    path = os.path.join(out, "rank_heatmap.png")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in r]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, steps: pd.DataFrame, summary: pd.DataFrame, info: dict,
+                   args: dict, seconds: float) -> None:
+    lines = ["# Activation-manifold analysis (`laser-triton analyze`)", "",
+             f"Command options: `{ {k: v for k, v in args.items() if v is not None} }`; "
+             f"wall time {seconds:.0f} s.", "", "## Controls", ""]
+    for name, d in info.items():
+        lines.append(f"- **{name}**: {d}")
+    lines += ["", "## Tracking and memory per model and mode", "",
+              "`*_within_bound`: share of matrices (after each site's warm-up) whose error is "
+              "within `ratio_bound` x the optimal error at the same rank. `fixed_*`: ideal "
+              "fixed-rank subspace iteration (rank = what the site's first matrix needs for "
+              "tau). `tracker_*`: the project's SiteTracker (resets, rank changes), compared "
+              "with the optimal error at the rank it used; raw fallbacks count as exact. "
+              "`stored_over_raw`: bytes of coefficients + bases (or raw) over raw bytes.", "",
+              _md_table(summary.drop(columns=["ratio_bound", "warmup"])), "",
+              "## Ranks per site (medians over roles and steps)", "",
+              _md_table(site_table(steps)), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))

@@ -1,0 +1,158 @@
+"""Record the activations a TRM saves for backward, as LASER sees them (issue 6).
+
+`ActivationRecorder` has the model-facing shape of `laser_triton.Laser` (`compress()`, `role()`,
+`raw()`, `watch()`), so a TRM runs its gradient-carrying cycle under it unchanged. It keeps
+every tensor exactly as autograd saved it (nothing is compressed) and hands each eligible
+storage, once per step, to a callback as LASER's (rows, width) matrix:
+
+- storages, not views: `storage.dense_region` / `region_view` give the same matrix the hooks
+  compress (rows = numel / row length, width = the contiguous row length);
+- sites are named as the hooks name them, "<role>/<module path>#<ordinal of the save in the
+  call>", every save taking a slot, so the names match `Laser.report()`;
+- the same exclusions: non-float dtypes, parameters and weight copies, rows narrower than
+  `min_width`, fewer rows than `min_rows` (LASER's max_rank), non-dense layouts, anything saved
+  inside `raw()`.
+
+The callback also gets the role's call index within the cycle (z: 0..n-1, y: 0): the recursion
+step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import ops
+from .storage import dense_region, region_view, storage_key, weight_leaf
+
+__all__ = ["ActivationRecorder", "MatrixCallback"]
+
+MatrixCallback = Callable[[str, str, int, torch.Tensor], None]  # (site, role, call, X)
+
+
+class ActivationRecorder:
+    """A pass-through saved-tensor hook that reports LASER's matrices to `on_matrix`."""
+
+    def __init__(self, on_matrix: MatrixCallback, min_width: int = 128, min_rows: int = 1):
+        self.on_matrix = on_matrix
+        self.min_width = min_width
+        self.min_rows = min_rows
+        self.labels: list[str] = []
+        self.model_state: set = set()
+        self.weight_shapes: set = set()
+        self.skipped: dict[str, int] = {}  # reason -> storages not reported
+        self._active = False
+        self._raw_depth = 0
+        self._roles: list[str] = ["main"]
+        self._ordinals: dict[tuple[str, str], int] = {}
+        self._calls: dict[str, int] = {}
+        self._seen: set = set()
+        self._site_width: dict[str, int] = {}
+
+    def watch(self, model: torch.nn.Module) -> list:
+        """Name sites by module path and exclude the model's weights (as `Laser.watch`)."""
+        for t in list(model.parameters()) + list(model.buffers()):
+            self.model_state.add(storage_key(t))
+            if t.dim() == 2:
+                self.weight_shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
+        handles = []
+        for path, module in model.named_modules():
+            if path:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, p=path: self.labels.append(p)))
+                handles.append(module.register_forward_hook(self._exit_label))
+        return handles
+
+    def _exit_label(self, module: torch.nn.Module, args: object, output: object) -> None:
+        # Returns None: a forward hook's return value would replace the module's output.
+        if self.labels:
+            self.labels.pop()
+
+    @contextlib.contextmanager
+    def compress(self) -> Iterator[ActivationRecorder]:
+        if self._active:
+            raise RuntimeError("ActivationRecorder.compress() is already active")
+        self._active, self._roles, self._ordinals = True, ["main"], {}
+        self._calls, self._seen = {}, set()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield self
+        finally:
+            self._active, self._seen = False, set()
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        if not self._active:
+            yield
+            return
+        self._roles.append(name)
+        self._calls[name] = self._calls.get(name, -1) + 1
+        for key in [k for k in self._ordinals if k[0] == name]:
+            del self._ordinals[key]
+        try:
+            yield
+        finally:
+            self._roles.pop()
+
+    @contextlib.contextmanager
+    def raw(self) -> Iterator[None]:
+        if not self._active:
+            yield
+            return
+        self._raw_depth += 1
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_raw, lambda t: t):
+                yield
+        finally:
+            self._raw_depth -= 1
+
+    def _pack_raw(self, t: torch.Tensor) -> torch.Tensor:
+        self._skip(t, "raw()")
+        return t
+
+    def _skip(self, t: torch.Tensor, reason: str) -> None:
+        key = storage_key(t)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def _ineligible(self, t: torch.Tensor) -> str | None:
+        if t.dtype not in ops.FLOAT_DTYPES:
+            return "dtype"
+        if t.grad_fn is None:
+            if t.requires_grad or storage_key(t) in self.model_state:
+                return "parameter"
+            if t.dim() == 2 and tuple(t.shape) in self.weight_shapes:
+                return "weight copy"
+            return None
+        return "weight copy" if weight_leaf(t) is not None else None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        role = self._roles[-1]
+        label = self.labels[-1] if self.labels else ""
+        k = self._ordinals.get((role, label), 0)
+        self._ordinals[(role, label)] = k + 1  # every save takes a slot, as in the hooks
+        site = f"{role}/{label}#{k}"
+        reason = self._ineligible(t)
+        if reason is not None:
+            self._skip(t, reason)
+            return t
+        key = storage_key(t)
+        if key in self._seen:
+            return t  # one matrix per storage: another view of it was reported already
+        region = dense_region(t)
+        reason = ("layout" if region is None else "narrow" if region.width < self.min_width
+                  else "few rows" if region.rows < self.min_rows else None)
+        if reason is not None:
+            self._skip(t, reason)
+            return t
+        self._seen.add(key)
+        width = self._site_width.setdefault(site, region.width)
+        if width != region.width:
+            site = f"{site}@{region.width}"
+        with torch.no_grad():
+            X = region_view(t, region).clone()
+        self.on_matrix(site, role, self._calls.get(role, 0), X)
+        return t
