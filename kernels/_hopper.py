@@ -12,14 +12,15 @@ Launch-time specialization is imitated: pointers 16-byte aligned, unit strides c
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ._common import pow2
+from ._common import INTERPRET, pow2
 
-__all__ = ["SM90", "kernel_spec", "compile_kernel", "shared_bytes", "KERNEL_NAMES"]
+__all__ = ["SM90", "kernel_spec", "compile_info", "shared_bytes", "KERNEL_NAMES"]
 
 SM90 = GPUTarget("cuda", 90, 32)
 KERNEL_NAMES = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
@@ -108,15 +109,51 @@ def _compile_cached(kernel: str, D_PAD: int, R_PAD: int, dtype: str, cfg_items: 
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_kernel(kernel: str, D: int, r: int, dtype: str, cfg: dict, arch: int = 90):
-    """The compiled kernel (PTX, cubin, metadata) for a config; cached per padded shape.
+def _compile_summary(*key) -> dict:
+    compiled = _compile_cached(*key)
+    return {"shared": int(compiled.metadata.shared), "ptx": compiled.asm["ptx"],
+            "cubin_bytes": len(compiled.asm["cubin"]), "num_warps": compiled.metadata.num_warps}
 
-    Only D's and r's padded sizes enter the compiled code, so the cache is keyed on them.
+
+_POOL = None
+
+
+def _worker_pool():
+    """One spawned worker without TRITON_INTERPRET (interpreted kernels cannot be compiled)."""
+    global _POOL
+    if _POOL is None:
+        import atexit  # noqa: PLC0415
+        import multiprocessing  # noqa: PLC0415
+        from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+        saved = os.environ.pop("TRITON_INTERPRET", None)  # the child inherits the environment
+        try:
+            _POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            _POOL.submit(int, 0).result()  # start it now, while the variable is unset
+        finally:
+            if saved is not None:
+                os.environ["TRITON_INTERPRET"] = saved
+        atexit.register(_POOL.shutdown)
+    return _POOL
+
+
+@functools.lru_cache(maxsize=1024)
+def _summary(*key) -> dict:
+    if INTERPRET:  # this process's kernels are interpreter objects: compile in a clean child
+        return _worker_pool().submit(_compile_summary, *key).result()
+    return _compile_summary(*key)
+
+
+def compile_info(kernel: str, D: int, r: int, dtype: str, cfg: dict, arch: int = 90) -> dict:
+    """Compile a config for `arch` and return {shared, ptx, cubin_bytes, num_warps}.
+
+    Only D's and r's padded sizes enter the compiled code, so results are cached on them.
+    Works under TRITON_INTERPRET=1 too (the compile then runs in a spawned process).
     """
     D_key = pow2(D) if kernel == "compress_fused" else 16
-    return _compile_cached(kernel, D_key, pow2(r), dtype, tuple(sorted(cfg.items())), arch)
+    return _summary(kernel, D_key, pow2(r), dtype, tuple(sorted(cfg.items())), arch)
 
 
 def shared_bytes(kernel: str, D: int, r: int, dtype: str, cfg: dict, arch: int = 90) -> int:
     """Shared memory (bytes) one block of this kernel config needs on `arch`."""
-    return int(compile_kernel(kernel, D, r, dtype, cfg, arch).metadata.shared)
+    return compile_info(kernel, D, r, dtype, cfg, arch)["shared"]
