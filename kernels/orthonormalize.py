@@ -2,10 +2,15 @@
 
 Math (per site, Y is D x r): scale columns to unit norm, complete zero / non-finite /
 numerically dependent columns with fixed random directions Z (the reference's
-completion_matrix), then twice: G = M^T M in fp64, R = chol(G) in fp64, M <- M R^{-1} in fp32.
-The apply is a row-wise forward substitution (backward stable), not a product with R^{-1}: with
-kappa(M) ~ 1e6 a product with an fp32 R^{-1} loses span to ~1e-6, the substitution keeps it
-at ~2e-7 (measured in torch on D=96..4096, r=16..128, kappa up to 1e8 before writing this).
+completion_matrix), then twice: G = M^T M in fp64, R = chol(G) and R^{-1} in fp64 (one program
+per site, _cholesky.py), M <- M R^{-1} as an fp64 product stored in fp32.
+
+The apply is fp64, not the fp32 of DESIGN §2.5. Measured in torch before writing this
+(D = 96..4096, r = 16..128, kappa(Y) up to 1e8; max |Q^T Q - I| / span residual):
+  fp32 product with an fp32 R^{-1}   1e-7 / up to 1e-5  (loses span: fails the 1e-5 bar)
+  fp32 forward substitution          2e-7 / 2e-7        (r dependent steps per row block)
+  fp64 product (this)                3e-8 / 4e-8        (matches the reference to ~1e-8)
+The fp64 product is a GEMM on sm_90's fp64 tensor cores (D r^2 flops per pass).
 
 Launches (6, none synchronizes with the host), each over all sites at once:
   gram(A, Z)  -> factor("repair") -> apply(M -> Q1, Gram of Q1)
@@ -213,7 +218,7 @@ def orthonormalize_batched(
     g_part = new_buffer((S, n_chunk, R_PAD, R_PAD), f64, device)
     za_part = new_buffer((S, n_chunk, R_PAD, R_PAD), f64, device)
     nf_part = new_buffer((S, n_chunk, R_PAD), torch.float32, device)
-    R = new_buffer((S, R_PAD, R_PAD), f64, device)
+    Rinv = new_buffer((S, R_PAD, R_PAD), f64, device)  # R^{-1} of the current pass
     scale = new_buffer((S, R_PAD), f64, device)
     info = new_buffer((S, 2), torch.int32, device)
     ok = new_buffer((S,), torch.bool, device)  # poisoned as True: the check must write it
@@ -228,12 +233,12 @@ def orthonormalize_batched(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def factor(mode: str) -> None:
-        _orth_factor_kernel[(S,)](g_part, za_part, plan.ZZ, nf_part, plan.meta, R, scale, info,
+        _orth_factor_kernel[(S,)](g_part, za_part, plan.ZZ, nf_part, plan.meta, Rinv, scale, info,
                                   ok, n_chunk, MODE=mode, R_PAD=R_PAD, **fac_cfg)
 
     def apply(src: torch.Tensor, dst: torch.Tensor, repair: bool) -> None:
         def run(cfg: dict) -> None:
-            _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, R, scale, dst, g_part,
+            _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Rinv, scale, dst, g_part,
                                              rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
                                              BLOCK_K=min(R_PAD, 32), **cfg)
         ran, _ = launch("orth_apply", run, app_cfg, lambda c: shrink_config(c, ("BLOCK_D",)))

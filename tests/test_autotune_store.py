@@ -199,3 +199,33 @@ def test_candidates_and_prune():
     fit = autotune.prune("orth_factor", 512, 16, "fp32", cands[:1], limit=232_448)
     assert len(fit) == 1 and fit[0][1] <= 232_448
     assert autotune.prune("orth_factor", 512, 16, "fp32", cands[:1], limit=1) == []
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
+@pytest.mark.parametrize("kernel", ["compress_coeff", "orth_apply"])
+def test_sweep_timing_plumbing(kernel, monkeypatch):
+    """The GPU timing loop, run on CPU tensors with a fake timer: the later config is
+    'faster', so it must win, and the launchers must have run with each candidate."""
+    import triton.testing
+
+    if torch.cuda.is_available():
+        pytest.skip("exercised for real by the sweep on a GPU")
+    if not _common.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    ticks = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        ticks.append(1)
+        return 1.0 / len(ticks)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    device = torch.device("cpu")
+    store = ConfigStore("cpu", interpreter=True)
+    monkeypatch.setattr(configs, "_STORES", {configs.gpu_name(device): store})
+    base = configs.INTERPRETER_DEFAULTS[kernel]
+    other = {**base, "BLOCK_D": 64} if kernel == "orth_apply" else {**base, "BLOCK_N": 64}
+    cfg, ms = autotune._time_kernel(store, kernel, 64, 8, "fp32", 100, [(base, 0), (other, 0)],
+                                    {}, device)
+    assert cfg == other and ms == 0.5 and len(ticks) == 2
