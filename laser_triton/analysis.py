@@ -154,7 +154,8 @@ def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) ->
                 "tracker_ratio_median": float(late[f"{m}_ratio"].median()),
                 "reset_rate": float(late[f"{m}_reset"].mean()),
                 "raw_rate": float(late[f"{m}_raw"].mean()),
-                "stored_over_raw": float(late[f"{m}_stored_bytes"].sum() / late.raw_bytes.sum()),
+                "stored_over_raw": float(late[f"{m}_stored_bytes"].sum() / late.raw_bytes.sum())
+                if len(late) else math.nan,
                 "max_err": float(df[f"{m}_err"].max()),
                 "row_err_max": float(df[f"{m}_row_err_max"].max()),
                 "pos0_row_err_max": float(df[f"{m}_pos0_row_err_max"].max()),
@@ -173,7 +174,8 @@ def _trainer_for(args: argparse.Namespace, use_laser: bool, checkpoint: str | No
 
     if checkpoint:
         return Trainer.from_checkpoint(checkpoint)
-    over = {"seed": args.seed, "steps": args.train_steps, "use_laser": use_laser}
+    over = {**json.loads(args.train), "seed": args.seed, "steps": args.train_steps,
+            "use_laser": use_laser}
     cfg = TrainConfig.for_preset(args.preset, **over)
     if use_laser and args.laser:
         cfg.laser = {**cfg.laser, **json.loads(args.laser)}
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["untrained", "baseline", "laser"])
     p.add_argument("--preset", default="tiny", help="TrainConfig preset for on-the-spot training")
     p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--train", default="{}", help="JSON TrainConfig overrides (on-the-spot runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--laser", default=None,
                    help="JSON LaserConfig options for the LASER arm and the probes")

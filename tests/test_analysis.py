@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -119,3 +120,75 @@ def test_laser_tracker_probe_meets_tau_and_reports_rows():
     assert all(r["row_err_max"] >= r["pos0_row_err_max"] and r["row_err_max"] >= r["row0_err"]
                for r in rows)
     assert rows[-1]["stored_bytes"] == 160 * rows[-1]["rank"] * 4 + 48 * rows[-1]["rank"] * 4
+
+
+_SMALL = {"batch_size": 8, "train_puzzles": 16, "test_puzzles": 8, "eval_batch_size": 8,
+          "model": {"L_cycles": 2, "H_cycles": 1, "halt_max_steps": 2, "num_layers": 1}}
+
+
+def _small_trainer(use_laser: bool):
+    from laser_triton.train import Trainer
+    from laser_triton.training import TrainConfig
+
+    cfg = TrainConfig.for_preset("tiny", **_SMALL, use_laser=use_laser,
+                                 laser={"tau": 0.3, "rank": 8, "max_rank": 64})
+    return Trainer(cfg)
+
+
+def test_recorder_sees_the_sites_and_matrices_laser_compresses():
+    from laser_triton.capture import ActivationRecorder
+
+    las = _small_trainer(True)
+    las.train_step()
+    report = las.laser.report()
+    laser_sites = {(r.site, r.width) for r in report.itertuples() if r.width > 0}
+
+    seen = []
+    tr = _small_trainer(False)
+    rec = ActivationRecorder(lambda site, role, call, X: seen.append((site, role, call, X)),
+                             min_width=128, min_rows=64)
+    handles = rec.watch(tr.model.net)
+    tr.model.laser = rec
+    tr.train_step()
+    for h in handles:
+        h.remove()
+    assert {(s, X.shape[1]) for s, _, _, X in seen} == laser_sites
+    # One matrix per site per call: z sites twice (n = 2), y sites once.
+    calls = {}
+    for site, role, call, X in seen:
+        calls.setdefault(site, []).append(call)
+        assert X.shape[0] * X.shape[1] > 0 and site.startswith(role + "/")
+    assert all(c == ([0, 1] if s.startswith("z/") else [0]) for s, c in calls.items())
+    assert rec.skipped.get("narrow", 0) > 0
+
+
+def test_analyze_command_end_to_end(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from laser_triton.analysis import cli_main
+    from laser_triton.analysis_plots import plot_all
+
+    out = tmp_path / "a"
+    rc = cli_main(["--out", str(out), "--controls", "baseline", "--train-steps", "1",
+                   "--capture-steps", "2", "--train", json.dumps(_SMALL), "--no-progress",
+                   "--laser", json.dumps({"max_rank": 64, "coeff_dtype": "float32"}),
+                   "--tau", "0.3", "--no-plots"])
+    assert rc == 0
+    steps = pd.read_csv(out / "steps.csv")
+    assert set(steps.model) == {"baseline"} and set(steps.train_step) == {2, 3}
+    assert {"rank90", "rank95", "rank99", "rank_tau", "eff_rank", "participation",
+            "drift_max_deg", "fixed_lagged_ratio", "refresh_ratio", "lagged_reset",
+            "lagged_pos0_row_err_max", "lagged_row0_err"} <= set(steps.columns)
+    assert (steps.rank90 <= steps.rank95).all() and (steps.rank95 <= steps.rank99).all()
+    assert (steps.lagged_err <= 0.3 + 1e-6).all() and (steps.refresh_err <= 0.3 + 1e-6).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 2 and summary.reset_rate.between(0, 1).all()
+    assert (out / "analysis.md").exists()
+    # Plots on two sites only (drawing all 18 panels is slow on a busy CPU).
+    spec = pd.read_csv(out / "spectra.csv")
+    keep = set(list(dict.fromkeys(steps.stem))[:2])
+    paths = plot_all(str(out), steps[steps.stem.isin(keep)],
+                     spec[spec.site.str.split("/", n=1).str[1].isin(keep)], 0.3)
+    assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 3
