@@ -20,6 +20,7 @@ import os
 import time
 
 import pandas as pd
+import torch
 
 from .train import Trainer
 from .training import TrainConfig, load_data, resolve_device
@@ -28,6 +29,18 @@ from .trm.savecount import SavedTensorCounter
 __all__ = ["cli_main", "site_table"]
 
 MiB = 1024 * 1024
+
+# Training steps per arm when --steps is not given: a few minutes on 2 CPU cores for `tiny`.
+DEMO_STEPS = {"tiny": 100}
+DEFAULT_STEPS = 200
+
+# Sites LASER skips by default in the tiny demo: silu(gate) ("...mlp#2", "...mlp_t#2") and
+# silu(gate) * up (the down projections' input, "...down_proj#1"). Element-wise nonlinear
+# products are full rank: on a trained tiny model they need rank ~250 of 256 for tau = 0.05, so
+# LASER resets on each of them and stores them raw anyway. Excluding them stores them raw
+# straight away: the same memory, without a futile reset per tensor (which on CPU more than
+# doubles the LASER arm's time). `--exclude` with no pattern turns this off.
+TINY_ELEMENTWISE_SITES = ("*.mlp#2", "*.mlp_t#2", "*.down_proj#1")
 
 
 def site_table(counter: pd.DataFrame, laser: pd.DataFrame) -> pd.DataFrame:
@@ -112,18 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rank", type=int, default=None)
     p.add_argument("--coeff-dtype", default="auto",
                    help="auto (the activation dtype), bfloat16, float16 or float32")
-    p.add_argument("--exclude", nargs="*", default=None, help="site patterns LASER keeps raw")
+    p.add_argument("--exclude", nargs="*", default=None,
+                   help="site patterns LASER keeps raw (default for tiny: the element-wise "
+                   "SwiGLU products, see TINY_ELEMENTWISE_SITES; give none to compress all)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads (0: torch's default). 1 is much faster on a "
+                   "machine whose cores are busy with other work (OpenMP spin-waits)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     preset = args.preset or ("tiny" if device.type == "cpu" else "paper_sudoku")
-    overrides: dict[str, object] = {"seed": args.seed, "device": str(device), "eval_every": 0}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
+    overrides: dict[str, object] = {"seed": args.seed, "device": str(device), "eval_every": 0,
+                                    "steps": args.steps or DEMO_STEPS.get(preset, DEFAULT_STEPS)}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     base = TrainConfig.for_preset(preset, **overrides)
@@ -133,6 +152,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             laser_opts[key] = getattr(args, key)
     if args.exclude is not None:
         laser_opts["exclude"] = list(args.exclude)
+    elif preset == "tiny":
+        laser_opts["exclude"] = list(TINY_ELEMENTWISE_SITES)
     coeff = args.coeff_dtype
     if coeff == "auto":
         coeff = str(base.model_config().resolve_dtype(device)).removeprefix("torch.")
@@ -144,6 +165,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"demo: preset {preset} on {device}, {base.steps} steps per arm, batch "
           f"{base.batch_size}; {len(data[0])} generated training puzzles and {len(data[2])} "
           f"held-out ones ({base.clues} givens) in {time.time() - t0:.1f}s")
+    shown = {k: v for k, v in laser_opts.items()}
+    print(f"LASER options: {shown} (coefficients in {coeff}; LaserConfig defaults otherwise)")
 
     arms = {}
     for name, use_laser in (("plain", False), ("LASER", True)):

@@ -41,12 +41,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: tuple[np.ndarray, ...] | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        model_cfg = cfg.model_config()
+        if (model_cfg.seq_len, model_cfg.vocab_size) != (81, 11):
+            raise ValueError(f"preset {cfg.preset!r} models sequences of {model_cfg.seq_len} "
+                             f"tokens over {model_cfg.vocab_size} symbols; this trainer only has "
+                             "Sudoku data (81 cells, vocabulary 11). Build the model directly "
+                             "with laser_triton.trm.TRM for other tasks.")
         torch.manual_seed(cfg.seed)
         self.data = tuple(data) if data is not None else load_data(cfg)
         train_p, train_s, self.test_p, self.test_s = self.data
         self.stream = PuzzleStream(train_p, train_s, cfg.batch_size, seed=cfg.seed,
                                    augment=cfg.augment)
-        self.model = TRM(cfg.model_config()).to(self.device)
+        self.model = TRM(model_cfg).to(self.device)
         self.laser = make_laser(cfg)
         self.model.laser = self.laser
         if self.laser is not None:
@@ -266,6 +272,7 @@ def build_parser(prog: str = "laser-triton train") -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: default)")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                    help="TRMConfig overrides, e.g. L_cycles=4 mlp_t=false")
     _add_dataclass_args(p, TrainConfig, "", skip={"model", "laser"})
@@ -291,6 +298,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resume:
         trainer = Trainer.from_checkpoint(args.resume, **{
             k: v for k, v in vars(args).items()

@@ -236,6 +236,40 @@ def test_attention_model_gradients_match_plain_autograd(monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
 
 
+def test_attention_model_saves_one_tensor_per_attention_call():
+    """Inside a TRM with attention, the self_attn module itself saves only the qkv projection
+    (its Linear children save their inputs as usual): nothing of RoPE or SDPA."""
+    cfg = TRMConfig(hidden_size=32, num_heads=4, expansion=2.0, H_cycles=2, L_cycles=2,
+                    seq_len=10, puzzle_emb_len=2, vocab_size=11, halt_max_steps=2)
+    counter = SavedTensorCounter()
+    model = TRM(cfg, laser=counter)
+    counter.watch(model.net)
+    b = {"inputs": torch.randint(1, 11, (2, 10)), "labels": torch.randint(2, 11, (2, 10)),
+         "puzzle_ids": torch.zeros(2, dtype=torch.long)}
+    model(model.initial_carry(b), b)
+    attn = {k: v for k, v in counter.last.items() if k.split("/")[1].split("#")[0].endswith("self_attn")}
+    assert len(attn) == 2 * cfg.num_layers  # one site per block, for each of z and y
+    assert all(v.saves == (cfg.L_cycles if k.startswith("z/") else 1) for k, v in attn.items())
+    qkv_bytes = 2 * cfg.total_len * 3 * cfg.hidden_size * 4
+    assert all(v.nbytes == v.saves * qkv_bytes for v in attn.values())
+
+
+def test_sparse_signsgd_updates_only_touched_rows():
+    from laser_triton.trm import PuzzleEmbedding, SparseSignSGD
+
+    emb = PuzzleEmbedding(4, 3)
+    with torch.no_grad():
+        emb.weight.fill_(1.0)
+    opt = SparseSignSGD([emb], lr=0.1, weight_decay=0.5)
+    out = emb(torch.tensor([1, 1, 3]), torch.float32)
+    (out * torch.tensor([[1.0], [-3.0], [2.0]])).sum().backward()  # row 1: grad 1 - 3 < 0
+    opt.step()
+    w = emb.weight.detach()
+    assert torch.equal(w[0], torch.ones(3)) and torch.equal(w[2], torch.ones(3))  # untouched
+    torch.testing.assert_close(w[1], torch.full((3,), 1 * (1 - 0.05) + 0.1))
+    torch.testing.assert_close(w[3], torch.full((3,), 1 * (1 - 0.05) - 0.1))
+
+
 # -- deep supervision --------------------------------------------------------------------------
 def test_deep_supervision_carry_and_halting():
     cfg = small(halt_max_steps=3, halt_exploration_prob=0.0)
