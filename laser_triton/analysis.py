@@ -73,7 +73,7 @@ class SiteAnalyzer:
         st = self._site_state(site, X.shape[1], s)
         tau = self.cfg.tau
         row = {"model": self.model, "site": site, "role": role, "stem": site.split("/", 1)[1],
-               "train_step": self.train_step, "call": call, "seq": st["seq"],
+               "train_step": self.train_step, "call": call, "seq": st["seq"], "tau": tau,
                "rows": X.shape[0], "width": X.shape[1],
                "rank90": spectra.energy_rank(s, 0.90), "rank95": spectra.energy_rank(s, 0.95),
                "rank99": spectra.energy_rank(s, 0.99), "rank_tau": spectra.rank_for_error(s, tau),
@@ -139,21 +139,34 @@ def capture_steps(trainer, analyzer: SiteAnalyzer, steps: int) -> dict[str, int]
 
 
 def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) -> pd.DataFrame:
-    """Per model and mode, over each site's steps after its first `warmup`: the share of steps
-    within ratio_bound of the optimal error (ideal fixed-rank tracking and the real tracker),
-    reset and raw-fallback rates, the stored/raw byte ratio, and the rank LASER needs."""
+    """Per model and mode, over each site's matrices after its first `warmup`:
+
+    - fixed_within_bound: share where ideal fixed-rank tracking is within ratio_bound x the
+      optimal error at that rank;
+    - tracker_within_bound: the same for the SiteTracker, over the matrices it compressed (raw
+      fallbacks are exact and excluded), and over those it compressed without a reset;
+    - reset and raw-fallback rates, over all sites and over the sites that compressed at least
+      once after warm-up (the others need more than max_rank and reset on every tensor);
+    - stored/raw bytes, largest whole-tensor and per-row errors, and spectral summaries."""
     out = []
     for model, df in steps.groupby("model", sort=False):
         late = df[df.seq >= warmup]
         for m in MODES:
+            comp = late[late[f"{m}_raw"] == 0]
+            tracked = comp[comp[f"{m}_reset"] == 0]
+            live = late[late.site.isin(set(comp.site))]
             out.append({
-                "model": model, "mode": m, "matrices": len(df), "after_warmup": len(late),
+                "model": model, "mode": m, "tau": float(df.tau.iloc[0]),
+                "matrices": len(df), "after_warmup": len(late),
                 "fixed_within_bound": float((late[f"fixed_{m}_ratio"] <= ratio_bound).mean()),
                 "fixed_ratio_median": float(late[f"fixed_{m}_ratio"].median()),
-                "tracker_within_bound": float((late[f"{m}_ratio"] <= ratio_bound).mean()),
-                "tracker_ratio_median": float(late[f"{m}_ratio"].median()),
+                "tracker_within_bound": float((comp[f"{m}_ratio"] <= ratio_bound).mean()),
+                "tracked_within_bound": float((tracked[f"{m}_ratio"] <= ratio_bound).mean()),
+                "tracker_ratio_median": float(comp[f"{m}_ratio"].median()),
                 "reset_rate": float(late[f"{m}_reset"].mean()),
                 "raw_rate": float(late[f"{m}_raw"].mean()),
+                "sites_compressing": int(comp.site.nunique()), "sites": int(df.site.nunique()),
+                "reset_rate_compressing": float(live[f"{m}_reset"].mean()),
                 "stored_over_raw": float(late[f"{m}_stored_bytes"].sum() / late.raw_bytes.sum())
                 if len(late) else math.nan,
                 "max_err": float(df[f"{m}_err"].max()),
@@ -161,6 +174,7 @@ def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) ->
                 "pos0_row_err_max": float(df[f"{m}_pos0_row_err_max"].max()),
                 "rank_tau_over_width": float((df.rank_tau / df.width).mean()),
                 "eff_rank_over_width": float((df.eff_rank / df.width).mean()),
+                "participation_median": float(df.participation.median()),
                 "drift_max_deg_median": float(df.drift_max_deg.median()),
                 "ratio_bound": ratio_bound, "warmup": warmup,
             })

@@ -66,7 +66,7 @@ class StudyProtocol:
     power: float = 0.8
     pilot_seeds: int = 3
     min_seeds: int = 5
-    max_seeds: int = 6
+    max_seeds: int = 5
     first_seed: int = 0
     separate_pilot: bool = False
     checkpoint_every: int = 25
