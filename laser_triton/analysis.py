@@ -163,6 +163,8 @@ def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) ->
                 "tracker_within_bound": float((comp[f"{m}_ratio"] <= ratio_bound).mean()),
                 "tracked_within_bound": float((tracked[f"{m}_ratio"] <= ratio_bound).mean()),
                 "tracker_ratio_median": float(comp[f"{m}_ratio"].median()),
+                # rank held over the rank that meets tau optimally (reset/shrink margins)
+                "rank_over_needed_median": float((comp[f"{m}_rank"] / comp.rank_tau).median()),
                 "reset_rate": float(late[f"{m}_reset"].mean()),
                 "raw_rate": float(late[f"{m}_raw"].mean()),
                 "sites_compressing": int(comp.site.nunique()), "sites": int(df.site.nunique()),

@@ -116,9 +116,15 @@ def analyze_runs(runs: pd.DataFrame, protocol: StudyProtocol, decision: dict,
                 res["tost"] = stats.paired_tost(las, base, -margin, margin,
                                                 protocol.alpha).as_dict()
         out["endpoints"][ep] = res
-    mem = {arm: float(wide[("activation_bytes", arm)].mean()) for arm in ARMS}
-    out["memory"] = {"baseline_bytes": mem["baseline"], "laser_bytes": mem["laser"],
-                     "saved_fraction": 1 - mem["laser"] / mem["baseline"] if mem["baseline"] else 0.0}
+    out["memory"] = {}
+    for key, col in (("", "activation_bytes"), ("final_", "activation_bytes_final")):
+        if col not in main.columns:
+            continue
+        mem = main.groupby("arm")[col].mean()
+        out["memory"].update({
+            f"{key}baseline_bytes": float(mem["baseline"]), f"{key}laser_bytes": float(mem["laser"]),
+            f"{key}saved_fraction": 1 - float(mem["laser"] / mem["baseline"])
+            if mem["baseline"] else 0.0})
     return out
 
 

@@ -78,7 +78,10 @@ def write_outputs(results_dir: str, name: str, protocol: StudyProtocol, result: 
     lines += [
         f"- **Activation memory** (mean over the run's sampled steps, bytes autograd holds for "
         f"the gradient cycle): baseline {mem['baseline_bytes'] / 2**20:.2f} MiB, LASER "
-        f"{mem['laser_bytes'] / 2**20:.2f} MiB: **{mem['saved_fraction']:.1%} saved**.", "",
+        f"{mem['laser_bytes'] / 2**20:.2f} MiB: **{mem['saved_fraction']:.1%} saved**"
+        + (f"; at the last training step {mem['final_saved_fraction']:.1%} saved "
+           f"({mem['final_laser_bytes'] / 2**20:.2f} MiB)" if "final_saved_fraction" in mem
+           else "") + ".", "",
         "## Runs", "", _table(runs[cols]), "",
         f"Total training time: {runs.train_s.sum() / 60:.1f} min "
         f"(baseline {runs[runs.arm == 'baseline'].train_s.mean():.0f} s/run, LASER "
