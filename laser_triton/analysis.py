@@ -111,11 +111,12 @@ class SiteAnalyzer:
         st["seq"] += 1
 
     def spectra_frame(self) -> pd.DataFrame:
+        """One row per site: model, site, e1..e128 = mean sigma_i^2 / sum sigma^2."""
         out = []
         for site, total in self.energy_sums.items():
             mean = (total / self.energy_counts[site]).tolist()
-            out += [{"model": self.model, "site": site, "index": i + 1, "energy_frac": v}
-                    for i, v in enumerate(mean) if v > 0]
+            out.append({"model": self.model, "site": site,
+                        **{f"e{i + 1}": v for i, v in enumerate(mean)}})
         return pd.DataFrame(out)
 
 
@@ -253,6 +254,21 @@ def run_controls(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, 
     return pd.concat(frames, ignore_index=True), pd.concat(spectra_frames, ignore_index=True), info
 
 
+def _merge_previous(out: str, steps: pd.DataFrame, spec: pd.DataFrame, info: dict
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Prepend the results of models analysed earlier in `out` (replacing re-run models)."""
+    paths = [os.path.join(out, n) for n in ("steps.csv", "spectra.csv", "controls.json")]
+    if not all(os.path.exists(p) for p in paths):
+        return steps, spec, info
+    new = set(steps.model)
+    old_steps, old_spec = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    with open(paths[2]) as f:
+        old_info = json.load(f)
+    steps = pd.concat([old_steps[~old_steps.model.isin(new)], steps], ignore_index=True)
+    spec = pd.concat([old_spec[~old_spec.model.isin(new)], spec], ignore_index=True)
+    return steps, spec, {**{k: v for k, v in old_info.items() if k not in new}, **info}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="laser-triton analyze", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="perf/results/analysis", help="output folder")
@@ -272,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2, help="matrices per site before scoring")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--append", action="store_true",
+                   help="keep other models' results already in --out (same tau and options)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -283,16 +301,20 @@ def cli_main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     steps, spec, info = run_controls(args)
+    if args.append:
+        steps, spec, info = _merge_previous(args.out, steps, spec, info)
     summary = summarize(steps, args.warmup)
     steps.to_csv(os.path.join(args.out, "steps.csv"), index=False, float_format="%.6g")
     summary.to_csv(os.path.join(args.out, "summary.csv"), index=False, float_format="%.6g")
-    spec.to_csv(os.path.join(args.out, "spectra.csv"), index=False, float_format="%.6g")
+    spec.to_csv(os.path.join(args.out, "spectra.csv"), index=False, float_format="%.5g")
+    with open(os.path.join(args.out, "controls.json"), "w") as f:
+        json.dump(info, f, indent=1, default=str)
     from .analysis_plots import plot_all, write_markdown
 
     write_markdown(os.path.join(args.out, "analysis.md"), steps, summary, info, vars(args),
                    time.time() - t0)
     if not args.no_plots:
-        plot_all(args.out, steps, spec, args.tau if args.tau is not None else None)
+        plot_all(args.out, steps, spec, float(steps.tau.iloc[0]))
     print(summary.to_string(index=False))
     print(f"[analyze] wrote {args.out} in {time.time() - t0:.0f}s")
     return 0

@@ -36,7 +36,8 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
     paths = []
     stems = list(dict.fromkeys(steps.stem))
     models = list(dict.fromkeys(steps.model))
-    spec = spec.assign(stem=spec.site.str.split("/", n=1).str[1])
+    spec = spec.copy().assign(stem=spec.site.str.split("/", n=1).str[1])
+    ecols = [c for c in spec.columns if c.startswith("e") and c[1:].isdigit()]
     ncol = 6
     nrow = math.ceil(len(stems) / ncol)
     for kind in ("spectrum", "error"):
@@ -45,14 +46,16 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
             for model in models:
                 for role, style in (("z", "-"), ("y", ":")):
                     d = spec[(spec.model == model) & (spec.stem == stem)
-                             & (spec.site.str.startswith(role + "/"))].sort_values("index")
+                             & (spec.site.str.startswith(role + "/"))]
                     if d.empty:
                         continue
+                    e = d[ecols].iloc[0].fillna(0.0)
+                    e = e[e > 0]
                     if kind == "spectrum":
-                        yv = d.energy_frac
+                        yv = e.to_numpy()
                     else:  # Eckart-Young error of the best rank-r approximation
-                        yv = (1 - d.energy_frac.cumsum()).clip(lower=1e-12) ** 0.5
-                    ax.plot(d["index"], yv, style, color=_COLORS.get(model), lw=1,
+                        yv = (1 - e.cumsum()).clip(lower=1e-12).to_numpy() ** 0.5
+                    ax.plot(range(1, len(yv) + 1), yv, style, color=_COLORS.get(model), lw=1,
                             label=f"{model} {role}")
             if kind == "error" and tau:
                 ax.axhline(tau, color="k", lw=0.6, ls="--")
