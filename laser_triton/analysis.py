@@ -11,7 +11,10 @@ would compress, per site and per recursion step, as it arrives:
 - tracking, ideal: fixed-rank subspace iteration (r = the rank the site's first matrix needs
   for tau) in lagged and refresh modes, against the optimal rank-r error;
 - tracking, real: a `SiteTracker` per site and mode with resets, rank changes, per-row errors
-  (max, row 0, and the position-0 rows that feed the halting head), stored bytes.
+  (max, row 0, and the position-0 rows that feed the halting head), stored bytes. Unlike the
+  hooks, the probe does not apply the partial-view rule (a saved view covering part of a
+  storage, like the gate/up halves, must meet tau on its own), so it can understate raw
+  fallbacks at such sites.
 
 Outputs under --out: steps.csv (one row per model, site and step), summary.csv (per model and
 mode), spectra.csv (mean normalized energies per site), analysis.md, and plots (spectra.png,
