@@ -62,6 +62,14 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without a synchronizing copy (pinned and non-blocking on CUDA;
+    a plain pageable copy would synchronize the stream)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def launch(name: str, run: Callable[[dict], T], config: dict,
            shrink: Callable[[dict], dict | None] | None = None) -> tuple[dict, T]:
     """`run(config)` (which allocates and launches); on out-of-resource errors, smaller configs.

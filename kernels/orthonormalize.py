@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._cholesky import _orth_factor_kernel
-from ._common import launch, new_buffer, pow2, shrink_config
+from ._common import launch, new_buffer, pow2, shrink_config, to_device
 from .configs import get_store
 
 __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix"]
@@ -138,7 +138,7 @@ def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
     if Z is None:
         gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
         Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
-        Z = (Z / Z.norm(dim=0, keepdim=True)).to(device)
+        Z = to_device(Z / Z.norm(dim=0, keepdim=True), torch.device(device))
         _COMPLETION_CACHE[key] = Z
     return Z
 
@@ -156,8 +156,8 @@ class _Plan:
         self.offsets = offsets
         self.R_PAD = pow2(max(r for _, r in shapes))
         self.max_D = max(D for D, _ in shapes)
-        self.meta = torch.tensor([[off, D, r] for off, (D, r) in zip(offsets, shapes)],
-                                 dtype=torch.int64).to(device)
+        self.meta = to_device(torch.tensor([[off, D, r] for off, (D, r) in zip(offsets, shapes)],
+                                           dtype=torch.int64), device)
         if Zs is None:
             Zs = [completion_matrix(D, r, device) for D, r in shapes]
         Zs = [z.to(device=device, dtype=torch.float64) for z in Zs]
