@@ -133,6 +133,14 @@ def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int 
     return [(c, s) for c, (s, _) in zip(cands, results) if s is not None and s <= limit]
 
 
+def spread(items: list, k: int) -> list:
+    """The first item and an even spread of the others, k in all."""
+    if len(items) <= k or k < 2:
+        return items[: max(k, 1)]
+    step = (len(items) - 1) / (k - 1)
+    return [items[round(i * step)] for i in range(k)]
+
+
 # ----------------------------------------------------------------------------- GPU timing
 
 
@@ -224,6 +232,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-split", action="store_true",
                    help="also try bf16x3 products (kept only if they pass the accuracy check)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--max-candidates", type=int, default=8,
+                   help="time at most this many fitting candidates per kernel and shape "
+                        "(the defaults and an even spread of the rest): every timed config "
+                        "is JIT-compiled again at its first launch, about 1-30 s each")
     args = p.parse_args(argv)
     if not DEFAULTS:
         print("laser-triton autotune: Triton is not importable; nothing to tune", file=sys.stderr)
@@ -290,6 +302,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             if args.prune_only:
                 cfg, ms = fitting[0][0], None
             else:
+                fitting = spread(fitting, args.max_candidates)
                 cfg, ms = _time_kernel(store, kernel, D, r, args.dtype, args.rows, fitting,
                                        best, device)
                 timing_tab.setdefault(kernel, {})[key] = round(ms, 5)
