@@ -57,8 +57,10 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
                         yv = (1 - e.cumsum()).clip(lower=1e-12).to_numpy() ** 0.5
                     ax.plot(range(1, len(yv) + 1), yv, style, color=_COLORS.get(model), lw=1,
                             label=f"{model} {role}")
-            if kind == "error" and tau:
-                ax.axhline(tau, color="k", lw=0.6, ls="--")
+            if kind == "error":
+                if tau:
+                    ax.axhline(tau, color="k", lw=0.6, ls="--")
+                ax.set_ylim(1e-3, 1.2)  # one scale for all sites; exact tails drop off it
             ax.set_yscale("log")
             # Log axes with minor ticks dominate the drawing time on CPU: keep major ones only.
             ax.yaxis.set_minor_locator(NullLocator())
