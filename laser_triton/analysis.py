@@ -37,7 +37,7 @@ from . import spectra
 from .capture import ActivationRecorder
 from .config import LaserConfig
 
-__all__ = ["SiteAnalyzer", "capture_steps", "summarize", "cli_main"]
+__all__ = ["SiteAnalyzer", "capture_steps", "summarize", "summarize_roles", "cli_main"]
 
 MODES = ("lagged", "refresh")
 SPECTRUM_POINTS = 128  # normalized energies kept per site for spectra.csv
@@ -187,6 +187,29 @@ def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) ->
     return pd.DataFrame(out)
 
 
+def summarize_roles(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1
+                    ) -> pd.DataFrame:
+    """Per model, role and mode: tracking scores, resets, and subspace drift split into
+    within the recursion (consecutive z calls of one cycle) and across training steps."""
+    within = (steps.role == "z") & (steps.call > 0)
+    out = []
+    for (model, role), df in steps.groupby(["model", "role"], sort=False):
+        late = df[df.seq >= warmup]
+        w = within.loc[df.index]
+        for m in MODES:
+            comp = late[late[f"{m}_raw"] == 0]
+            out.append({
+                "model": model, "role": role, "mode": m,
+                "fixed_within_bound": float((late[f"fixed_{m}_ratio"] <= ratio_bound).mean()),
+                "tracker_within_bound": float((comp[f"{m}_ratio"] <= ratio_bound).mean()),
+                "reset_rate": float(late[f"{m}_reset"].mean()),
+                "raw_rate": float(late[f"{m}_raw"].mean()),
+                "drift_within_cycle_deg": float(df[w].drift_max_deg.median()),
+                "drift_across_steps_deg": float(df[~w].drift_max_deg.median()),
+            })
+    return pd.DataFrame(out)
+
+
 # -- controls -------------------------------------------------------------------------------
 def _trainer_for(args: argparse.Namespace, use_laser: bool, checkpoint: str | None):
     from .train import Trainer
@@ -309,13 +332,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     summary = summarize(steps, args.warmup)
     steps.to_csv(os.path.join(args.out, "steps.csv"), index=False, float_format="%.6g")
     summary.to_csv(os.path.join(args.out, "summary.csv"), index=False, float_format="%.6g")
+    roles = summarize_roles(steps, args.warmup)
+    roles.to_csv(os.path.join(args.out, "summary_roles.csv"), index=False, float_format="%.6g")
     spec.to_csv(os.path.join(args.out, "spectra.csv"), index=False, float_format="%.5g")
     with open(os.path.join(args.out, "controls.json"), "w") as f:
         json.dump(info, f, indent=1, default=str)
     from .analysis_plots import plot_all, write_markdown
 
     write_markdown(os.path.join(args.out, "analysis.md"), steps, summary, info, vars(args),
-                   time.time() - t0)
+                   time.time() - t0, roles)
     if not args.no_plots:
         plot_all(args.out, steps, spec, float(steps.tau.iloc[0]))
     print(summary.to_string(index=False))

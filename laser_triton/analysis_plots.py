@@ -115,7 +115,7 @@ def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
 
 
 def write_markdown(path: str, steps: pd.DataFrame, summary: pd.DataFrame, info: dict,
-                   args: dict, seconds: float) -> None:
+                   args: dict, seconds: float, roles: pd.DataFrame | None = None) -> None:
     lines = ["# Activation-manifold analysis (`laser-triton analyze`)", "",
              f"Command options: `{ {k: v for k, v in args.items() if v is not None} }`; "
              f"wall time {seconds:.0f} s.", "", "## Controls", ""]
@@ -145,6 +145,12 @@ def write_markdown(path: str, steps: pd.DataFrame, summary: pd.DataFrame, info: 
               "`row_err_max`: worst per-row relative error; `pos0_row_err_max`: the same over "
               "the rows of position 0, which feeds the halting head.", "",
               _md_table(table.reset_index().rename(columns={"index": "metric"})), "",
+              "## By role", "",
+              "z sites see n matrices per training step (one per latent update), y sites one. "
+              "Drift: median largest principal angle between the top-16 subspaces of a site's "
+              "consecutive matrices, within one recursion (z calls 2..n) or across training "
+              "steps (a new batch partly, and updated weights).", "",
+              _md_table(roles) if roles is not None else "", "",
               "## Ranks per site (medians over roles and steps)", "",
               _md_table(site_table(steps)), ""]
     with open(path, "w") as f:

@@ -186,6 +186,8 @@ def test_analyze_command_end_to_end(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 2 and summary.reset_rate.between(0, 1).all()
     assert (out / "analysis.md").exists()
+    roles = pd.read_csv(out / "summary_roles.csv")
+    assert set(roles.role) == {"z", "y"} and len(roles) == 4
     # Plots on two sites only (drawing all 18 panels is slow on a busy CPU).
     spec = pd.read_csv(out / "spectra.csv")
     keep = set(list(dict.fromkeys(steps.stem))[:2])
