@@ -44,8 +44,10 @@ TINY_ELEMENTWISE_SITES = ("*.mlp#2", "*.mlp_t#2", "*.down_proj#1")
 
 
 def site_table(counter: pd.DataFrame, laser: pd.DataFrame) -> pd.DataFrame:
-    """Per-site bytes of both arms: LASER's tracked sites, then everything LASER keeps raw by
-    rule (narrow rows, too few rows, integer tensors, ...), then the total."""
+    """Per-site bytes of both arms: LASER's tracked sites, then what LASER keeps raw by rule
+    (narrow rows, too few rows, excluded sites, ...: raw in both arms, so the same bytes), then
+    the total. A row "(unattributed)" would show any bytes the counter saw that LASER's report
+    does not account for; it is absent when the two agree."""
     plain = dict(zip(counter.site, counter.bytes))
     tracked = laser[laser.width > 0]
     rows = []
@@ -54,18 +56,20 @@ def site_table(counter: pd.DataFrame, laser: pd.DataFrame) -> pd.DataFrame:
                      "plain_bytes": int(plain.get(r.site, 0)), "laser_bytes": int(r.stored_bytes),
                      "max_rel_err": r.max_rel_err, "resets": r.resets,
                      "raw_fallbacks": r.raw_fallbacks})
-    raw_rules = laser[laser.width == 0]
+    for r in laser[laser.width == 0].itertuples():
+        rows.append({"site": r.site, "width": 0, "rank": 0, "plain_bytes": int(r.raw_bytes),
+                     "laser_bytes": int(r.stored_bytes), "max_rel_err": 0.0, "resets": 0,
+                     "raw_fallbacks": 0})
     plain_total = int(counter.bytes.sum())
-    rows.append({"site": "(kept raw by rule: " + ", ".join(
-                     s.removeprefix("(raw: ").rstrip(")") for s in raw_rules.site) + ")",
-                 "width": 0, "rank": 0,
-                 "plain_bytes": plain_total - sum(r["plain_bytes"] for r in rows),
-                 "laser_bytes": int(raw_rules.stored_bytes.sum()), "max_rel_err": 0.0,
-                 "resets": 0, "raw_fallbacks": 0})
+    rest = plain_total - sum(r["plain_bytes"] for r in rows)
+    if rest:
+        rows.append({"site": "(unattributed)", "width": 0, "rank": 0, "plain_bytes": rest,
+                     "laser_bytes": 0, "max_rel_err": 0.0, "resets": 0, "raw_fallbacks": 0})
     rows.append({"site": "TOTAL", "width": 0, "rank": 0, "plain_bytes": plain_total,
                  "laser_bytes": int(laser.stored_bytes.sum()),
                  "max_rel_err": float(tracked.max_rel_err.max()) if len(tracked) else 0.0,
-                 "resets": int(tracked.resets.sum()), "raw_fallbacks": int(tracked.raw_fallbacks.sum())})
+                 "resets": int(tracked.resets.sum()),
+                 "raw_fallbacks": int(tracked.raw_fallbacks.sum())})
     df = pd.DataFrame(rows)
     df["ratio"] = df.laser_bytes / df.plain_bytes.where(df.plain_bytes > 0)
     return df
