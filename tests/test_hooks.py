@@ -403,3 +403,19 @@ def test_stored_rank_is_near_the_optimal_rank_for_tau(monkeypatch):
         assert r <= 1.35 * optimal(TAU) + 3
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.interpret
+def test_i1_end_to_end_with_triton_kernels(monkeypatch):
+    """The whole LASER step through the Triton kernels (interpreter on CPU)."""
+    monkeypatch.setenv("LASER_TRITON_BACKEND", "triton")
+    laser = lt.Laser(lt.LaserConfig(tau=TAU, max_rank=32, min_width=64))
+    model = GatedMLP(d=96, hidden=160)
+    tap = UnpackTap(laser, monkeypatch)
+    for step in range(2):
+        x = low_rank_tokens(2, 70, 96, rank=5, seed=step).requires_grad_()
+        _step(model, x, laser)
+    errs = tap.errors()
+    assert all(e <= TAU or exact for e, exact in errs)
+    assert sum(not exact for _, exact in errs) >= 2
