@@ -13,7 +13,8 @@ Deliberate differences from the reference trainer:
   Sudoku-Extreme.
 - Checkpoints hold the full training state (optimizers, EMA, carry, RNGs, data position), so
   a resumed run continues identically; the reference saves model weights only.
-- No torch.compile, no distributed data parallel.
+- torch.compile is opt-in (`compile=True`, the network only) and no distributed data
+  parallel.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class Trainer:
         self.model.laser = self.laser
         if self.laser is not None:
             self.laser.watch(self.model.net)  # sites named like "z/blocks.0.mlp.down_proj#0"
+        if cfg.compile:
+            # In place, so parameter names (checkpoints, EMA) stay those of the eager model.
+            # Compiled regions save through one Function: LASER sees them with the network's
+            # role but without module paths ("z/#9").
+            self.model.net.compile()
         self.opt = torch.optim.AdamW(list(self.model.main_parameters()), lr=0.0,
                                      betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)

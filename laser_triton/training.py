@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the network (the reference compiles its model)
     # LASER: one switch, and every LaserConfig field
     use_laser: bool = False
     laser: dict = field(default_factory=dict)

@@ -141,3 +141,13 @@ def test_demo_command(tmp_path, capsys):
     assert "TOTAL" in text and "LASER" in text
     for name in ("sites.csv", "summary.csv", "demo.png", "laser_report.csv"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_like_eager():
+    eager = Trainer(fast_config(steps=2))
+    compiled = Trainer(fast_config(steps=2, compile=True))
+    for _ in range(2):
+        a, b = eager.train_step(), compiled.train_step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert set(eager.model.state_dict()) == set(compiled.model.state_dict())

@@ -28,7 +28,8 @@ sparse_embedding.py, losses.py):
   implemented: the paper's configuration trains the halt head only.
 - Attention saves only its qkv projection and recomputes RoPE + SDPA in backward
   (attention.py); gradients are those of plain autograd.
-- Not compiled with torch.compile by default (the reference compiles the whole model).
+- Not compiled by default (the reference compiles the whole model); the trainer compiles the
+  network with `compile=True`.
 """
 
 from __future__ import annotations
