@@ -151,3 +151,21 @@ def test_compiled_network_trains_like_eager():
         a, b = eager.train_step(), compiled.train_step()
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert set(eager.model.state_dict()) == set(compiled.model.state_dict())
+
+
+def test_training_from_a_sudoku_extreme_csv(tmp_path, capsys):
+    from laser_triton.data import sudoku
+
+    p, s = sudoku.generate(12, seed=5, clues=50)
+    csv = tmp_path / "train.csv"
+    sudoku.write_sudoku_csv(csv, p, s)
+    out = tmp_path / "run"
+    model = [f"{k}={v}" for k, v in FAST_MODEL.items()]
+    assert train.cli_main(["--data", str(csv), "--test-puzzles", "4", "--steps", "1",
+                           "--batch-size", "4", "--eval-batch-size", "4", "--out", str(out),
+                           "--no-progress", "--model", *model]) == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["data"] is None and state["config"]["data"] == str(csv)  # re-read on resume
+    capsys.readouterr()
+    assert evaluate.cli_main([str(out / "last.pt"), "--data", str(csv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["puzzles"] == 12
