@@ -270,6 +270,22 @@ def test_sparse_signsgd_updates_only_touched_rows():
     torch.testing.assert_close(w[3], torch.full((3,), 1 * (1 - 0.05) - 0.1))
 
 
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_bf16_forward_keeps_fp32_parameters(mlp_t):
+    """The GPU configuration (bf16 activations, fp32 weights cast at use), run on CPU."""
+    cfg = small(forward_dtype="bfloat16", mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope")
+    model = TRM(cfg)
+    b = batch()
+    carry, out = model(model.initial_carry(b), b)
+    assert carry.y.dtype == torch.bfloat16 and out["logits"].dtype == torch.bfloat16
+    assert out["q_halt_logits"].dtype == torch.float32
+    loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"], carry.halted,
+                       carry.steps)
+    loss.backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # -- deep supervision --------------------------------------------------------------------------
 def test_deep_supervision_carry_and_halting():
     cfg = small(halt_max_steps=3, halt_exploration_prob=0.0)
