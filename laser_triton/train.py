@@ -236,26 +236,29 @@ def evaluate_model(model: TRM, puzzles: np.ndarray, solutions: np.ndarray, batch
 
 
 # -- command line -------------------------------------------------------------------------
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str]) -> None:
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str],
+                        defaults: object) -> None:
     """One --option per dataclass field, typed by its default value."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(defaults, f.name)
         flag = f"--{prefix}{f.name.replace('_', '-')}"
         dest = f"{prefix.replace('-', '_')}{f.name}"
+        help_ = f"{cls.__name__}.{f.name} (default {default!r}"
+        help_ += ", or the preset's)" if cls is TrainConfig else ")"
         if isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                default=None)
+                                default=None, help=help_)
         elif isinstance(default, (int, float)):
-            parser.add_argument(flag, dest=dest, type=type(default), default=None)
+            parser.add_argument(flag, dest=dest, type=type(default), default=None, help=help_)
         elif isinstance(default, (tuple, list)):
-            parser.add_argument(flag, dest=dest, nargs="*", default=None)
+            parser.add_argument(flag, dest=dest, nargs="*", default=None, help=help_)
         elif isinstance(default, dict):
             parser.add_argument(flag, dest=dest, type=json.loads, default=None,
-                                help="JSON object")
+                                help=help_ + "; a JSON object")
         else:  # str, None, torch.dtype
-            parser.add_argument(flag, dest=dest, type=str, default=None)
+            parser.add_argument(flag, dest=dest, type=str, default=None, help=help_)
 
 
 def _parse_kv(items: list[str]) -> dict[str, object]:
@@ -274,15 +277,18 @@ def _parse_kv(items: list[str]) -> dict[str, object]:
 def build_parser(prog: str = "laser-triton train") -> argparse.ArgumentParser:
     import laser_triton as lt
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0],
+        epilog="Presets: tiny (CPU), paper_sudoku, paper_sudoku_att. LASER is off unless "
+        "--use-laser; every --laser-* option is a LaserConfig field.")
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: default)")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                    help="TRMConfig overrides, e.g. L_cycles=4 mlp_t=false")
-    _add_dataclass_args(p, TrainConfig, "", skip={"model", "laser"})
-    _add_dataclass_args(p, lt.LaserConfig, "laser-", skip=set())
+    _add_dataclass_args(p, TrainConfig, "", skip={"model", "laser"}, defaults=TrainConfig())
+    _add_dataclass_args(p, lt.LaserConfig, "laser-", skip=set(), defaults=lt.LaserConfig())
     return p
 
 
