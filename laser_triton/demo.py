@@ -221,3 +221,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}/sites.csv, summary.csv, laser_report.csv, plain_saved.csv, "
           f"train_*.csv, demo.png ({time.time() - t0:.0f}s in all)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main())

@@ -80,3 +80,7 @@ def cli_main(argv: list[str] | None = None) -> int:
               f"{metrics['blank_acc']:.4f}   exact puzzles {metrics['exact_acc']:.4f}   "
               f"({metrics['puzzles']} puzzles, loss {metrics['loss']:.4f})")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main())

@@ -339,3 +339,7 @@ def cli_main(argv: list[str] | None = None) -> int:
           f"blank-cell acc {last['blank_acc']:.4f}, exact {last['exact_acc']:.4f} "
           f"({last['puzzles']} puzzles); outputs in {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main())
