@@ -1,0 +1,104 @@
+"""`laser-triton bench`: run the benchmarks and write the performance report.
+
+    laser-triton bench kernels --out perf/results/h200/kernels.csv [bench_kernels options]
+    laser-triton bench trm --out perf/results/h200/trm.csv [bench_trm options]
+    laser-triton bench report [--results perf/results]
+    laser-triton bench all [--results perf/results] [--set NAME]   # both benchmarks + report
+
+The benchmark scripts live in `perf/` of a source checkout and are not part of the wheel:
+they write CSVs and plots into the repository's perf/results/ and are meant to be run from a
+checkout (`pip install -e .`). This command finds `perf/` from
+`$LASER_TRITON_PERF_DIR`, else `./perf`, else next to the installed package (an editable
+install), and says so clearly when there is none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["cli_main", "find_perf_dir", "load_script"]
+
+SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "report": "report.py"}
+USAGE = __doc__.split("\n\n")[1]
+
+
+def find_perf_dir() -> Path | None:
+    """The folder holding the benchmark scripts, or None outside a checkout."""
+    candidates = []
+    if os.environ.get("LASER_TRITON_PERF_DIR"):
+        candidates.append(Path(os.environ["LASER_TRITON_PERF_DIR"]))
+    candidates.append(Path.cwd() / "perf")
+    candidates.append(Path(__file__).resolve().parent.parent / "perf")
+    for c in candidates:
+        if all((c / s).is_file() for s in SCRIPTS.values()):
+            return c.resolve()
+    return None
+
+
+def load_script(perf: Path, name: str) -> ModuleType:
+    """Import perf/<script> for `name` in ("kernels", "trm", "report") under a private name."""
+    path = perf / SCRIPTS[name]
+    spec = importlib.util.spec_from_file_location(f"laser_triton_perf_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _set_name() -> str:
+    """Results folder name: 'cpu', or the GPU's name and today's date."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower()
+    return f"{gpu}_{dt.date.today().isoformat()}"
+
+
+def _run_all(perf: Path, argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="laser-triton bench all")
+    p.add_argument("--results", type=Path, default=perf / "results")
+    p.add_argument("--set", default=None, help="subfolder (default: 'cpu' or <gpu>_<date>)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds per benchmark")
+    args = p.parse_args(argv)
+    out = args.results / (args.set or _set_name())
+    out.mkdir(parents=True, exist_ok=True)
+    budget = [] if args.time_budget is None else ["--time-budget", str(args.time_budget)]
+    rc = load_script(perf, "kernels").main(["--out", str(out / "kernels.csv"), *budget])
+    rc |= load_script(perf, "trm").main(["--out", str(out / "trm.csv"), *budget])
+    return rc | load_script(perf, "report").main(["--results", str(args.results)])
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|report> --help` for a "
+              "script's options.")
+        return 0
+    what, rest = argv[0], argv[1:]
+    if what not in (*SCRIPTS, "all"):
+        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, report or all",
+              file=sys.stderr)
+        return 2
+    perf = find_perf_dir()
+    if perf is None:
+        print("laser-triton bench: the benchmark scripts (perf/bench_kernels.py, "
+              "perf/bench_trm.py, perf/report.py) are part of the source checkout, not of the "
+              "installed package. Run this command from a checkout of laser-triton (pip "
+              "install -e .), or set LASER_TRITON_PERF_DIR to its perf/ folder.", file=sys.stderr)
+        return 2
+    if what == "all":
+        return _run_all(perf, rest)
+    return int(load_script(perf, what).main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

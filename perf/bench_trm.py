@@ -1,0 +1,388 @@
+"""TRM training memory and time: plain, checkpointing, selective checkpointing and LASER.
+
+    python perf/bench_trm.py --out perf/results/trm.csv              # GPU: the paper presets
+    python perf/bench_trm.py --out /tmp/trm.csv                      # CPU: tiny, bytes only
+
+Scopes:
+- `step`: the full training step, as the trainer runs it: one deep-supervision step (all
+  T cycles, the first T-1 without grad), the ACT loss, backward, AdamW + SignSGD, EMA.
+- `cycle`: the gradient-carrying cycle alone (n+1 network calls forward, then backward).
+
+Variants (perf/trm_variants.py): plain, ckpt, sac, laser_torch, laser_triton, each also
+`+compile` (the network compiled, LASER's hooks outside). All variants of one preset start
+from the same weights and data and run side by side in one process.
+
+Measured, per (preset, scope, variant):
+- GPU: `peak_mem_mib` = torch.cuda.max_memory_allocated over a step (weights, optimizer state
+  and carry included); `act_peak_mib` = that peak minus what was allocated when the step began;
+  `activation_mib` = memory allocated between the start of the forward and the loss (what is
+  held for backward); `step_ms` = median of timed steps (synchronized), after warm-up.
+- CPU: the same memory columns from byte accounting (`LiveBytes`: storages created in the step
+  and alive, per storage), `step_ms` = NaN and `valid_timing` = False: no timing claims.
+- `saved_mib`: bytes saved for backward by the grad cycle, per storage, by saved-tensor hooks:
+  the `SavedTensorCounter` for plain, LASER's report for LASER (NaN where hooks cannot see what
+  is held, as inside checkpointing). Per-site bytes go to `<out stem>_sites.csv`.
+Ratios compare with `plain` and with `plain+compile` of the same preset and scope.
+
+LASER runs on an untrained network with synthetic data unless `--weights` loads a trained
+state dict: ranks on trained activations differ (see the demo and the study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
+
+from trm_variants import (  # noqa: E402
+    BASE_VARIANTS,
+    LiveBytes,
+    backend_env,
+    cleanup,
+    install_variant,
+    parse_value,
+    parse_variant,
+    state_bytes,
+    time_limit,
+)
+
+import laser_triton as lt  # noqa: E402
+from laser_triton.training import EMA  # noqa: E402
+from laser_triton.trm import TRM, SparseSignSGD, TRMConfig, act_loss  # noqa: E402
+from laser_triton.trm.savecount import SavedTensorCounter  # noqa: E402
+
+MiB = 1 << 20
+COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_mib",
+           "act_peak_mib", "activation_mib", "saved_mib", "step_ms", "step_ms_p20", "step_ms_p80",
+           "mem_ratio_vs_plain", "act_ratio_vs_plain", "time_ratio_vs_plain",
+           "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
+           "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
+           "valid_timing", "warmup_s", "status", "torch_version", "triton_version", "date"]
+SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
+                "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
+# CPU-only attention twin of `tiny`, so the attention path (and SAC's SDPA rule) runs on CPU.
+EXTRA_PRESETS = {"tiny_att": lambda: TRMConfig.tiny().replace(mlp_t=False, pos_encodings="rope")}
+GPU_PRESETS = ("paper_sudoku", "paper_sudoku_att", "paper_maze")
+DEFAULT_BATCH = {"paper_sudoku": 768, "paper_sudoku_att": 768, "paper_maze": "auto",
+                 "tiny": 8, "tiny_att": 8}
+# Headline first: a time budget drops the least important runs.
+GPU_VARIANTS = ("plain", "plain+compile", "laser_triton+compile", "laser_triton", "ckpt", "sac",
+                "laser_torch", "ckpt+compile", "sac+compile", "laser_torch+compile")
+CPU_VARIANTS = ("plain", "ckpt", "sac", "laser_torch")
+
+
+def preset_config(name: str) -> TRMConfig:
+    return EXTRA_PRESETS[name]() if name in EXTRA_PRESETS else TRMConfig.preset(name)
+
+
+def make_batches(cfg: TRMConfig, batch: int, count: int, seed: int) -> list[dict]:
+    """Sudoku presets: generated puzzles (a small pool, augmented); others: random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    if (cfg.seq_len, cfg.vocab_size) == (81, 11):
+        from laser_triton.data.sudoku import PuzzleStream, generate
+
+        pool = generate(min(batch, 32), seed=seed, clues=30)
+        stream = PuzzleStream(*pool, batch_size=batch, seed=seed)
+        return [next(stream) for _ in range(count)]
+    out = []
+    for _ in range(count):
+        inputs = torch.randint(1, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
+        out.append({"inputs": inputs, "labels": torch.randint(1, cfg.vocab_size, inputs.shape,
+                                                             generator=g),
+                    "puzzle_ids": torch.zeros(batch, dtype=torch.long)})
+    return out
+
+
+class Run:
+    """One model, its optimizers and data, for one (preset, scope, variant)."""
+
+    def __init__(self, cfg: TRMConfig, scope: str, batches: list[dict], device: torch.device,
+                 seed: int, weights: dict | None) -> None:
+        torch.manual_seed(seed)
+        self.scope, self.device = scope, device
+        self.model = TRM(cfg).to(device)
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        if scope == "cycle":  # recurse() then runs the gradient-carrying cycle only
+            self.model.config = cfg.replace(H_cycles=1)
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        self.opt = torch.optim.AdamW(list(self.model.main_parameters()), lr=1e-4,
+                                     betas=(0.9, 0.95), weight_decay=1.0)
+        emb = self.model.puzzle_emb
+        self.sparse_opt = None if emb is None else SparseSignSGD([emb], lr=1e-4, weight_decay=1.0)
+        sparse = None if emb is None else emb.weight
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p is not sparse]
+        self.ema = EMA(self.named, 0.999) if scope == "step" else None
+        self.gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.carry = None
+        self.k = 0
+        if scope == "cycle":
+            with torch.no_grad():
+                b = self.batches[0]
+                x = self.model.input_embeddings(b["inputs"], b["puzzle_ids"])
+                self.y = self.model.initial_carry(b).y
+                self.z = torch.randn_like(self.y)
+            self.x = x.detach().requires_grad_(True)
+
+    def state(self) -> tuple:
+        return (self.model, self.opt, self.ema.shadow if self.ema else {},
+                self.carry.state_dict() if self.carry else {})
+
+    def step(self, mark) -> None:
+        """One step; mark("fwd") before the forward, mark("loss") once the loss exists."""
+        model, self.k = self.model, self.k + 1
+        if self.scope == "cycle":
+            mark("fwd")
+            y, _ = model.recurse(self.y, self.z, self.x)
+            loss = y.float().square().mean()
+            mark("loss")
+            loss.backward()
+            self.x.grad = None
+            model.zero_grad(set_to_none=True)
+            return
+        data = self.batches[self.k % len(self.batches)]
+        if self.carry is None:
+            self.carry = model.initial_carry(data)
+        mark("fwd")
+        self.carry, out = model(self.carry, data, generator=self.gen)
+        loss, _ = act_loss(out["logits"], out["q_halt_logits"], self.carry.data["labels"],
+                           self.carry.halted, self.carry.steps)
+        mark("loss")
+        (loss / data["inputs"].shape[0]).backward()
+        self.opt.step()
+        if self.sparse_opt is not None:
+            self.sparse_opt.step()
+            self.sparse_opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.named)
+
+
+def measure_step(run: Run, device: torch.device) -> dict:
+    """Memory of one step (allocator on CUDA, LiveBytes on CPU) and its time on CUDA."""
+    marks: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        run.step(lambda name: marks.__setitem__(name, torch.cuda.memory_allocated()))
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        peak = torch.cuda.max_memory_allocated()
+        return dict(peak=peak, act_peak=peak - start, act=marks["loss"] - marks["fwd"], ms=ms)
+    base = state_bytes(*run.state())
+    with LiveBytes() as live:
+        run.step(lambda name: marks.__setitem__(name, live.live()))
+    return dict(peak=base + live.peak, act_peak=live.peak, act=marks["loss"] - marks["fwd"],
+                ms=math.nan)
+
+
+def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, batch: int,
+                  batches: list[dict], device: torch.device, args) -> tuple[dict, list[dict]]:
+    variant = parse_variant(variant_name)
+    row = dict(preset=preset, scope=scope, variant=variant.name, compiled=variant.compiled,
+               batch=batch, valid_timing=device.type == "cuda")
+    run = Run(cfg, scope, batches, device, args.seed, args.weights)
+    laser_cfg = lt.LaserConfig(**args.laser_options)
+    laser = install_variant(run.model, variant, laser_cfg)
+    sites: list[dict] = []
+    with backend_env(variant.laser_backend):
+        t0 = time.perf_counter()
+        # LASER builds its bases by resets in the first steps: time the tracked steady state.
+        extra = (2 if device.type == "cuda" else 1) if laser is not None else 0
+        warmup = args.warmup + extra + (1 if variant.compiled else 0)
+        for _ in range(warmup):  # compile, first bases (resets), optimizer state
+            run.step(lambda name: None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row["warmup_s"] = time.perf_counter() - t0
+        results = [measure_step(run, device) for _ in range(args.steps)]
+    times = sorted(r["ms"] for r in results)
+    row.update(peak_mem_mib=max(r["peak"] for r in results) / MiB,
+               act_peak_mib=max(r["act_peak"] for r in results) / MiB,
+               activation_mib=results[-1]["act"] / MiB, step_ms=statistics.median(times),
+               step_ms_p20=times[int(0.2 * (len(times) - 1))],
+               step_ms_p80=times[int(0.8 * (len(times) - 1))], status="ok")
+    if laser is not None:
+        s = laser.summary()
+        rep = laser.report()
+        row.update(saved_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB,
+                   laser_stored_mib=s["stored_bytes"] / MiB, laser_resets=int(rep.resets.sum()))
+        sites = [dict(site=r.site, width=r.width, rank=r.rank, tensors=r.tensors,
+                      raw_bytes=r.raw_bytes, stored_bytes=r.stored_bytes,
+                      max_rel_err=r.max_rel_err, resets=r.resets, raw_fallbacks=r.raw_fallbacks)
+                 for r in rep.itertuples()]
+    elif variant.name == "plain":  # one more, untimed step through the saved-tensor counter
+        counter = SavedTensorCounter()
+        handles = counter.watch(run.model.net)
+        run.model.laser = counter
+        run.step(lambda name: None)
+        run.model.laser = None
+        for h in handles:
+            h.remove()
+        rep = counter.report()
+        row["saved_mib"] = counter.total_bytes() / MiB
+        sites = [dict(site=r.site, width=math.nan, rank=math.nan, tensors=r.saves,
+                      raw_bytes=r.bytes, stored_bytes=r.bytes, max_rel_err=0.0, resets=0,
+                      raw_fallbacks=0) for r in rep.itertuples()]
+    return row, sites
+
+
+def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """Ratios against plain and plain+compile of the same preset and scope."""
+    df = df.copy()
+    for base, suffix in (("plain", "plain"), ("plain+compile", "compiled_plain")):
+        ref = df[(df.variant == base) & (df.status == "ok")].set_index(["preset", "scope"])
+        for col, metric in (("mem", "peak_mem_mib"), ("act", "activation_mib"),
+                            ("time", "step_ms")):
+            denom = [ref[metric].get((p, s), math.nan) for p, s in zip(df.preset, df.scope)]
+            df[f"{col}_ratio_vs_{suffix}"] = df[metric].astype(float) / pd.Series(
+                denom, index=df.index, dtype=float)
+    return df
+
+
+def plan(presets: list[str], scopes: list[str], variants: list[str]) -> list[tuple[str, str, str]]:
+    """(preset, scope, variant) in priority order, so a time budget drops the least useful:
+    every variant of the first preset's first scope (the headline), then the core variants
+    (eager, and compiled plain and LASER-Triton) of the other pairs, then the rest."""
+    core = {"plain", "ckpt", "sac", "laser_torch", "laser_triton", "plain+compile",
+            "laser_triton+compile"}
+    keyed = []
+    for si, scope in enumerate(scopes):
+        for pi, preset in enumerate(presets):
+            for vi, v in enumerate(variants):
+                tier = 0 if si == pi == 0 else 1 if v in core else 2
+                keyed.append(((tier, si, pi, vi), (preset, scope, v)))
+    return [item for _, item in sorted(keyed)]
+
+
+def auto_batch(preset: str, cfg: TRMConfig, device: torch.device, args) -> int:
+    """Largest batch at which plain eager's full step fits: a probe at a small batch gives
+    the per-sample peak; the estimate is verified (and shrunk on OOM) by bench_variant."""
+    if device.type != "cuda":
+        return 2
+    probe = 16
+    row, _ = bench_variant(preset, cfg, "step", "plain", probe,
+                           make_batches(cfg, probe, 2, args.seed), device,
+                           argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}))
+    free, total = torch.cuda.mem_get_info()
+    state = (row["peak_mem_mib"] - row["act_peak_mib"]) * MiB
+    per_sample = row["act_peak_mib"] * MiB / probe
+    batch = max(probe, min(int((0.85 * total - state) / per_sample) // 64 * 64, args.max_batch))
+    check = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+    for _ in range(4):  # verify: one plain eager step at that batch, shrinking on OOM
+        try:
+            bench_variant(preset, cfg, "step", "plain", batch,
+                          make_batches(cfg, batch, 1, args.seed), device, check)
+            return batch
+        except torch.OutOfMemoryError:
+            cleanup(True)
+            batch = max(probe, int(batch * 0.8) // 64 * 64)
+    return batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help=f"default: {' '.join(GPU_PRESETS)} on GPU, tiny tiny_att on CPU")
+    ap.add_argument("--scopes", nargs="+", default=["step", "cycle"], choices=["step", "cycle"])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help=f"from {BASE_VARIANTS}, each optionally '+compile'")
+    ap.add_argument("--batch", nargs="*", default=[], metavar="PRESET=B",
+                    help="override a preset's batch (B or 'auto')")
+    ap.add_argument("--max-batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (GPU 5, CPU 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (GPU 2, CPU 1)")
+    ap.add_argument("--laser", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="LaserConfig overrides, e.g. tau=0.05 max_rank=128")
+    ap.add_argument("--weights", type=Path, default=None, help="trained TRM state dict")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=600.0, help="seconds for all runs")
+    ap.add_argument("--variant-timeout", type=float, default=180.0)
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)  # small CPU ops: one thread beats a contended pool
+    presets = args.presets or (list(GPU_PRESETS) if cuda else ["tiny", "tiny_att"])
+    variants = args.variants or list(GPU_VARIANTS if cuda else CPU_VARIANTS)
+    for v in variants:
+        parse_variant(v)  # fail early on a typo
+    args.steps = args.steps or (5 if cuda else 1)
+    args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    args.laser_options = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.laser)}
+    args.weights = torch.load(args.weights, map_location="cpu") if args.weights else None
+    batches_override = dict(kv.split("=", 1) for kv in args.batch)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    meta = dict(gpu=torch.cuda.get_device_name() if cuda else "cpu",
+                torch_version=torch.__version__, triton_version=triton_version,
+                date=dt.date.today().isoformat())
+    sites_path = args.out.with_name(args.out.stem + "_sites.csv")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    site_rows: list[dict] = []
+    start = time.time()
+
+    def flush() -> None:
+        df = add_ratios(pd.DataFrame([{**meta, **r} for r in rows], columns=COLUMNS))
+        df.to_csv(args.out, index=False)
+        pd.DataFrame([{**meta, **r} for r in site_rows], columns=SITE_COLUMNS).to_csv(
+            sites_path, index=False)
+
+    setups: dict[str, tuple[TRMConfig, int, list[dict]]] = {}
+    for preset, scope, name in plan(presets, args.scopes, variants):
+        if preset not in setups:
+            cfg = preset_config(preset)
+            spec = batches_override.get(preset, DEFAULT_BATCH.get(preset, 8))
+            batch = auto_batch(preset, cfg, device, args) if spec == "auto" else int(spec)
+            setups[preset] = (cfg, batch, make_batches(cfg, batch, 4, args.seed))
+        cfg, batch, batches = setups[preset]
+        remaining = args.time_budget - (time.time() - start)
+        base = dict(preset=preset, scope=scope, variant=name, batch=batch,
+                    compiled=name.endswith("+compile"), valid_timing=cuda)
+        if name.endswith("+compile") and not cuda:
+            rows.append({**base, "status": "skipped: compiled variants run on CUDA"})
+            continue
+        if remaining < 5:
+            rows.append({**base, "status": "skipped: time budget"})
+            continue
+        try:
+            with time_limit(min(args.variant_timeout, remaining)):
+                row, sites = bench_variant(preset, cfg, scope, name, batch, batches,
+                                           device, args)
+            rows.append(row)
+            site_rows += [{**base, **s} for s in sites]
+        except Exception as exc:  # noqa: BLE001 - recorded in the CSV, run goes on
+            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else \
+                f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append({**base, "status": status})
+        finally:
+            cleanup(cuda)
+        r = rows[-1]
+        print(f"{preset:16s} {scope:5s} {name:22s} B={batch:<5d} "
+              f"peak {r.get('peak_mem_mib', math.nan):9.1f} MiB  "
+              f"act {r.get('activation_mib', math.nan):9.1f} MiB  "
+              f"{r.get('step_ms', math.nan):8.2f} ms  {r['status']}", flush=True)
+        flush()
+    flush()
+    print(f"wrote {len(rows)} rows to {args.out} and {sites_path} ({time.time() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Turn the benchmark CSVs into a markdown summary and PNG plots.
+
+    python perf/report.py                        # perf/results/*/ -> perf/results/SUMMARY.md
+    python perf/report.py --results DIR --summary DIR/SUMMARY.md --no-plots
+
+A results set is a folder holding `kernels.csv` and/or `trm.csv` (+ `trm_sites.csv`), as
+perf/gpu_check.sh writes them; `--results` may also point at one such folder. Each set is
+described by the GPU, torch/triton versions and date its rows record. Sets measured on a CPU
+(`gpu == "cpu"`) are dry runs: the summary shows their byte accounting and says plainly that
+they make no timing claims; their kernel timings are left out. Plots per set:
+`trm_memory_time.png` (peak memory against step time for every variant; bars of bytes when
+there are no timings) and `kernels_roofline.png` (achieved throughput against the measured
+roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+# Bars from the issues (perf goals) and DESIGN §7 (an H200 attention proxy, not the presets).
+GOAL_ACT_VS_COMPILED = 0.40
+GOAL_TIME_VS_COMPILED = 1.15
+EAGER_BARS = {"ckpt": (0.20, 1.30), "sac": (0.61, 1.18), "naive torch LASER": (0.29, 2.17)}
+KERNEL_ROOFLINE_GOAL = 0.80
+KERNEL_SPEEDUP_GOAL = 3.0
+
+
+def find_sets(root: Path) -> list[Path]:
+    if (root / "kernels.csv").is_file() or (root / "trm.csv").is_file():
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and (
+        (p / "kernels.csv").is_file() or (p / "trm.csv").is_file()))
+
+
+def load(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
+
+
+def describe(df: pd.DataFrame) -> dict[str, str]:
+    first = df.iloc[0]
+    return {k: str(first.get(k, "?")) for k in ("gpu", "torch_version", "triton_version", "date")}
+
+
+def is_cpu(meta: dict[str, str]) -> bool:
+    return meta["gpu"].lower().startswith("cpu")
+
+
+def fmt(v: object, spec: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def md_table(df: pd.DataFrame, cols: list[tuple[str, str, str]]) -> list[str]:
+    """cols: (column, header, format spec)."""
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for r in df.itertuples(index=False):
+        d = r._asdict()
+        lines.append("| " + " | ".join(fmt(d.get(c), s) for c, _, s in cols) + " |")
+    return lines
+
+
+def trm_section(trm: pd.DataFrame, cpu: bool) -> list[str]:
+    out = []
+    cols = [("variant", "variant", ""), ("batch", "batch", "d"),
+            ("peak_mem_mib", "peak MiB", ".1f"), ("activation_mib", "activation MiB", ".1f"),
+            ("act_ratio_vs_plain", "act / plain", ".2f"),
+            ("mem_ratio_vs_plain", "peak / plain", ".2f")]
+    if not cpu:
+        cols += [("step_ms", "step ms", ".1f"), ("time_ratio_vs_plain", "time / plain", ".2f"),
+                 ("act_ratio_vs_compiled_plain", "act / compiled plain", ".2f"),
+                 ("time_ratio_vs_compiled_plain", "time / compiled plain", ".2f")]
+    cols.append(("status", "status", ""))
+    for (preset, scope), g in trm.groupby(["preset", "scope"], sort=False):
+        what = "full training step" if scope == "step" else "gradient-carrying cycle"
+        out += ["", f"**{preset}, {what}**", ""] + md_table(g, cols)
+    if not cpu:
+        out += [""] + goal_lines(trm)
+    return out
+
+
+def goal_lines(trm: pd.DataFrame) -> list[str]:
+    """The issue's goals, checked on the headline rows that exist."""
+    lines = ["Goals (paper_sudoku, full step):"]
+    head = trm[(trm.preset == "paper_sudoku") & (trm.scope == "step") & (trm.status == "ok")]
+    row = head[head.variant == "laser_triton+compile"]
+    if row.empty or pd.isna(row.iloc[0].get("act_ratio_vs_compiled_plain")):
+        lines.append("- LASER (Triton, compiled) vs compiled plain: not measured in this set.")
+    else:
+        r = row.iloc[0]
+        ok = (r.act_ratio_vs_compiled_plain <= GOAL_ACT_VS_COMPILED
+              and r.time_ratio_vs_compiled_plain <= GOAL_TIME_VS_COMPILED)
+        lines.append(f"- LASER (Triton, compiled) vs compiled plain: activation "
+                     f"{r.act_ratio_vs_compiled_plain:.2f}x (goal <= {GOAL_ACT_VS_COMPILED}), "
+                     f"time {r.time_ratio_vs_compiled_plain:.2f}x (goal <= "
+                     f"{GOAL_TIME_VS_COMPILED}): **{'met' if ok else 'not met'}**.")
+    for name, (mem, t) in EAGER_BARS.items():
+        lines.append(f"- bar from DESIGN §7 (attention proxy): {name} {t:.2f}x time at "
+                     f"{mem:.2f}x memory.")
+    return lines
+
+
+def kernel_section(k: pd.DataFrame) -> list[str]:
+    k = k[k.error.isna()] if "error" in k else k
+    mode = "graph" if (k["mode"] == "graph").any() else "eager"
+    tri = k[(k.provider == "triton") & (k["mode"] == mode)]
+    cols = [("kernel", "kernel", ""), ("layout", "layout", ""), ("N", "N", "d"), ("D", "D", "d"),
+            ("r", "r", "d"), ("ms_median", "ms", ".4f"), ("gbps", "GB/s", ".0f"),
+            ("frac_of_roofline", "of roofline", ".2f"), ("speedup_vs_torch", "vs torch", ".2f"),
+            ("target_ms", "target ms", ".3f"), ("rel_err", "rel err", ".1e")]
+    out = ["", f"Triton kernels ({mode} timing; torch = best plain composition, same mode):", ""]
+    out += md_table(tri, cols)
+    cp = tri[tri.kernel == "compress_pass"]
+    core = cp[cp.layout.isin(["channel", "mlp_t"]) & (cp.N >= 65536)]
+    if len(core):
+        met = ((core.frac_of_roofline >= KERNEL_ROOFLINE_GOAL)
+               & (core.speedup_vs_torch >= KERNEL_SPEEDUP_GOAL)).mean()
+        out += ["", f"compress_pass goal (>= {KERNEL_ROOFLINE_GOAL} of roofline and >= "
+                f"{KERNEL_SPEEDUP_GOAL}x torch, TRM layouts, N >= 65,536): met on "
+                f"{met:.0%} of {len(core)} shapes."]
+    orth = tri[tri.kernel.str.startswith("orthonormalize") & tri.target_ms.notna()]
+    if len(orth):
+        out.append(f"orthonormalize targets met on {(orth.ms_median <= orth.target_ms).mean():.0%}"
+                   f" of {len(orth)} shapes.")
+    return out
+
+
+def plot_trm(trm: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = trm[trm.status == "ok"]
+    groups = list(ok.groupby(["preset", "scope"], sort=False))
+    if not groups:
+        return
+    timed = ok.step_ms.notna().any()
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
+    for ax, ((preset, scope), g) in zip(axes[0], groups):
+        if timed:
+            for r in g.itertuples():
+                ax.scatter(r.step_ms, r.peak_mem_mib, marker="^" if r.compiled else "o", s=40)
+                ax.annotate(r.variant, (r.step_ms, r.peak_mem_mib), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel("step time (ms)")
+            ax.set_ylabel("peak memory (MiB)")
+        else:
+            y = range(len(g))
+            ax.barh([i + 0.2 for i in y], g.peak_mem_mib, height=0.4, label="peak")
+            ax.barh([i - 0.2 for i in y], g.activation_mib, height=0.4, label="held for backward")
+            ax.set_yticks(list(y), list(g.variant), fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("MiB (byte accounting; no timing on CPU)")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{preset}, {scope}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kernels(k: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = k[k.error.isna() & k.kernel.isin(["compress_pass", "reconstruct"])] if "error" in k else k
+    if k.empty:
+        return
+    mode = "graph" if (k["mode"] == "graph").any() else k["mode"].iloc[0]
+    k = k[k["mode"] == mode]
+    bw, peak = float(k.copy_gbps.iloc[0]), float(k.matmul_tflops.iloc[0])
+    ai = k.flops / k.bytes
+    ridge = peak * 1e3 / bw  # flop/byte where the bandwidth and matrix-rate floors meet
+    xs = sorted([float(ai.min()) / 2, ridge, float(ai.max()) * 2])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ax1.plot(xs, [min(peak, x * bw / 1e3) for x in xs], "k-", lw=1, label="roofline (measured)")
+    markers = {"compress_pass": "o", "reconstruct": "s"}
+    for (kernel, provider), g in k.groupby(["kernel", "provider"]):
+        ax1.scatter(g.flops / g.bytes, g.flops / g.ms_median / 1e9, s=18,
+                    marker=markers.get(kernel, "x"), label=f"{kernel} / {provider}")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("arithmetic intensity (flop / byte)")
+    ax1.set_ylabel("achieved TFLOP/s")
+    ax1.legend(fontsize=7)
+    tri = k[(k.provider == "triton") & (k.kernel == "compress_pass")]
+    for (layout, D), g in tri.groupby(["layout", "D"]):
+        g = g.groupby("r").frac_of_roofline.max()
+        ax2.plot(g.index, g.values, marker="o", label=f"{layout} D={D}")
+    ax2.axhline(KERNEL_ROOFLINE_GOAL, color="k", ls="--", lw=1, label="goal")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("rank r")
+    ax2.set_ylabel("compress_pass: fraction of roofline")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{title} ({mode} timing)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(sets: list[Path], summary: Path, plots: bool) -> str:
+    lines = ["# Performance results", "",
+             "Generated by `laser-triton bench report` (perf/report.py) from the CSVs under "
+             "perf/results/; regenerate, do not edit. Every ratio compares runs measured side "
+             "by side in one process."]
+    gpu_sets, body = [], []
+    for d in sets:
+        trm, kern = load(d / "trm.csv"), load(d / "kernels.csv")
+        meta = describe(trm if trm is not None else kern)
+        cpu = is_cpu(meta)
+        gpu_sets += [] if cpu else [d]
+        rel = d.name if d.parent == summary.parent else str(d)
+        head = (f"## `{rel}`: {meta['gpu']}, torch {meta['torch_version']}, triton "
+                f"{meta['triton_version']}, {meta['date']}")
+        body += ["", head, ""]
+        if cpu:
+            body.append("CPU dry run: proves the benchmarks run end to end. Memory columns are "
+                        "byte accounting (storages created in the step and alive), not an "
+                        "allocator; there are no timing claims.")
+        if trm is not None:
+            body += trm_section(trm, cpu)
+            if plots:
+                plot_trm(trm, d / "trm_memory_time.png", head.removeprefix("## "))
+                body += ["", f"![TRM memory vs time]({rel}/trm_memory_time.png)"]
+        if kern is not None:
+            if cpu:
+                body += ["", f"Kernel benchmark: {len(kern)} rows over a tiny grid (timings on "
+                         "CPU are meaningless and not shown); max relative error of any provider "
+                         f"{kern.rel_err.max():.1e}."]
+            else:
+                body += kernel_section(kern)
+            if plots:
+                plot_kernels(kern, d / "kernels_roofline.png", head.removeprefix("## "))
+                body += ["", f"![kernel roofline]({rel}/kernels_roofline.png)"]
+    status = ("GPU results: " + ", ".join(f"`{d.name}`" for d in gpu_sets) if gpu_sets else
+              "**GPU results are pending**: no GPU run has been committed yet. The numbers below "
+              "come from CPU dry runs and make no performance claims. Run `perf/gpu_check.sh` "
+              "on a GPU and commit its CSVs under perf/results/<gpu>/.")
+    return "\n".join(lines + ["", status] + body) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    here = Path(__file__).resolve().parent
+    ap.add_argument("--results", type=Path, default=here / "results")
+    ap.add_argument("--summary", type=Path, default=None,
+                    help="markdown output (default: <results>/SUMMARY.md)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    sets = find_sets(args.results) if args.results.is_dir() else []
+    if not sets:
+        print(f"report: no kernels.csv or trm.csv under {args.results}", file=sys.stderr)
+        return 1
+    summary = args.summary or args.results / "SUMMARY.md"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(render(sets, summary, not args.no_plots))
+    print(f"report: {len(sets)} result set(s) -> {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The memory-saving variants bench_trm.py compares, built around an unmodified TRM.
+
+Every variant changes only `model.net` (the one network the TRM applies n+1 times per cycle)
+or `model.laser`, so the model's own code path (laser_triton/trm) runs unchanged:
+- `plain`: nothing;
+- `ckpt`: `torch.utils.checkpoint` around each network call (keeps only the call's inputs);
+- `sac`: selective activation checkpointing around each call: matmul and attention outputs
+  are saved, everything element-wise (norms, SiLU, products, casts) is recomputed;
+- `laser_torch`, `laser_triton`: a `laser_triton.Laser` around the gradient-carrying cycle with
+  the ops forced to one backend; `laser.watch(net)` names the sites by module path;
+- `+compile`: the network (or its checkpointing wrapper) under `torch.compile`, with LASER's
+  hooks outside it (README "torch.compile").
+
+Also the harness's helpers: `time_limit` (a per-run timeout), `cleanup`, `parse_value`.
+`LiveBytes` is the CPU stand-in for the CUDA allocator's statistics: it counts the bytes of
+tensor storages created while it is active and still alive, by storage, with their peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import os
+import signal
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import laser_triton as lt
+
+__all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Timeout", "Variant", "backend_env",
+           "cleanup", "install_variant", "parse_value", "parse_variant", "sac_policy",
+           "state_bytes", "time_limit"]
+
+BASE_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_triton")
+_aten = torch.ops.aten
+# Outputs SAC keeps: matrix products and attention (all SDPA backends that exist here).
+_SAVE_OPS = {op for op in (
+    getattr(_aten, name, None) for name in (
+        "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+        "_efficient_attention_forward")) if op is not None}
+
+
+class Variant:
+    """A parsed variant name such as "laser_triton+compile"."""
+
+    def __init__(self, base: str, compiled: bool) -> None:
+        if base not in BASE_VARIANTS:
+            raise ValueError(f"unknown variant {base!r}; choose from {BASE_VARIANTS} "
+                             "(optionally with '+compile')")
+        self.base, self.compiled = base, compiled
+
+    @property
+    def name(self) -> str:
+        return self.base + ("+compile" if self.compiled else "")
+
+    @property
+    def laser_backend(self) -> str | None:
+        return self.base.removeprefix("laser_") if self.base.startswith("laser_") else None
+
+    def __repr__(self) -> str:
+        return f"Variant({self.name})"
+
+
+def parse_variant(name: str) -> Variant:
+    base, _, suffix = name.partition("+")
+    if suffix not in ("", "compile"):
+        raise ValueError(f"variant {name!r}: the only suffix is '+compile'")
+    return Variant(base, suffix == "compile")
+
+
+def sac_policy(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+    """Save matmul and attention outputs; recompute the rest (element-wise, cheap)."""
+    P = torch.utils.checkpoint.CheckpointPolicy
+    packet = getattr(op, "overloadpacket", op)  # the policy sees overloads (aten.mm.default)
+    return P.MUST_SAVE if packet in _SAVE_OPS else P.PREFER_RECOMPUTE
+
+
+class CheckpointedNet(nn.Module):
+    """Wraps the TRM's network so each call with gradients is checkpointed (non-reentrant);
+    `selective=True` keeps the outputs `sac_policy` names. Calls without grad pass through."""
+
+    def __init__(self, net: nn.Module, selective: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.selective = selective
+
+    def forward(self, h: torch.Tensor, injection: torch.Tensor,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.net(h, injection, cos_sin)
+        kwargs = {}
+        if self.selective:
+            kwargs["context_fn"] = functools.partial(
+                torch.utils.checkpoint.create_selective_checkpoint_contexts, sac_policy)
+        return torch.utils.checkpoint.checkpoint(self.net, h, injection, cos_sin,
+                                                 use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def backend_env(name: str | None) -> Iterator[None]:
+    """LASER_TRITON_BACKEND=name for the duration (None: leave it as it is)."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("LASER_TRITON_BACKEND")
+    os.environ["LASER_TRITON_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LASER_TRITON_BACKEND", None)
+        else:
+            os.environ["LASER_TRITON_BACKEND"] = old
+
+
+def install_variant(model: nn.Module, variant: Variant,
+                    laser_cfg: lt.LaserConfig | None = None) -> lt.Laser | None:
+    """Wrap `model.net` / set `model.laser` in place for `variant`; returns the Laser if any."""
+    net = model.net
+    wrapped: nn.Module = net
+    if variant.base in ("ckpt", "sac"):
+        wrapped = CheckpointedNet(net, selective=variant.base == "sac")
+    laser = None
+    if variant.laser_backend is not None:
+        laser = lt.Laser(laser_cfg or lt.LaserConfig())
+        laser.watch(net)  # before compiling: names sites, tells weights from activations
+    model.laser = laser
+    if variant.compiled:
+        wrapped = torch.compile(wrapped)
+    model.net = wrapped
+    return laser
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of storages allocated while active that are still alive, and their peak.
+
+    A storage counts once however many views of it exist; outputs that alias an input (views,
+    in-place ops) are not new. Frees are noticed lazily: the running total is an upper bound,
+    pruned whenever it would set a new peak, so `peak` is exact at every allocation.
+    Intended for CPU accounting (the CUDA allocator's statistics are used on GPU).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[StorageWeakRef, int] = {}
+        self._total = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                key = StorageWeakRef(t.untyped_storage())
+                if key not in inputs and key not in self._live:
+                    n = t.untyped_storage().nbytes()
+                    self._live[key] = n
+                    self._total += n
+        if self._total > self.peak:
+            self.peak = max(self.peak, self.live())
+        return out
+
+    def live(self) -> int:
+        """Bytes alive now (prunes freed storages)."""
+        dead = [k for k in self._live if k.expired()]
+        for k in dead:
+            self._total -= self._live.pop(k)
+        return self._total
+
+    def reset_peak(self) -> None:
+        self.peak = self.live()
+
+
+def state_bytes(*objs: object) -> int:
+    """Bytes of the distinct storages of the tensors in objs (modules, optimizers, dicts...)."""
+    seen: set = set()
+    total = 0
+
+    def visit(t: torch.Tensor) -> None:
+        nonlocal total
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+
+    for obj in objs:
+        if isinstance(obj, nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                visit(t)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for t in tree_leaves(obj.state_dict()["state"]):
+                if isinstance(t, torch.Tensor):
+                    visit(t)
+        else:
+            for t in tree_leaves(obj):
+                if isinstance(t, torch.Tensor):
+                    visit(t)
+    return total
+
+
+class Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise Timeout in the main thread after `seconds` (between Python bytecodes)."""
+    def fire(signum, frame):
+        raise Timeout(f"variant exceeded {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def parse_value(v: str) -> object:
+    """A command-line value: int, float, bool, torch dtype name, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v in ("true", "false"):
+        return v == "true"
+    if v in ("bfloat16", "float16", "float32"):
+        return getattr(torch, v)
+    return v
+
+
+def cleanup(cuda: bool) -> None:
+    """Free what a finished run left: Python garbage, cached CUDA blocks, compiled graphs."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()

@@ -1,0 +1,171 @@
+"""CPU smoke tests of the benchmarks, the report and the GPU check script (perf/).
+
+They prove the scripts run end to end and that their byte accounting is consistent; they
+time nothing (benchmarks report ratios measured side by side on a GPU, never timed tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from laser_triton import bench
+
+PERF = Path(__file__).resolve().parents[1] / "perf"
+ISSUE_KERNEL_COLUMNS = ["kernel", "provider", "gpu", "N", "D", "r", "dtype", "ms_median", "ms_p20",
+                        "ms_p80", "gbps", "frac_of_copy_bw", "frac_of_roofline",
+                        "speedup_vs_torch", "torch_version", "triton_version", "date"]
+ISSUE_TRM_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "peak_mem_mib",
+                     "activation_mib", "step_ms", "mem_ratio_vs_plain", "time_ratio_vs_plain"]
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    mods = {name: bench.load_script(PERF, name) for name in ("kernels", "trm", "report")}
+    import trm_variants  # on sys.path once bench_trm is loaded
+
+    mods["variants"] = trm_variants
+    return mods
+
+
+def test_bench_cli_finds_perf_and_explains_when_missing(monkeypatch, capsys):
+    assert bench.find_perf_dir() == PERF
+    monkeypatch.setattr(bench, "find_perf_dir", lambda: None)
+    assert bench.cli_main(["report"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    assert bench.cli_main(["nonsense"]) == 2
+
+
+def test_bench_kernels_quick(scripts, tmp_path):
+    out = tmp_path / "kernels.csv"
+    # One tiny shape through all three providers (Triton under the interpreter), and the
+    # orthonormalize cases through the torch providers.
+    assert scripts["kernels"].main(["--out", str(out), "--quick", "--rows", "100", "--hidden", "64",
+                                    "--rank", "4", "--no-orth"]) == 0
+    assert scripts["kernels"].main(["--out", str(tmp_path / "orth.csv"), "--quick", "--rows",
+                                    "50", "--hidden", "32", "--rank", "2", "--providers", "torch",
+                                    "reference"]) == 0
+    df = pd.concat([pd.read_csv(out), pd.read_csv(tmp_path / "orth.csv")])
+    assert set(ISSUE_KERNEL_COLUMNS) <= set(df.columns)
+    assert (df.gpu == "cpu").all() and not df.valid_timing.any()
+    assert df.error.isna().all(), df.error.dropna().tolist()
+    cp = df[df.kernel == "compress_pass"]
+    assert set(cp.provider) == {"torch", "reference", "triton"}
+    assert (df.rel_err < 1e-5).all()  # every provider computes the same function
+    orth = df[df.kernel.str.startswith("orthonormalize")]
+    assert {"orthonormalize", "orthonormalize_x2"} <= set(orth.kernel)
+    assert orth.target_ms.notna().any()
+
+
+def test_bench_trm_tiny_byte_accounting(scripts, tmp_path):
+    out = tmp_path / "trm.csv"
+    rc = scripts["trm"].main(["--out", str(out), "--presets", "tiny", "--batch", "tiny=2",
+                              "--scopes", "cycle", "--variants", "plain", "ckpt", "sac",
+                              "laser_torch", "plain+compile"])
+    assert rc == 0
+    df = pd.read_csv(out).set_index("variant")
+    assert set(ISSUE_TRM_COLUMNS) <= set(df.reset_index().columns)
+    assert df.loc["plain+compile", "status"].startswith("skipped")
+    ran = df.drop(index="plain+compile")
+    assert (ran.status == "ok").all(), ran.status.to_dict()
+    assert ran.step_ms.isna().all() and not ran.valid_timing.any()  # no timing claims on CPU
+    act = ran.activation_mib
+    # Checkpointing holds only the calls' inputs, SAC adds the matmul outputs.
+    assert act["ckpt"] < act["sac"] < act["plain"]
+    # Two independent counts of plain's saved bytes agree: allocations alive after the
+    # forward (LiveBytes) and the saved-tensor hooks (SavedTensorCounter), per storage.
+    assert 0.9 <= act["plain"] / ran.loc["plain", "saved_mib"] <= 1.15
+    assert ran.loc["laser_torch", "saved_mib"] == ran.loc["laser_torch", "laser_stored_mib"]
+    assert abs(ran.loc["sac", "act_ratio_vs_plain"] - act["sac"] / act["plain"]) < 1e-9
+    sites = pd.read_csv(tmp_path / "trm_sites.csv")
+    assert {"plain", "laser_torch"} <= set(sites.variant)
+    plain_sites = sites[sites.variant == "plain"]
+    assert abs(plain_sites.raw_bytes.sum() / 2**20 - ran.loc["plain", "saved_mib"]) < 1e-6
+
+
+def test_plan_puts_the_headline_first(scripts):
+    order = scripts["trm"].plan(["a", "b"], ["step", "cycle"],
+                                ["plain", "plain+compile", "ckpt+compile"])
+    assert order[:3] == [("a", "step", "plain"), ("a", "step", "plain+compile"),
+                         ("a", "step", "ckpt+compile")]
+    assert order[-1][2] == "ckpt+compile" and len(order) == 12
+
+
+def test_live_bytes_counts_each_storage_once_and_its_peak(scripts):
+    live_bytes = scripts["variants"].LiveBytes
+    with live_bytes() as live:
+        a = torch.ones(1000)  # 4000 bytes
+        v = a.view(10, 100).t()  # a view: no new storage
+        b = a * 2
+        assert live.live() == 8000
+        del b
+        c = torch.ones(500)
+        assert live.live() == 6000 and live.peak == 8000
+        a.add_(1)  # in place: nothing new
+        assert live.live() == 6000
+    del v, c
+
+
+def test_report_from_synthetic_csvs(scripts, tmp_path):
+    """A CPU set alone says GPU results are pending; a GPU-shaped set gets goals and plots."""
+    report = scripts["report"]
+    common = dict(torch_version="2.x", triton_version="3.6.0", date="2026-01-01")
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    pd.DataFrame([dict(preset="tiny", scope="step", variant=v, compiled=False, gpu="cpu",
+                       batch=2, peak_mem_mib=p, activation_mib=a, step_ms=float("nan"),
+                       act_ratio_vs_plain=a / 10, mem_ratio_vs_plain=p / 20, status="ok",
+                       **common) for v, p, a in (("plain", 20, 10), ("ckpt", 8, 1))]
+                 ).to_csv(cpu / "trm.csv", index=False)
+    assert report.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "GPU results are pending" in text and "no timing claims" in text
+    assert (cpu / "trm_memory_time.png").is_file()
+
+    gpu = tmp_path / "synthetic_gpu"
+    gpu.mkdir()
+    rows = []
+    for v, p, a, ms in (("plain", 100, 80, 10.0), ("plain+compile", 80, 60, 5.0),
+                        ("laser_triton+compile", 50, 20, 5.5)):
+        rows.append(dict(preset="paper_sudoku", scope="step", variant=v, gpu="SYNTHETIC GPU",
+                         compiled="compile" in v, batch=768, peak_mem_mib=p, activation_mib=a,
+                         step_ms=ms, act_ratio_vs_compiled_plain=a / 60,
+                         time_ratio_vs_compiled_plain=ms / 5.0, status="ok", **common))
+    pd.DataFrame(rows).to_csv(gpu / "trm.csv", index=False)
+    k = [dict(kernel=kn, provider=pr, mode="graph", layout="channel", gpu="SYNTHETIC GPU", N=65536,
+              D=512, r=32, ms_median=ms, bytes=7e7, flops=4.3e9, copy_gbps=4000.0,
+              matmul_tflops=700.0, frac_of_roofline=0.5, speedup_vs_torch=1.0, rel_err=1e-6,
+              target_ms=float("nan"), gbps=1000.0, error=float("nan"), **common)
+         for kn in ("compress_pass", "reconstruct") for pr, ms in (("torch", 0.1), ("triton", 0.03))]
+    pd.DataFrame(k).to_csv(gpu / "kernels.csv", index=False)
+    assert report.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "GPU results: `synthetic_gpu`" in text
+    assert "0.33x (goal <= 0.4)" in text and "**met**" in text
+    assert (gpu / "kernels_roofline.png").is_file() and (gpu / "trm_memory_time.png").is_file()
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(PERF / "gpu_check.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The whole GPU script in its smallest CPU form (about a minute on 2 idle cores)."""
+    env = {**os.environ, "OUT": str(tmp_path), "QUICK": "1", "AUTOTUNE": "0",
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(PERF / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"gpu_check.log", "tests_gpu.txt", "trm.csv", "trm_sites.csv", "kernels.csv",
+            "SUMMARY.md"} <= names and len(names) <= 8
+    assert "rc=124" not in proc.stdout  # no section ran out of time
+    trm = pd.read_csv(tmp_path / "trm.csv")
+    assert (trm[~trm.variant.str.endswith("+compile")].status == "ok").all()
