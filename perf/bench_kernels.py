@@ -10,8 +10,8 @@ X@U, X^T@C, fp32 norms / C@U^T / torch.linalg.qr), `reference` (LASER's torch ba
 
 On a GPU every provider is timed twice (`mode`): `eager` with `triton.testing.do_bench`
 (L2 flushed before each call; host launch overhead included, as an eager caller sees it) and
-`graph` with `do_bench_cudagraph` (device time of many captured calls over rotating inputs;
-what the roofline is about). A capture that fails leaves an `error` row, never a guess.
+`graph` (device time per call from CUDA-graph replays of many captured calls over rotating
+inputs; what the roofline is about). A capture that fails leaves an `error` row, never a guess.
 
 On CPU the script runs a tiny grid through the same code paths (Triton under the interpreter
 if TRITON_INTERPRET=1), mode `cpu-wall`, `valid_timing=False`: those rows prove the script
@@ -90,16 +90,55 @@ def rotating(make: Callable[[int], Callable[[], object]], copies: int) -> Callab
     return lambda: next(fns)()
 
 
-def timer(fn: Callable[[], object], device: torch.device, mode: str, rep_ms: int
-          ) -> tuple[float, float, float]:
+GRAPH_MEMORY = 4 << 30  # bytes the calls captured in one graph may allocate together
+
+
+def graph_timer(fn: Callable[[], object], rep_ms: int, out_bytes: int
+                ) -> tuple[float, float, float]:
+    """Device time per call of `fn` from CUDA-graph replays of n captured calls.
+
+    Like triton's do_bench_cudagraph, but n is also bounded by the outputs the calls allocate
+    (a graph keeps what its calls allocated), so wide reconstructs cannot fill the GPU.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        n = int(min(max(5, rep_ms / estimate), 1000, max(2, GRAPH_MEMORY // max(out_bytes, 1))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / n)
+    del graph
+    samples.sort()
+    return statistics.median(samples), samples[2], samples[7]
+
+
+def timer(fn: Callable[[], object], device: torch.device, mode: str, rep_ms: int,
+          out_bytes: int = 0) -> tuple[float, float, float]:
     """(median, p20, p80) in ms."""
     if device.type == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
+        from triton.testing import do_bench
 
         if mode == "graph":
-            q = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        else:
-            q = do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return graph_timer(fn, rep_ms, out_bytes)
+        q = do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2])
     fn()
     samples = []
@@ -173,13 +212,14 @@ def compress_cases(N: int, D: int, r: int, dtype: torch.dtype, device: torch.dev
             make={"torch": lambda i: lambda: torch_compress(Xs[i]),
                   "reference": lambda i: lambda: ops.compress_pass(Xs[i], U, True, dtype),
                   "triton": lambda i: lambda: ops.compress_pass(Xs[i], U, True, dtype)},
-            check=lambda out: rel_err(out[0], C_ref), copies=n_copies),
+            check=lambda out: rel_err(out[0], C_ref), copies=n_copies,
+            out_bytes=N * r * (s + 4) + D * r * 4 * 2 * 132),
         "reconstruct": dict(
             bytes=N * r * s + N * D * s + D * r * 4, flops=2 * N * D * r,
             make={"torch": lambda i: lambda: Cs[i] @ U.to(dtype).t(),
                   "reference": lambda i: lambda: ops.reconstruct(Cs[i], U, dtype),
                   "triton": lambda i: lambda: ops.reconstruct(Cs[i], U, dtype)},
-            check=lambda out: rel_err(out, X_ref), copies=n_copies),
+            check=lambda out: rel_err(out, X_ref), copies=n_copies, out_bytes=N * D * s),
     }
 
 
@@ -195,6 +235,7 @@ def orth_cases(batch: int, D: int, r: int, device: torch.device):
         return max(float((Q.double().t() @ Q.double() - eye).abs().max()) for Q in Qs)
 
     return dict(bytes=2 * batch * D * r * 4, flops=4 * batch * D * r * r, copies=1,
+                out_bytes=8 * batch * D * r * 4,
                 make={"torch": lambda i: lambda: [torch.linalg.qr(Y)[0] for Y in Ys],
                       "reference": lambda i: lambda: ops.orthonormalize_batched(Ys),
                       "triton": lambda i: lambda: ops.orthonormalize_batched(Ys)},
@@ -225,7 +266,7 @@ def run_case(kernel: str, case: dict, shape: dict, device: torch.device, rates, 
                            bytes=case["bytes"], flops=case["flops"])
                 try:
                     fn = rotating(make, case["copies"] if mode == "graph" else 1)
-                    med, p20, p80 = timer(fn, device, mode, rep_ms)
+                    med, p20, p80 = timer(fn, device, mode, rep_ms, case["out_bytes"])
                 except Exception as exc:  # a capture that syncs, say
                     rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:200]})
                     continue

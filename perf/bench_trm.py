@@ -48,6 +48,7 @@ from trm_variants import (  # noqa: E402
     LiveBytes,
     backend_env,
     cleanup,
+    compile_stats,
     install_variant,
     parse_value,
     parse_variant,
@@ -66,7 +67,8 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "mem_ratio_vs_plain", "act_ratio_vs_plain", "time_ratio_vs_plain",
            "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
-           "valid_timing", "warmup_s", "status", "torch_version", "triton_version", "date"]
+           "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "status",
+           "torch_version", "triton_version", "date"]
 SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
                 "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
 # CPU-only attention twin of `tiny`, so the attention path (and SAC's SDPA rule) runs on CPU.
@@ -193,9 +195,14 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
                batch=batch, valid_timing=device.type == "cuda")
     run = Run(cfg, scope, batches, device, args.seed, args.weights)
     laser_cfg = lt.LaserConfig(**args.laser_options)
-    laser = install_variant(run.model, variant, laser_cfg)
+    laser = install_variant(run.model, variant, laser_cfg, args.compile_backend or "inductor")
     sites: list[dict] = []
-    with backend_env(variant.laser_backend):
+    # laser_triton on CUDA runs as users run it (auto: the kernels wherever ops picks them);
+    # on CPU the kernels only run forced, under TRITON_INTERPRET=1.
+    forced = variant.laser_backend
+    if forced == "triton" and device.type == "cuda":
+        forced = "auto"
+    with backend_env(forced):
         t0 = time.perf_counter()
         # LASER builds its bases by resets in the first steps: time the tracked steady state.
         extra = (2 if device.type == "cuda" else 1) if laser is not None else 0
@@ -212,6 +219,8 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
                activation_mib=results[-1]["act"] / MiB, step_ms=statistics.median(times),
                step_ms_p20=times[int(0.2 * (len(times) - 1))],
                step_ms_p80=times[int(0.8 * (len(times) - 1))], status="ok")
+    if variant.compiled:
+        row["compile_stats"] = compile_stats()
     if laser is not None:
         s = laser.summary()
         rep = laser.report()
@@ -307,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LaserConfig overrides, e.g. tau=0.05 max_rank=128")
     ap.add_argument("--weights", type=Path, default=None, help="trained TRM state dict")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend (default inductor); on CPU compiled variants run "
+                         "only when given, e.g. aot_eager to check the autograd path quickly")
     ap.add_argument("--time-budget", type=float, default=600.0, help="seconds for all runs")
     ap.add_argument("--variant-timeout", type=float, default=180.0)
     args = ap.parse_args(argv)
@@ -322,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (5 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.laser_options = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.laser)}
+    args.weights_name = args.weights.name if args.weights else "initialised (untrained)"
     args.weights = torch.load(args.weights, map_location="cpu") if args.weights else None
     batches_override = dict(kv.split("=", 1) for kv in args.batch)
     try:
@@ -330,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         triton_version = "none"
     meta = dict(gpu=torch.cuda.get_device_name() if cuda else "cpu",
+                weights=args.weights_name, laser_config=" ".join(args.laser) or "defaults",
                 torch_version=torch.__version__, triton_version=triton_version,
                 date=dt.date.today().isoformat())
     sites_path = args.out.with_name(args.out.stem + "_sites.csv")
@@ -355,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         remaining = args.time_budget - (time.time() - start)
         base = dict(preset=preset, scope=scope, variant=name, batch=batch,
                     compiled=name.endswith("+compile"), valid_timing=cuda)
-        if name.endswith("+compile") and not cuda:
-            rows.append({**base, "status": "skipped: compiled variants run on CUDA"})
+        if name.endswith("+compile") and not cuda and not args.compile_backend:
+            rows.append({**base, "status": "skipped: compiled variants run on CUDA "
+                                           "(--compile-backend to force)"})
             continue
         if remaining < 5:
             rows.append({**base, "status": "skipped: time budget"})

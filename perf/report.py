@@ -28,6 +28,8 @@ GOAL_TIME_VS_COMPILED = 1.15
 EAGER_BARS = {"ckpt": (0.20, 1.30), "sac": (0.61, 1.18), "naive torch LASER": (0.29, 2.17)}
 KERNEL_ROOFLINE_GOAL = 0.80
 KERNEL_SPEEDUP_GOAL = 3.0
+ALL_VARIANTS = [base + suffix for suffix in ("", "+compile")
+                for base in ("plain", "ckpt", "sac", "laser_torch", "laser_triton")]
 
 
 def find_sets(root: Path) -> list[Path]:
@@ -80,6 +82,17 @@ def trm_section(trm: pd.DataFrame, cpu: bool) -> list[str]:
     for (preset, scope), g in trm.groupby(["preset", "scope"], sort=False):
         what = "full training step" if scope == "step" else "gradient-carrying cycle"
         out += ["", f"**{preset}, {what}**", ""] + md_table(g, cols)
+    measured = set(trm[trm.status == "ok"].variant)
+    missing = [v for v in ALL_VARIANTS if v not in measured]
+    if missing:
+        out += ["", "Not measured in this set: " + ", ".join(f"`{v}`" for v in missing) +
+                (" (torch.compile variants and the Triton backend are run on GPUs only)."
+                 if cpu else ".")]
+    if measured & {"laser_torch", "laser_triton", "laser_torch+compile", "laser_triton+compile"}:
+        def values(col: str) -> str:
+            return ", ".join(sorted(set(trm.get(col, pd.Series(["?"])).astype(str))))
+        out += ["", f"LASER: `LaserConfig` {values('laser_config')}; weights "
+                f"{values('weights')}. Ranks, and so memory, differ on trained activations."]
     if not cpu:
         out += [""] + goal_lines(trm)
     return out
@@ -201,6 +214,10 @@ def plot_kernels(k: pd.DataFrame, path: Path, title: str) -> None:
     ax2.set_xlabel("rank r")
     ax2.set_ylabel("compress_pass: fraction of roofline")
     ax2.legend(fontsize=7)
+    if mode == "cpu-wall":
+        for ax in (ax1, ax2):
+            ax.text(0.5, 0.5, "CPU dry run:\nnot performance", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=20, color="red", alpha=0.3, rotation=20)
     fig.suptitle(f"{title} ({mode} timing)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -243,8 +260,9 @@ def render(sets: list[Path], summary: Path, plots: bool) -> str:
                 body += ["", f"![kernel roofline]({rel}/kernels_roofline.png)"]
     status = ("GPU results: " + ", ".join(f"`{d.name}`" for d in gpu_sets) if gpu_sets else
               "**GPU results are pending**: no GPU run has been committed yet. The numbers below "
-              "come from CPU dry runs and make no performance claims. Run `perf/gpu_check.sh` "
-              "on a GPU and commit its CSVs under perf/results/<gpu>/.")
+              "come from CPU dry runs and make no performance claims. To add GPU results: "
+              "`OUT=<dir> bash perf/gpu_check.sh` on the GPU (or `laser-triton bench all`), copy "
+              "its CSVs to perf/results/<gpu>_<date>/, run `laser-triton bench report`.")
     return "\n".join(lines + ["", status] + body) + "\n"
 
 

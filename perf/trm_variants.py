@@ -6,8 +6,10 @@ or `model.laser`, so the model's own code path (laser_triton/trm) runs unchanged
 - `ckpt`: `torch.utils.checkpoint` around each network call (keeps only the call's inputs);
 - `sac`: selective activation checkpointing around each call: matmul and attention outputs
   are saved, everything element-wise (norms, SiLU, products, casts) is recomputed;
-- `laser_torch`, `laser_triton`: a `laser_triton.Laser` around the gradient-carrying cycle with
-  the ops forced to one backend; `laser.watch(net)` names the sites by module path;
+- `laser_torch`, `laser_triton`: a `laser_triton.Laser` around the gradient-carrying cycle,
+  with LASER_TRITON_BACKEND=torch, or =auto on CUDA (the Triton kernels wherever the dispatch
+  picks them, as users run it; =triton under the interpreter on CPU); `laser.watch(net)` names
+  the sites by module path;
 - `+compile`: the network (or its checkpointing wrapper) under `torch.compile`, with LASER's
   hooks outside it (README "torch.compile").
 
@@ -34,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 import laser_triton as lt
 
 __all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Timeout", "Variant", "backend_env",
-           "cleanup", "install_variant", "parse_value", "parse_variant", "sac_policy",
+           "cleanup", "compile_stats", "install_variant", "parse_value", "parse_variant", "sac_policy",
            "state_bytes", "time_limit"]
 
 BASE_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_triton")
@@ -121,8 +123,8 @@ def backend_env(name: str | None) -> Iterator[None]:
             os.environ["LASER_TRITON_BACKEND"] = old
 
 
-def install_variant(model: nn.Module, variant: Variant,
-                    laser_cfg: lt.LaserConfig | None = None) -> lt.Laser | None:
+def install_variant(model: nn.Module, variant: Variant, laser_cfg: lt.LaserConfig | None = None,
+                    compile_backend: str = "inductor") -> lt.Laser | None:
     """Wrap `model.net` / set `model.laser` in place for `variant`; returns the Laser if any."""
     net = model.net
     wrapped: nn.Module = net
@@ -134,7 +136,7 @@ def install_variant(model: nn.Module, variant: Variant,
         laser.watch(net)  # before compiling: names sites, tells weights from activations
     model.laser = laser
     if variant.compiled:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=compile_backend)
     model.net = wrapped
     return laser
 
@@ -239,6 +241,16 @@ def parse_value(v: str) -> object:
     return v
 
 
+def compile_stats() -> str:
+    """Dynamo's counters since the last cleanup(): graphs built and graph breaks (a compiled
+    variant that breaks into many graphs, or hits the recompile limit, runs partly eager)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"].get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    return f"graphs={graphs} breaks={breaks} recompile_limit={'recompile_limit' in str(counters)}"
+
+
 def cleanup(cuda: bool) -> None:
     """Free what a finished run left: Python garbage, cached CUDA blocks, compiled graphs."""
     gc.collect()
@@ -246,3 +258,6 @@ def cleanup(cuda: bool) -> None:
         torch.cuda.empty_cache()
     with contextlib.suppress(Exception):
         torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+
+        counters.clear()

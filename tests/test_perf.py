@@ -169,3 +169,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert "rc=124" not in proc.stdout  # no section ran out of time
     trm = pd.read_csv(tmp_path / "trm.csv")
     assert (trm[~trm.variant.str.endswith("+compile")].status == "ok").all()
+
+
+@pytest.mark.slow
+def test_bench_trm_compiled_variants_on_cpu(scripts, tmp_path):
+    """The +compile path (network compiled, LASER's hooks outside) through AOTAutograd's
+    aot_eager backend: the compiled Function's saves still reach LASER."""
+    out = tmp_path / "trm.csv"
+    assert scripts["trm"].main(["--out", str(out), "--presets", "tiny", "--batch", "tiny=2",
+                                "--scopes", "cycle", "--variants", "plain+compile",
+                                "laser_torch+compile", "--compile-backend", "aot_eager"]) == 0
+    df = pd.read_csv(out).set_index("variant")
+    assert (df.status == "ok").all(), df.status.to_dict()
+    assert df.compile_stats.str.contains("breaks=0").all()
+    assert df.loc["laser_torch+compile", "laser_stored_mib"] < \
+        df.loc["laser_torch+compile", "laser_raw_mib"]
