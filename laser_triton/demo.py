@@ -115,6 +115,18 @@ def _plot(path: str, sites: pd.DataFrame, hist_plain: pd.DataFrame, hist_laser: 
     plt.close(fig)
 
 
+def _auto_threads(device: torch.device) -> int:
+    """1 on a CPU run whose cores are busy with other processes, else 0 (keep the default)."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and cores > 1 and os.getloadavg()[0] > 0.5 * cores:
+        print(f"demo: load average {os.getloadavg()[0]:.1f} on {cores} cores: using 1 thread "
+              "(--threads N to override)")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="laser-triton demo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None, help="TRM preset (default: tiny on CPU, "
@@ -133,17 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site patterns LASER keeps raw (default for tiny: the element-wise "
                    "SwiGLU products, see TINY_ELEMENTWISE_SITES; give none to compress all)")
     p.add_argument("--threads", type=int, default=0,
-                   help="intra-op CPU threads (0: torch's default). 1 is much faster on a "
-                   "machine whose cores are busy with other work (OpenMP spin-waits)")
+                   help="intra-op CPU threads; 0 (auto): torch's default, or 1 when the load "
+                   "average shows the cores already busy, where OpenMP spin-waiting makes "
+                   "several threads many times slower than one")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    threads = args.threads or _auto_threads(device)
+    if threads:
+        torch.set_num_threads(threads)
     preset = args.preset or ("tiny" if device.type == "cpu" else "paper_sudoku")
     overrides: dict[str, object] = {"seed": args.seed, "device": str(device), "eval_every": 0,
                                     "steps": args.steps or DEMO_STEPS.get(preset, DEFAULT_STEPS)}
