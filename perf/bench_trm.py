@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, howeve
 from trm_variants import (  # noqa: E402
     BASE_VARIANTS,
     LiveBytes,
+    Timeout,
     backend_env,
     cleanup,
     compile_stats,
@@ -259,6 +260,22 @@ def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def failure_status(exc: BaseException) -> str:
+    """The CSV status of a failed run. A timeout or OOM can surface as a later exception
+    raised while unwinding (e.g. in a context manager's exit), so the chain is searched."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, torch.OutOfMemoryError):
+            return "oom"
+        if isinstance(e, Timeout):
+            return f"timeout: {e}"
+    msg = (str(exc).splitlines() or [""])[0][:160]
+    return f"error: {type(exc).__name__}: {msg}"
+
+
 def plan(presets: list[str], scopes: list[str], variants: list[str]) -> list[tuple[str, str, str]]:
     """(preset, scope, variant) in priority order, so a time budget drops the least useful:
     every variant of the first preset's first scope (the headline), then the core variants
@@ -383,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             site_rows += [{**base, **s} for s in sites]
         except Exception as exc:  # noqa: BLE001 - recorded in the CSV, run goes on
-            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else \
-                f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append({**base, "status": status})
+            rows.append({**base, "status": failure_status(exc)})
         finally:
             cleanup(cuda)
         r = rows[-1]

@@ -6,8 +6,8 @@
 #   trm.csv, trm_sites.csv, kernels.csv   benchmark CSVs, rewritten after every row
 #   <GPU name>.json   autotune sweep (only if time is left, or AUTOTUNE=1)
 #   SUMMARY.md     perf/report.py over the CSVs above
-# Every section runs under `timeout`, sized from what is left of TOTAL_S (default 450 s, so
-# the whole script ends inside 8 minutes). Without a GPU it runs tiny CPU versions of each
+# Every section runs under `timeout`, sized from what is left of TOTAL_S (default 420 s); the
+# summary (a few seconds, 30 at most) runs last in any case, so the script ends inside 8 minutes. Without a GPU it runs tiny CPU versions of each
 # section (a dry run that proves the script works):  OUT=/tmp/x bash perf/gpu_check.sh
 # QUICK=1 makes the CPU dry run smaller still (tests/test_perf.py). AUTOTUNE=1|0|auto.
 # No network and no pip downloads are needed: the package is installed editable with
@@ -16,7 +16,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
 mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-450}
+TOTAL_S=${TOTAL_S:-420}
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -76,7 +76,7 @@ install() {
   if "$PY" -c 'import laser_triton.kernels, laser_triton.bench' 2>/dev/null; then
     echo "laser_triton already importable"; return 0
   fi
-  if "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 &&
+  if timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 &&
      "$PY" -c 'import laser_triton.kernels' 2>/dev/null; then
     echo "installed editable (--no-deps)"; return 0
   fi
@@ -100,12 +100,12 @@ export -f env_info gpu_tests  # `timeout` runs commands, so functions go through
 export PY OUT
 section env 30 bash -c env_info
 install  # not under timeout: it may export PYTHONPATH for the sections below
-section gpu_tests $([ "$GPU" = 1 ] && echo 130 || echo 60) bash -c gpu_tests
+section gpu_tests $([ "$GPU" = 1 ] && echo 120 || echo 60) bash -c gpu_tests
 if [ "$GPU" = 1 ]; then
-  section trm_bench 210 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --steps 3 --warmup 1 \
-    --time-budget 190 --variant-timeout 90 --batch paper_maze=auto
-  section kernel_bench 110 "$PY" perf/bench_kernels.py --out "$OUT/kernels.csv" \
-    --time-budget 95 --rep-ms 40
+  section trm_bench 200 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --steps 3 --warmup 1 \
+    --time-budget 185 --variant-timeout 90 --batch paper_maze=auto
+  section kernel_bench 90 "$PY" perf/bench_kernels.py --out "$OUT/kernels.csv" \
+    --time-budget 75 --rep-ms 40
 elif [ "${QUICK:-0}" = 1 ]; then  # smallest CPU versions (the test suite's dry run)
   section trm_bench 60 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --presets tiny \
     --batch tiny=2 --scopes cycle --variants plain sac laser_torch plain+compile
@@ -126,14 +126,16 @@ if [ "${AUTOTUNE:-auto}" = 1 ] || { [ "${AUTOTUNE:-auto}" = auto ] &&
 else
   RESULTS+=("autotune: skipped")
 fi
-section report 30 "$PY" perf/report.py --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
+echo "## report: start at $(elapsed)s"  # always, even when the budget is spent
+timeout -k 5 30 "$PY" perf/report.py --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
+RESULTS+=("report: rc=$?")
 
 echo
 echo "== gpu_check done in $(elapsed)s (GPU=$GPU) =="
 printf '  %s\n' "${RESULTS[@]}"
 ls -la "$OUT"
 for f in "$OUT/trm.csv" "$OUT/kernels.csv"; do
-  [ -s "$f" ] && "$PY" - "$f" <<'EOF'
+  [ -s "$f" ] && timeout 30 "$PY" - "$f" <<'EOF'
 import sys, pandas as pd
 df = pd.read_csv(sys.argv[1])
 if "kernel" in df:
@@ -146,4 +148,5 @@ else:
 print(df[cols].head(40).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 EOF
 done
+sleep 1  # let tee flush the log before the files are collected
 exit 0
