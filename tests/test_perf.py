@@ -132,22 +132,27 @@ def test_report_from_synthetic_csvs(scripts, tmp_path):
     gpu.mkdir()
     rows = []
     for v, p, a, ms in (("plain", 100, 80, 10.0), ("plain+compile", 80, 60, 5.0),
-                        ("laser_triton+compile", 50, 20, 5.5)):
+                        ("laser_triton+compile", 50, 20, 5.5), ("ckpt", 30, 4, 13.0)):
         rows.append(dict(preset="paper_sudoku", scope="step", variant=v, gpu="SYNTHETIC GPU",
                          compiled="compile" in v, batch=768, peak_mem_mib=p, activation_mib=a,
+                         act_peak_mib=a,
                          step_ms=ms, act_ratio_vs_compiled_plain=a / 60,
                          time_ratio_vs_compiled_plain=ms / 5.0, status="ok", **common))
     pd.DataFrame(rows).to_csv(gpu / "trm.csv", index=False)
     k = [dict(kernel=kn, provider=pr, mode="graph", layout="channel", gpu="SYNTHETIC GPU", N=65536,
               D=512, r=32, ms_median=ms, bytes=7e7, flops=4.3e9, copy_gbps=4000.0,
               matmul_tflops=700.0, frac_of_roofline=0.5, speedup_vs_torch=1.0, rel_err=1e-6,
-              target_ms=float("nan"), gbps=1000.0, error=float("nan"), **common)
-         for kn in ("compress_pass", "reconstruct") for pr, ms in (("torch", 0.1), ("triton", 0.03))]
+              frac_of_copy_bw=0.25, target_ms=float("nan"), gbps=1000.0, error=float("nan"),
+              **common)
+         for kn in ("compress_pass", "reconstruct", "orthonormalize")
+         for pr, ms in (("torch", 0.1), ("triton", 0.03))]
     pd.DataFrame(k).to_csv(gpu / "kernels.csv", index=False)
     assert report.main(["--results", str(tmp_path)]) == 0
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "GPU results: `synthetic_gpu`" in text
-    assert "0.33x (goal <= 0.4)" in text and "**met**" in text
+    assert "peak activation memory 0.33x (goal <= 0.4)" in text and "**met**" in text
+    assert "ckpt 1.30x time at 0.05x peak activation" in text
+    assert "| r=32 |" in text and "orthonormalize (fp32 output)" in text
     assert (gpu / "kernels_roofline.png").is_file() and (gpu / "trm_memory_time.png").is_file()
 
 
