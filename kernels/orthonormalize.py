@@ -125,7 +125,8 @@ def _orth_apply_kernel(
 
 # ----------------------------------------------------------------------------- launcher
 
-_COMPLETION_CACHE: dict[tuple, torch.Tensor] = {}
+_COMPLETION_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_CACHE_SIZE = 16  # bounded: resets ask for many (D, r) shapes over a training run
 
 
 def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
@@ -135,11 +136,15 @@ def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
     """
     key = (D, r, str(device))
     Z = _COMPLETION_CACHE.get(key)
-    if Z is None:
+    if Z is not None:
+        _COMPLETION_CACHE.move_to_end(key)
+    else:
         gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
         Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
         Z = to_device(Z / Z.norm(dim=0, keepdim=True), torch.device(device))
         _COMPLETION_CACHE[key] = Z
+        while len(_COMPLETION_CACHE) > _CACHE_SIZE:
+            _COMPLETION_CACHE.popitem(last=False)
     return Z
 
 

@@ -12,6 +12,7 @@ Conventions
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -74,7 +75,8 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- orthonormalize
 
-_COMPLETION_CACHE: dict[tuple, torch.Tensor] = {}
+_COMPLETION_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_COMPLETION_CACHE_SIZE = 16  # bounded: resets ask for many (D, r) shapes over a run
 
 
 def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
@@ -84,11 +86,15 @@ def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
     """
     key = (D, r, str(device))
     Z = _COMPLETION_CACHE.get(key)
-    if Z is None:
+    if Z is not None:
+        _COMPLETION_CACHE.move_to_end(key)
+    else:
         gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
         Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
         Z = to_device_async(Z / Z.norm(dim=0, keepdim=True), device)
         _COMPLETION_CACHE[key] = Z
+        while len(_COMPLETION_CACHE) > _COMPLETION_CACHE_SIZE:
+            _COMPLETION_CACHE.popitem(last=False)
     return Z
 
 
