@@ -289,10 +289,13 @@ def compress_grid(args: argparse.Namespace, quick: bool) -> list[tuple[str, int,
         Ds = args.hidden or ([64] if quick else [512])
         rs = args.rank or ([4] if quick else [32])
         return [("custom", N, D, r) for r in rs for D in Ds for N in Ns if r <= D]
-    if quick:
-        return [(lay, N, D, r) for r in (4, 16) for lay, D, Ns in QUICK_LAYOUTS for N in Ns]
-    grid = [(lay, N, D, r) for r in RANK_PRIORITY for lay, D, Ns in GPU_LAYOUTS for N in Ns]
-    return grid + [(lay, N, D, r) for r in RANK_PRIORITY for lay, D, Ns in STRETCH for N in Ns]
+    ranks, layouts = ((4, 16), QUICK_LAYOUTS) if quick else (RANK_PRIORITY, GPU_LAYOUTS + STRETCH)
+    # Rank-major: every TRM layout at r=32 before any at r=64, and so on (a basis of rank r
+    # needs r <= D: the 97-wide mlp_t layout stops at r=64).
+    grid = [(lay, N, D, r) for r in ranks for lay, D, Ns in layouts for N in Ns
+            if r <= D and lay != "stretch"]
+    return grid + [(lay, N, D, r) for r in ranks for lay, D, Ns in layouts for N in Ns
+                   if lay == "stretch"]
 
 
 def main(argv: list[str] | None = None) -> int:
