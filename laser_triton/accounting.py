@@ -39,7 +39,7 @@ def step_bytes(entries: Iterable[Entry]) -> dict[str, dict[str, int]]:
         row["tensors"] += 1
         row["raw_bytes"] += entry.raw_bytes()
         row["stored_bytes"] += entry.held_bytes()
-        if entry.pinned is not None or entry.stored.is_raw:
+        if entry.pinned is not None or entry.stored is None or entry.stored.is_raw:
             row["raw_tensors"] += 1
         elif id(entry.stored.U) not in bases:
             bases.add(id(entry.stored.U))

@@ -102,9 +102,16 @@ class Laser:
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
                     yield self
-        finally:
+        except BaseException:
             step, self._step = self._step, None
-            self._finish(step)
+            try:  # settle what can be settled, but never mask the body's exception
+                self._finish(step)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"LASER: cleanup after an interrupted step failed: {exc!r}",
+                              RuntimeWarning, stacklevel=3)
+            raise
+        step, self._step = self._step, None
+        self._finish(step)
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:

@@ -127,8 +127,8 @@ class Entry:
         """The (rows, width) values for unpacking: exact where held raw, else rebuilt."""
         if self.pinned is not None:
             return self.pinned
-        if self.stored is None:  # undecided (backward inside compress()): X is still held
-            return self.draft.X
+        if self.stored is None:  # undecided (backward inside compress(), or an interrupted
+            return self.draft.X  # step): X is still held exactly
         if self.stored.raw is not None:
             return self.stored.raw
         X_hat = self._cache() if self._cache is not None else None

@@ -419,3 +419,30 @@ def test_i1_end_to_end_with_triton_kernels(monkeypatch):
     errs = tap.errors()
     assert all(e <= TAU or exact for e, exact in errs)
     assert sum(not exact for _, exact in errs) >= 2
+
+
+def test_interrupted_step_keeps_its_exception_and_stays_usable(monkeypatch):
+    """An exception in the middle of deciding a batch must surface as itself, not as a
+    secondary error from the cleanup, and the Laser must work on the next step."""
+    laser = lt.Laser(lt.LaserConfig(tau=TAU, max_rank=48, min_width=64))
+    model = GatedMLP()
+    x = low_rank_tokens(2, 150, 160, rank=6, seed=13).requires_grad_()
+    _step(model, x, laser)
+    from laser_triton.tracker import SiteTracker
+
+    calls = {"n": 0}
+    orig = SiteTracker.finalize
+
+    def flaky_finalize(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # mid-batch: some entries decided, others not
+            raise KeyboardInterrupt("timeout")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(SiteTracker, "finalize", flaky_finalize)
+    with pytest.raises(KeyboardInterrupt, match="timeout"):
+        _step(model, x, laser)
+    monkeypatch.setattr(SiteTracker, "finalize", orig)
+    assert laser._step is None
+    got = _step(model, x, laser)
+    assert all(torch.isfinite(g).all() for g in got)
