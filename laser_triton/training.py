@@ -70,8 +70,9 @@ class TrainConfig:
         if preset == "tiny":
             # A few hundred steps on 2 cores: warm-up, EMA horizon and lr scaled down with them;
             # easier puzzles so that learning shows within minutes.
-            base.update(batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_rate=0.95,
-                        weight_decay=0.1, puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1,
+            # (lr 3e-3 with the paper's weight decay 1.0 learned fastest of those tried.)
+            base.update(batch_size=32, lr=3e-3, lr_warmup_steps=20, ema_rate=0.95,
+                        weight_decay=1.0, puzzle_emb_lr=3e-3, puzzle_emb_weight_decay=1.0,
                         train_puzzles=400, test_puzzles=128, clues=45, steps=150,
                         eval_batch_size=128)
         base.update(overrides)
