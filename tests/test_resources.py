@@ -1,0 +1,64 @@
+"""Resource safety: LASER holds no growing state over many training steps (issue: hardening)."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from laser_triton import reference
+from laser_triton.train import Trainer
+from laser_triton.training import TrainConfig
+
+
+def _live_tensor_bytes(exclude: list) -> int:
+    """Bytes of every live tensor storage, minus those of `exclude` (LASER's per-site state)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    skip = {StorageWeakRef(t.untyped_storage()) for t in exclude}
+    seen = {}
+    for t in objs:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        key = StorageWeakRef(st)
+        if key not in skip:
+            seen[key] = st.nbytes()
+    return sum(seen.values())
+
+
+def _slope(xs, ys) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+@pytest.mark.slow
+def test_no_growth_over_150_tiny_trm_steps():
+    cfg = TrainConfig.for_preset("tiny", batch_size=2, steps=160, use_laser=True,
+                                 train_puzzles=64, test_puzzles=8, ema=False,
+                                 model={"L_cycles": 2})
+    trainer = Trainer(cfg)
+    steps, held, state = [], [], []
+    for step in range(160):
+        trainer.train_step()
+        if step >= 40 and step % 10 == 0:  # after warm-up: bases and caches exist
+            gc.collect()
+            trs = list(trainer.laser.trackers.values())
+            site_state = [t for tr in trs for t in (tr.U, tr.max_err, tr.max_row_err)
+                          if t is not None]
+            caches = list(reference._COMPLETION_CACHE.values())
+            steps.append(step)
+            held.append(_live_tensor_bytes(site_state + caches))
+            state.append(sum(t.numel() * t.element_size() for t in site_state))
+            bound = sum(tr.width * tr.cfg.max_rank * 4 + 8 for tr in trs)
+            assert state[-1] <= bound and len(caches) <= reference._COMPLETION_CACHE_SIZE
+    # Everything but the per-site bases (whose ranks follow the spectra, bounded by max_rank,
+    # checked above) must not trend upward: fitted growth over the window below 1% of the level.
+    window = steps[-1] - steps[0]
+    assert _slope(steps, held) * window <= 0.01 * (sum(held) / len(held)), held
+    assert len(trainer.laser.trackers) == len(trs)  # no new sites appear after warm-up
+    assert trainer.laser._step is None
