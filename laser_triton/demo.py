@@ -31,7 +31,7 @@ __all__ = ["cli_main", "site_table"]
 MiB = 1024 * 1024
 
 # Training steps per arm when --steps is not given: a few minutes on 2 CPU cores for `tiny`.
-DEMO_STEPS = {"tiny": 100}
+DEMO_STEPS = {"tiny": 80}
 DEFAULT_STEPS = 200
 
 # Sites LASER skips by default in the tiny demo: silu(gate) ("...mlp#2", "...mlp_t#2") and
