@@ -274,6 +274,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         pilot_seeds=args.pilot_seeds, min_seeds=args.min_seeds, max_seeds=args.max_seeds,
         first_seed=args.first_seed, separate_pilot=args.separate_pilot,
         checkpoint_every=args.checkpoint_every, memory_every=args.memory_every)
+    from .study_trm import pin_train_config
+
+    pin_train_config(args.work, protocol)
     study = Study(args.work, protocol, trm_run_one(protocol))
     result = study.run()
     paths = write_outputs(args.results, args.name, protocol, result)

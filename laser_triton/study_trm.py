@@ -18,6 +18,7 @@ Wraps `laser_triton.train.Trainer` without changing it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -28,7 +29,8 @@ import torch
 from .storage import storage_key
 from .study import RunFn, StudyProtocol
 
-__all__ = ["SavedBytesCounter", "trm_run_one", "make_trainer"]
+__all__ = ["SavedBytesCounter", "trm_run_one", "make_trainer", "resolved_train_configs",
+           "pin_train_config"]
 
 
 class SavedBytesCounter:
@@ -68,6 +70,56 @@ def make_trainer(protocol: StudyProtocol, seed: int, arm: str, data=None):
     if arm == "laser":
         cfg.laser = {**cfg.laser, **protocol.laser}
     return Trainer(cfg, data=data)
+
+
+def resolved_train_configs(protocol: StudyProtocol) -> dict[str, dict]:
+    """Both arms' full TrainConfig (seed left out), as the runs will build them."""
+    from .training import TrainConfig
+
+    out = {}
+    for arm in ("baseline", "laser"):
+        cfg = TrainConfig.for_preset(protocol.preset, seed=0, steps=protocol.steps,
+                                     use_laser=arm == "laser", **protocol.train)
+        if arm == "laser":
+            cfg.laser = {**cfg.laser, **protocol.laser}
+        d = cfg.to_dict()
+        d.pop("seed")
+        out[arm] = d
+    return out
+
+
+_MISSING = object()
+
+
+def _same(field_name: str, now: object, pinned: object) -> bool:
+    """Equal, or a TrainConfig field added after pinning that still has its default."""
+    if pinned is _MISSING and now is not _MISSING:
+        from .training import TrainConfig
+
+        for f in dataclasses.fields(TrainConfig):
+            if f.name == field_name and f.default is not dataclasses.MISSING:
+                return json.loads(json.dumps(f.default, default=str)) == now
+    return now == pinned
+
+
+def pin_train_config(work: str, protocol: StudyProtocol) -> None:
+    """Record the resolved training configuration next to protocol.json; refuse to resume if
+    the preset has changed since (a preset is code, and code moves)."""
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, "train_config.json")
+    now = json.loads(json.dumps(resolved_train_configs(protocol)))
+    if os.path.exists(path):
+        with open(path) as f:
+            pinned = json.load(f)
+        diff = sorted({k for arm in now for k in set(now[arm]) | set(pinned.get(arm, {}))
+                       if not _same(k, now[arm].get(k, _MISSING),
+                                    pinned.get(arm, {}).get(k, _MISSING))})
+        if diff:
+            raise RuntimeError(f"preset {protocol.preset!r} now resolves differently from "
+                               f"{path} (fields {diff}); pin them with --train to resume")
+        return
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1, sort_keys=True)
 
 
 def trm_run_one(protocol: StudyProtocol, progress: bool = True) -> RunFn:

@@ -168,3 +168,18 @@ def test_both_arms_share_initialization_and_data_order():
     for _ in range(3):
         b, c = next(base.stream), next(las.stream)
         assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_train_config_is_pinned_and_drift_refused(tmp_path):
+    from laser_triton.study_trm import pin_train_config
+
+    proto = StudyProtocol(laser={"tau": 0.2})
+    pin_train_config(str(tmp_path), proto)
+    pinned = json.loads((tmp_path / "train_config.json").read_text())
+    assert pinned["laser"]["use_laser"] and not pinned["baseline"]["use_laser"]
+    assert pinned["laser"]["laser"]["tau"] == 0.2 and "seed" not in pinned["baseline"]
+    pin_train_config(str(tmp_path), proto)  # unchanged: fine
+    pinned["baseline"]["lr"] = 123.0
+    (tmp_path / "train_config.json").write_text(json.dumps(pinned))
+    with pytest.raises(RuntimeError, match="lr"):
+        pin_train_config(str(tmp_path), proto)
