@@ -261,6 +261,8 @@ class Laser:
         tracker = self.trackers.get(site)
         if tracker is None:
             tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
+        if tracker.take_skip():
+            return self._count_raw(step, t, "backoff")
         with torch.no_grad():
             draft = tracker.draft(region_view(t, region))
         entry = Entry(region, t.dtype, t._version, site, tracker, draft)

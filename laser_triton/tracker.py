@@ -109,6 +109,12 @@ class SiteTracker:
         self.raw_fallbacks = 0
         self.shrinks = 0
         self.nonfinite = 0  # tensors with NaN/Inf, stored raw
+        # After a reset finds that even max_rank misses tau, the next `_skip` tensors are stored
+        # raw without trying (the gap doubles on each such reset, up to 64): a site that does
+        # not compress should not pay a range finder per tensor.
+        self.backoff = 0
+        self._skip = 0
+        self.skipped = 0
         self.max_err: torch.Tensor | None = None
         self.max_row_err: torch.Tensor | None = None
 
@@ -123,6 +129,15 @@ class SiteTracker:
 
     def _err(self, out: CompressOut, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         return relative_error(out, self.cfg, X, U)
+
+    def take_skip(self) -> bool:
+        """True when this tensor is to be stored raw without trying (reset back-off)."""
+        if self._skip <= 0:
+            return False
+        self._skip -= 1
+        self.tensors += 1
+        self.skipped += 1
+        return True
 
     def draft(self, X: torch.Tensor) -> Draft:
         """Compress X with the tracked basis and advance the basis; no host synchronization."""
@@ -269,9 +284,13 @@ class SiteTracker:
                 break
             k = k_full
         if r_new is None:
-            # Even max_rank misses tau: keep the best basis for tracking, store X raw.
+            # Even max_rank misses tau: keep the best basis for tracking, store X raw, and back
+            # off (the decision is global under sync_basis, so ranks stay in step).
             self.U = V[:, :r_cap].contiguous()
+            self.backoff = min(64, 2 * self.backoff or 1)
+            self._skip = self.backoff
             return self._raw(X, count=True)
+        self.backoff = 0
         U = V[:, : max(r_new, min(cfg.min_rank, r_cap))].contiguous()
         out = power(X_work, U, True)
         err = self._err(out, U, X_work)

@@ -171,3 +171,23 @@ def test_small_tau_uses_measured_residual():
     for t in range(3):
         st, e = _run(tr, X * (1 + 0.01 * t))
         assert e <= cfg.tau
+
+
+def test_sites_that_cannot_compress_back_off_resets():
+    """A site whose tensors need more than max_rank stops paying a reset per tensor."""
+    from models import GatedMLP
+
+    import laser_triton as lt_
+
+    laser = lt_.Laser(lt_.LaserConfig(tau=0.05, rank=8, max_rank=16, min_width=64))
+    model = GatedMLP()
+    for step in range(8):  # full-rank inputs: nothing fits in 16 columns at tau = 0.05
+        x = torch.randn(2, 150, 160, generator=torch.Generator().manual_seed(step))
+        with laser.compress():
+            loss = model(x.requires_grad_()).square().mean()
+        loss.backward()
+    df = laser.report()
+    total_tensors = int(sum(tr.tensors for tr in laser.trackers.values()))
+    total_resets = int(sum(tr.resets for tr in laser.trackers.values()))
+    assert total_resets <= total_tensors // 2, (total_resets, total_tensors)
+    assert "(raw: backoff)" in set(df.site)
