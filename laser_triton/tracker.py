@@ -51,7 +51,6 @@ class Stored:
     raw: torch.Tensor | None = None
     err: torch.Tensor | None = None  # estimated relative error (device scalar), 0 for raw
     row_err: torch.Tensor | None = None
-    reset: bool = False
 
     @property
     def is_raw(self) -> bool:
@@ -264,7 +263,7 @@ class SiteTracker:
             U = self.U if self.U is not None else reference.completion_matrix(D, 1, X.device).float()
             out = self._compress(X, U, False)
             return Stored(C=out.C, U=U, err=torch.zeros((), device=X.device),
-                          row_err=torch.zeros((), device=X.device), reset=True)
+                          row_err=torch.zeros((), device=X.device))
         if not (e_glob > 0.0) or r_cap < 1 or target <= 0:
             return self._raw(X, count=True)
 
@@ -304,7 +303,7 @@ class SiteTracker:
         self.since_shrink_check = 0
         if not (finite and bool(err <= cfg.tau)):
             return self._raw(X, count=True)
-        return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max, reset=True)
+        return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max)
 
     def _rank_cap(self, N: int, D: int, itemsize: int) -> int:
         """Largest rank allowed: max_rank, D, N, and strictly fewer bytes than storing X raw."""
@@ -320,4 +319,4 @@ class SiteTracker:
         if count:
             self.raw_fallbacks += 1
         zero = torch.zeros((), device=X.device)
-        return Stored(raw=X, err=zero, row_err=zero, reset=True)
+        return Stored(raw=X, err=zero, row_err=zero)

@@ -29,7 +29,6 @@ Grid (GPU default, most important shapes first so a time budget cuts the least u
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import itertools
 import math
@@ -37,13 +36,16 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from laser_triton import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
+from trm_variants import backend_env  # noqa: E402
 
 COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype", "ms_median",
            "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms", "frac_of_roofline",
@@ -68,20 +70,6 @@ def orth_target(batch: int, D: int, r: int) -> float:
     if batch == 1:
         return ORTH_TARGET_MS["single_r<=64"] if r <= 64 else ORTH_TARGET_MS["single_r128"]
     return ORTH_TARGET_MS["x32_512x64"] if (batch, D, r) == (32, 512, 64) else math.nan
-
-
-@contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """Force LASER_TRITON_BACKEND around a measurement (set once, outside the timed calls)."""
-    old = os.environ.get("LASER_TRITON_BACKEND")
-    os.environ["LASER_TRITON_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LASER_TRITON_BACKEND", None)
-        else:
-            os.environ["LASER_TRITON_BACKEND"] = old
 
 
 def rotating(make: Callable[[int], Callable[[], object]], copies: int) -> Callable[[], object]:
@@ -254,7 +242,7 @@ def run_case(kernel: str, case: dict, shape: dict, device: torch.device, rates, 
         if provider == "triton" and not triton_available(device):
             continue
         forced = {"reference": "torch", "triton": "triton"}.get(provider)
-        with backend(forced) if forced else contextlib.nullcontext():
+        with backend_env(forced):
             make = case["make"][provider]
             try:
                 err = case["check"](make(0)())
