@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from . import ops
+from . import checkpoint, ops
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .distributed import LocalSync, make_sync
@@ -95,6 +95,8 @@ class Laser:
                     "use one compress() per step and one Laser per thread")
             if self.cfg.sync_basis and not self._sync.active:
                 self._sync = make_sync(True)
+                for tr in self.trackers.values():  # restored before the first step
+                    tr.sync = self._sync
             self._step = _Step(thread=threading.get_ident())
         try:
             if not self.cfg.enabled:
@@ -368,6 +370,23 @@ class Laser:
                 warnings.warn(f"LASER: non-finite activations at {len(bad)} site(s) (first: "
                               f"{bad[0]}) were stored raw; see report().nonfinite", RuntimeWarning,
                               stacklevel=3)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, object]:
+        """The trackers' state (bases, counters, sketch generators), to resume training with
+        the same LASER trajectory. Call between steps; tensors are not copied."""
+        if self._step is not None:
+            raise RuntimeError("Laser.state_dict() inside compress(): call it between steps")
+        return checkpoint.laser_state(self)
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a state_dict(): replaces every tracker. Bases move to the activations' device
+        on first use. A state saved under another LaserConfig loads with a warning (sites now
+        excluded are dropped; bases above the new max_rank restart with a reset)."""
+        if self._step is not None:
+            raise RuntimeError("Laser.load_state_dict() inside compress(): call it between steps")
+        checkpoint.load_laser_state(self, state)
 
     # ------------------------------------------------------------------ reporting
 

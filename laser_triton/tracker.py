@@ -121,6 +121,48 @@ class SiteTracker:
     def rank(self) -> int:
         return 0 if self.U is None else self.U.shape[1]
 
+    # ------------------------------------------------------------------ checkpointing
+
+    _COUNTERS = ("tensors", "resets", "raw_fallbacks", "shrinks", "nonfinite", "backoff", "_skip",
+                 "skipped", "since_shrink_check")
+
+    def state_dict(self) -> dict[str, object]:
+        """Everything that decides this site's next tensors: basis, planned shrink, counters,
+        back-off and the reset sketch generator. Tensors are detached references (no copy)."""
+        if self.pending_Y is not None:
+            raise RuntimeError(f"site {self.name}: state_dict() in the middle of a step")
+        return {"name": self.name, "width": self.width, "U": self.U,
+                "pending_shrink": self.pending_shrink, "gen": self.gen.get_state(),
+                "max_err": self.max_err, "max_row_err": self.max_row_err,
+                **{k: getattr(self, k) for k in self._COUNTERS}}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a state_dict(). Tensors move to the activations' device on first use."""
+        if int(state["width"]) != self.width:
+            raise ValueError(f"site {self.name}: saved width {state['width']} != {self.width}")
+        U = state["U"]
+        if U is not None:
+            if U.dim() != 2 or U.shape[0] != self.width or U.dtype != torch.float32:
+                raise ValueError(f"site {self.name}: saved basis has shape {tuple(U.shape)} and "
+                                 f"dtype {U.dtype}; expected ({self.width}, r) float32")
+            if U.shape[1] > self.cfg.max_rank:
+                U = None  # the config now forbids this rank: the next tensor resets
+        self.U = U
+        shrink = state["pending_shrink"]
+        self.pending_shrink = shrink if U is not None else None
+        self.pending_Y = None
+        self.gen.set_state(state["gen"])
+        self.max_err, self.max_row_err = state["max_err"], state["max_row_err"]
+        for k in self._COUNTERS:
+            setattr(self, k, int(state[k]))
+
+    def _to_device(self, device: torch.device) -> None:
+        """Move restored state to the activations' device (a no-op once there)."""
+        for k in ("U", "pending_shrink", "max_err", "max_row_err"):
+            v = getattr(self, k)
+            if v is not None and v.device != device:
+                setattr(self, k, v.to(device))
+
     # ------------------------------------------------------------------ hot path (no sync)
 
     def _compress(self, X: torch.Tensor, U: torch.Tensor, need_y: bool) -> CompressOut:
@@ -140,6 +182,7 @@ class SiteTracker:
 
     def draft(self, X: torch.Tensor) -> Draft:
         """Compress X with the tracked basis and advance the basis; no host synchronization."""
+        self._to_device(X.device)
         self.apply_pending()
         self.tensors += 1
         U = self.U
