@@ -25,17 +25,29 @@ class RawCount:
     nbytes: int = 0
 
 
-def step_bytes(entries: Iterable[Entry]) -> dict[str, dict[str, int]]:
+def step_bytes(entries: Iterable[Entry],
+               site_raw: Mapping[str, RawCount] | None = None) -> dict[str, dict[str, int]]:
     """Per-site bytes of one step: what autograd would have held and what LASER held.
 
     A storage counts as saved only when it is held compressed; each basis is counted once
-    (several entries can share one when a basis update was rejected).
+    (several entries can share one when a basis update was rejected). `site_raw` adds the
+    storages a site kept raw without trying (reset back-off) to that site's row.
     """
     sites: dict[str, dict[str, int]] = {}
     bases: set[int] = set()
+
+    def row_of(site: str) -> dict[str, int]:
+        return sites.setdefault(site, {"tensors": 0, "raw_bytes": 0, "stored_bytes": 0,
+                                       "raw_tensors": 0})
+
+    for site, c in (site_raw or {}).items():
+        row = row_of(site)
+        row["tensors"] += c.tensors
+        row["raw_tensors"] += c.tensors
+        row["raw_bytes"] += c.nbytes
+        row["stored_bytes"] += c.nbytes
     for entry in entries:
-        row = sites.setdefault(entry.site, {"tensors": 0, "raw_bytes": 0, "stored_bytes": 0,
-                                            "raw_tensors": 0})
+        row = row_of(entry.site)
         row["tensors"] += 1
         row["raw_bytes"] += entry.raw_bytes()
         row["stored_bytes"] += entry.held_bytes()

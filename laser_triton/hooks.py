@@ -53,6 +53,7 @@ class _Step:
     entries: dict = field(default_factory=dict)  # StorageWeakRef -> Entry
     raw_seen: dict = field(default_factory=dict)  # StorageWeakRef -> category
     raw_counts: dict = field(default_factory=dict)  # category -> RawCount
+    site_raw: dict = field(default_factory=dict)  # site -> RawCount kept raw in reset back-off
     batch: list = field(default_factory=list)  # entries drafted since the last decision point
     pending: list = field(default_factory=list)  # (entries, HostFuture) awaiting decisions
     roles: list = field(default_factory=lambda: ["main"])
@@ -195,11 +196,15 @@ class Laser:
 
     # ------------------------------------------------------------------ pack
 
-    def _count_raw(self, step: _Step, t: torch.Tensor, category: str) -> torch.Tensor:
+    def _count_raw(self, step: _Step, t: torch.Tensor, category: str,
+                   site: str | None = None) -> torch.Tensor:
+        """Keep t raw and count its storage once: under `site` when a tracked site chose raw
+        (back-off), else under its rule's category."""
         key = storage_key(t)
         if key not in step.raw_seen:
             step.raw_seen[key] = category
-            c = step.raw_counts.setdefault(category, RawCount())
+            counts = step.raw_counts if site is None else step.site_raw
+            c = counts.setdefault(category if site is None else site, RawCount())
             c.tensors += 1
             c.nbytes += t.untyped_storage().nbytes()
         entry = step.entries.get(key)
@@ -264,7 +269,7 @@ class Laser:
         if tracker is None:
             tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
         if tracker.take_skip():
-            return self._count_raw(step, t, "backoff")
+            return self._count_raw(step, t, "backoff", site=site)
         with torch.no_grad():
             draft = tracker.draft(region_view(t, region))
         entry = Entry(region, t.dtype, t._version, site, tracker, draft)
@@ -361,7 +366,7 @@ class Laser:
         self._close_batch(step)
         self._poll(step, block=True)
         self.steps += 1
-        self._last_sites = step_bytes(step.entries.values())
+        self._last_sites = step_bytes(step.entries.values(), step.site_raw)
         self._last_raw = dict(step.raw_counts)
         if not self._warned_nonfinite:
             bad = [tr.name for tr in self.trackers.values() if tr.nonfinite]
