@@ -8,6 +8,9 @@ Scopes:
   T cycles, the first T-1 without grad), the ACT loss, backward, AdamW + SignSGD, EMA.
 - `cycle`: the gradient-carrying cycle alone (n+1 network calls forward, then backward).
 
+Presets: TRMConfig presets, `tiny_att` (CPU attention twin of tiny); a `+lean` suffix turns on
+`lean_saves` (RMSNorm and the SwiGLU tail recomputed in backward, laser_triton/trm/lean.py).
+
 Variants (perf/trm_variants.py): plain, ckpt, sac, laser_torch, laser_triton, each also
 `+compile` (the network compiled, LASER's hooks outside). All variants of one preset start
 from the same weights and data and run side by side in one process.
@@ -43,9 +46,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
 
+from trm_run import (  # noqa: E402
+    CPU_PRESETS,
+    CPU_VARIANTS,
+    DEFAULT_BATCH,
+    GPU_PRESETS,
+    GPU_VARIANTS,
+    Run,
+    make_batches,
+    measure_step,
+    preset_config,
+)
 from trm_variants import (  # noqa: E402
     BASE_VARIANTS,
-    LiveBytes,
     Timeout,
     backend_env,
     cleanup,
@@ -53,13 +66,11 @@ from trm_variants import (  # noqa: E402
     install_variant,
     parse_value,
     parse_variant,
-    state_bytes,
     time_limit,
 )
 
 import laser_triton as lt  # noqa: E402
-from laser_triton.training import EMA  # noqa: E402
-from laser_triton.trm import TRM, SparseSignSGD, TRMConfig, act_loss  # noqa: E402
+from laser_triton.trm import TRMConfig  # noqa: E402
 from laser_triton.trm.savecount import SavedTensorCounter  # noqa: E402
 
 MiB = 1 << 20
@@ -72,123 +83,6 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "torch_version", "triton_version", "date"]
 SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
                 "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
-# CPU-only attention twin of `tiny`, so the attention path (and SAC's SDPA rule) runs on CPU.
-EXTRA_PRESETS = {"tiny_att": lambda: TRMConfig.tiny().replace(mlp_t=False, pos_encodings="rope")}
-GPU_PRESETS = ("paper_sudoku", "paper_sudoku_att", "paper_maze")
-DEFAULT_BATCH = {"paper_sudoku": 768, "paper_sudoku_att": 768, "paper_maze": "auto",
-                 "tiny": 8, "tiny_att": 8}
-# Headline first: a time budget drops the least important runs.
-GPU_VARIANTS = ("plain", "plain+compile", "laser_triton+compile", "laser_triton", "ckpt", "sac",
-                "laser_torch", "ckpt+compile", "sac+compile", "laser_torch+compile")
-CPU_VARIANTS = ("plain", "ckpt", "sac", "laser_torch")
-
-
-def preset_config(name: str) -> TRMConfig:
-    return EXTRA_PRESETS[name]() if name in EXTRA_PRESETS else TRMConfig.preset(name)
-
-
-def make_batches(cfg: TRMConfig, batch: int, count: int, seed: int) -> list[dict]:
-    """Sudoku presets: generated puzzles (a small pool, augmented); others: random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    if (cfg.seq_len, cfg.vocab_size) == (81, 11):
-        from laser_triton.data.sudoku import PuzzleStream, generate
-
-        pool = generate(min(batch, 32), seed=seed, clues=30)
-        stream = PuzzleStream(*pool, batch_size=batch, seed=seed)
-        return [next(stream) for _ in range(count)]
-    out = []
-    for _ in range(count):
-        inputs = torch.randint(1, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
-        out.append({"inputs": inputs, "labels": torch.randint(1, cfg.vocab_size, inputs.shape,
-                                                             generator=g),
-                    "puzzle_ids": torch.zeros(batch, dtype=torch.long)})
-    return out
-
-
-class Run:
-    """One model, its optimizers and data, for one (preset, scope, variant)."""
-
-    def __init__(self, cfg: TRMConfig, scope: str, batches: list[dict], device: torch.device,
-                 seed: int, weights: dict | None) -> None:
-        torch.manual_seed(seed)
-        self.scope, self.device = scope, device
-        self.model = TRM(cfg).to(device)
-        if weights is not None:
-            self.model.load_state_dict(weights)
-        if scope == "cycle":  # recurse() then runs the gradient-carrying cycle only
-            self.model.config = cfg.replace(H_cycles=1)
-        self.batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        self.opt = torch.optim.AdamW(list(self.model.main_parameters()), lr=1e-4,
-                                     betas=(0.9, 0.95), weight_decay=1.0)
-        emb = self.model.puzzle_emb
-        self.sparse_opt = None if emb is None else SparseSignSGD([emb], lr=1e-4, weight_decay=1.0)
-        sparse = None if emb is None else emb.weight
-        self.named = [(n, p) for n, p in self.model.named_parameters() if p is not sparse]
-        self.ema = EMA(self.named, 0.999) if scope == "step" else None
-        self.gen = torch.Generator(device=device).manual_seed(seed + 1)
-        self.carry = None
-        self.k = 0
-        if scope == "cycle":
-            with torch.no_grad():
-                b = self.batches[0]
-                x = self.model.input_embeddings(b["inputs"], b["puzzle_ids"])
-                self.y = self.model.initial_carry(b).y
-                self.z = torch.randn_like(self.y)
-            self.x = x.detach().requires_grad_(True)
-
-    def state(self) -> tuple:
-        return (self.model, self.opt, self.ema.shadow if self.ema else {},
-                self.carry.state_dict() if self.carry else {})
-
-    def step(self, mark) -> None:
-        """One step; mark("fwd") before the forward, mark("loss") once the loss exists."""
-        model, self.k = self.model, self.k + 1
-        if self.scope == "cycle":
-            mark("fwd")
-            y, _ = model.recurse(self.y, self.z, self.x)
-            loss = y.float().square().mean()
-            mark("loss")
-            loss.backward()
-            self.x.grad = None
-            model.zero_grad(set_to_none=True)
-            return
-        data = self.batches[self.k % len(self.batches)]
-        if self.carry is None:
-            self.carry = model.initial_carry(data)
-        mark("fwd")
-        self.carry, out = model(self.carry, data, generator=self.gen)
-        loss, _ = act_loss(out["logits"], out["q_halt_logits"], self.carry.data["labels"],
-                           self.carry.halted, self.carry.steps)
-        mark("loss")
-        (loss / data["inputs"].shape[0]).backward()
-        self.opt.step()
-        if self.sparse_opt is not None:
-            self.sparse_opt.step()
-            self.sparse_opt.zero_grad(set_to_none=True)
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.named)
-
-
-def measure_step(run: Run, device: torch.device) -> dict:
-    """Memory of one step (allocator on CUDA, LiveBytes on CPU) and its time on CUDA."""
-    marks: dict[str, int] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        run.step(lambda name: marks.__setitem__(name, torch.cuda.memory_allocated()))
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1e3
-        peak = torch.cuda.max_memory_allocated()
-        return dict(peak=peak, act_peak=peak - start, act=marks["loss"] - marks["fwd"], ms=ms)
-    base = state_bytes(*run.state())
-    with LiveBytes() as live:
-        run.step(lambda name: marks.__setitem__(name, live.live()))
-    return dict(peak=base + live.peak, act_peak=live.peak, act=marks["loss"] - marks["fwd"],
-                ms=math.nan)
-
-
 def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, batch: int,
                   batches: list[dict], device: torch.device, args) -> tuple[dict, list[dict]]:
     variant = parse_variant(variant_name)
@@ -320,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--presets", nargs="+", default=None,
-                    help=f"default: {' '.join(GPU_PRESETS)} on GPU, tiny tiny_att on CPU")
+                    help=f"default: {' '.join(GPU_PRESETS)} on GPU, {' '.join(CPU_PRESETS)} "
+                         "on CPU; '+lean' suffix: lean_saves")
     ap.add_argument("--scopes", nargs="+", default=["step", "cycle"], choices=["step", "cycle"])
     ap.add_argument("--variants", nargs="+", default=None,
                     help=f"from {BASE_VARIANTS}, each optionally '+compile'")
@@ -344,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)  # small CPU ops: one thread beats a contended pool
-    presets = args.presets or (list(GPU_PRESETS) if cuda else ["tiny", "tiny_att"])
+    presets = args.presets or (list(GPU_PRESETS) if cuda else list(CPU_PRESETS))
     variants = args.variants or list(GPU_VARIANTS if cuda else CPU_VARIANTS)
     for v in variants:
         parse_variant(v)  # fail early on a typo

@@ -55,6 +55,9 @@ class TRMConfig:
     pos_encodings: str = "rope"
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    # Recompute RMSNorm and silu(gate) * up in backward instead of saving fp32 copies and
+    # inner-width products (trm/lean.py): same function, fewer saved bytes.
+    lean_saves: bool = False
 
     # Recursion
     H_cycles: int = 3  # T: answer updates per supervision step (the first T-1 without grad)

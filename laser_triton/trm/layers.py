@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import attention_core
 from .config import TRMConfig, swiglu_width
+from .lean import rms_norm_lean, swiglu_down
 
 __all__ = ["trunc_normal_", "CastedLinear", "CastedEmbedding", "rms_norm", "RotaryEmbedding",
            "SwiGLU", "Attention", "Block", "ReasoningNet"]
@@ -87,16 +88,21 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate) * up) with gate and up from one fused projection."""
+    """down(silu(gate) * up) with gate and up from one fused projection. `lean`: the tail runs
+    as one Function that saves only the gate/up output (see trm/lean.py)."""
 
-    def __init__(self, width: int, expansion: float) -> None:
+    def __init__(self, width: int, expansion: float, lean: bool = False) -> None:
         super().__init__()
         inner = swiglu_width(width, expansion)
         self.gate_up_proj = CastedLinear(width, 2 * inner)
         self.down_proj = CastedLinear(inner, width)
+        self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.lean:
+            return swiglu_down(gate_up, self.down_proj.weight)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -122,22 +128,24 @@ class Block(nn.Module):
         super().__init__()
         self.mlp_t_enabled = config.mlp_t
         self.eps = config.rms_norm_eps
+        lean = config.lean_saves
+        self.norm = rms_norm_lean if lean else rms_norm
         if config.mlp_t:
             # Token-mixing SwiGLU over the total_len positions (97 for Sudoku -> inner 512).
-            self.mlp_t = SwiGLU(config.total_len, config.expansion)
+            self.mlp_t = SwiGLU(config.total_len, config.expansion, lean)
         else:
             self.self_attn = Attention(config.hidden_size, config.num_heads)
-        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion, lean)
 
     def forward(self, h: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.mlp_t_enabled:
             # (B, L, D) -> (B, D, L): the SwiGLU and its RMSNorm both act on the sequence axis.
             ht = h.transpose(1, 2)
-            h = rms_norm(ht + self.mlp_t(ht), self.eps).transpose(1, 2)
+            h = self.norm(ht + self.mlp_t(ht), self.eps).transpose(1, 2)
         else:
-            h = rms_norm(h + self.self_attn(h, cos_sin), self.eps)
-        return rms_norm(h + self.mlp(h), self.eps)
+            h = self.norm(h + self.self_attn(h, cos_sin), self.eps)
+        return self.norm(h + self.mlp(h), self.eps)
 
 
 class ReasoningNet(nn.Module):

@@ -28,6 +28,9 @@ sparse_embedding.py, losses.py):
   implemented: the paper's configuration trains the halt head only.
 - Attention saves only its qkv projection and recomputes RoPE + SDPA in backward
   (attention.py); gradients are those of plain autograd.
+- Optional (`lean_saves=True`, off by default): RMSNorm saves its output and row scales instead
+  of an fp32 copy of its input, and the SwiGLU tail saves only the gate/up output (lean.py).
+  Same forward bit for bit; SwiGLU gradients are bit-identical, RMSNorm's differ by rounding.
 - Not compiled by default (the reference compiles the whole model); the trainer compiles the
   network with `compile=True`.
 """
