@@ -6,7 +6,8 @@ how shipped configs are proven to fit the 232,448 bytes of an H100/H200 on CPU, 
 sweep prunes candidates before timing them.
 
 Launch-time specialization is imitated: pointers 16-byte aligned, unit strides constant
-(row-major X and C, row-major U).
+(row-major X and C, row-major U). A config may also set the kernels' mode flags (`FLAGS`, e.g.
+ATOMIC=True, MODE="check") to compile the variants that the default spec does not.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ __all__ = ["SM90", "kernel_spec", "compile_info", "shared_bytes", "KERNEL_NAMES"
 SM90 = GPUTarget("cuda", 90, 32)
 KERNEL_NAMES = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
                 "orth_factor", "orth_apply")
+# Also compilable here, with fixed launch options: the compress pass's partial-sum reduction.
+EXTRA_KERNELS = ("compress_reduce",)
+# Mode flags a config may override (every value is a separate compiled variant on a GPU).
+FLAGS = ("NEED_Y", "ATOMIC", "WRITE_C32", "MODE", "REPAIR", "WITH_Z")
 
 
 def kernel_spec(kernel: str, D: int, r: int, dtype: str, cfg: dict):
@@ -32,9 +37,11 @@ def kernel_spec(kernel: str, D: int, r: int, dtype: str, cfg: dict):
     # Imported here (the package re-exports launchers under the modules' names).
     from ._cholesky import _orth_factor_kernel  # noqa: PLC0415
     from .compress_pass import (  # noqa: PLC0415
+        REDUCE_BLOCK,
         _compress_coeff_kernel,
         _compress_fused_kernel,
         _compress_y_kernel,
+        _reduce_kernel,
     )
     from .orthonormalize import _orth_apply_kernel, _orth_gram_kernel  # noqa: PLC0415
     from .reconstruct import _reconstruct_kernel  # noqa: PLC0415
@@ -88,8 +95,15 @@ def kernel_spec(kernel: str, D: int, r: int, dtype: str, cfg: dict):
         types = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", rinv_ptr="*fp64",
                      scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64", rows_per_chunk=i32)
         consts = dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32))
+    elif kernel == "compress_reduce":
+        fn = _reduce_kernel
+        types = dict(ypart_ptr="*fp32", y_ptr="*fp32", n_ypart=i32, DR=i32, spart_ptr="*fp32",
+                     n_spart=i32, out_ptr="*fp32")
+        consts = dict(NEED_Y=True, BLOCK=REDUCE_BLOCK, BLOCK_S=128)
     else:
-        raise KeyError(f"unknown kernel {kernel!r}; expected one of {KERNEL_NAMES}")
+        raise KeyError(f"unknown kernel {kernel!r}; expected one of "
+                       f"{KERNEL_NAMES + EXTRA_KERNELS}")
+    consts.update({k: v for k, v in cfg.items() if k in FLAGS and k in consts})
     return fn, types, consts, options
 
 

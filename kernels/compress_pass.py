@@ -208,14 +208,17 @@ def _reduce_kernel(ypart_ptr, y_ptr, n_ypart, DR, spart_ptr, n_spart, out_ptr,
         ec = tl.zeros((BLOCK_S,), tl.float32)
         rel = tl.zeros((BLOCK_S,), tl.float32)
         cm = tl.zeros((BLOCK_S,), tl.float32)
+        # `s_ok`, not `ok`: reusing the name of the Y part's (BLOCK,) mask would make it a
+        # loop-carried variable that changes shape, which compiled Triton rejects (the
+        # interpreter does not; tests/test_sm90_compile.py compiles this kernel).
         for p0 in range(0, n_spart, BLOCK_S):
             idx = p0 + tl.arange(0, BLOCK_S)
-            ok = idx < n_spart
-            ex += tl.load(spart_ptr + idx * 4 + 0, mask=ok, other=0.0)
-            ec += tl.load(spart_ptr + idx * 4 + 1, mask=ok, other=0.0)
-            rel = tl.maximum(rel, tl.load(spart_ptr + idx * 4 + 2, mask=ok, other=0.0),
+            s_ok = idx < n_spart
+            ex += tl.load(spart_ptr + idx * 4 + 0, mask=s_ok, other=0.0)
+            ec += tl.load(spart_ptr + idx * 4 + 1, mask=s_ok, other=0.0)
+            rel = tl.maximum(rel, tl.load(spart_ptr + idx * 4 + 2, mask=s_ok, other=0.0),
                              propagate_nan=tl.PropagateNan.ALL)
-            cm = tl.maximum(cm, tl.load(spart_ptr + idx * 4 + 3, mask=ok, other=0.0),
+            cm = tl.maximum(cm, tl.load(spart_ptr + idx * 4 + 3, mask=s_ok, other=0.0),
                             propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_ptr + 0, tl.sum(ex, axis=0))
         tl.store(out_ptr + 1, tl.sum(ec, axis=0))

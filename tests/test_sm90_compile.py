@@ -59,6 +59,40 @@ def test_kernel_compiles_for_sm90(kernel):
         assert "mma.sync.aligned" in info["ptx"] and ".f64.f64.f64.f64" in info["ptx"]
 
 
+# Mode variants the launchers use besides the default spec above. The interpreter runs code
+# that compiled Triton rejects (the reduction once reused a mask name across shapes), so each
+# variant a GPU run can launch is compiled here.
+_LAUNCHED_VARIANTS = [
+    ("compress_reduce", {"NEED_Y": True}), ("compress_reduce", {"NEED_Y": False}),
+    ("compress_fused", {"NEED_Y": False}), ("compress_coeff", {"WRITE_C32": False}),
+    ("orth_factor", {"MODE": "plain"}), ("orth_factor", {"MODE": "check"}),
+    ("orth_apply", {"REPAIR": False}),
+]
+_OTHER_VARIANTS = [  # deterministic=False (atomics)
+    ("compress_fused", {"ATOMIC": True}), ("compress_coeff", {"ATOMIC": True}),
+    ("compress_y", {"ATOMIC": True}),
+]
+_REDUCE_CFG = {"num_warps": 4, "num_stages": 3}  # the launcher's (Triton's default stages)
+
+
+def _compile_variant(kernel, flags):
+    cfg = {**DEFAULTS.get(kernel, _REDUCE_CFG), **flags}
+    info = _hopper.compile_info(kernel, 256, 16, _dtype_for(kernel), cfg)
+    assert info["cubin_bytes"] > 0 and 0 <= info["shared"] <= SHARED_LIMIT_SM90
+
+
+@pytest.mark.parametrize("kernel,flags", _LAUNCHED_VARIANTS,
+                         ids=[f"{k}-{v}" for k, f in _LAUNCHED_VARIANTS for v in f.values()])
+def test_launched_variants_compile_for_sm90(kernel, flags):
+    _compile_variant(kernel, flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,flags", _OTHER_VARIANTS, ids=[k for k, _ in _OTHER_VARIANTS])
+def test_atomic_variants_compile_for_sm90(kernel, flags):
+    _compile_variant(kernel, flags)
+
+
 def test_bf16x3_products_use_tensor_cores_and_ieee_does_not():
     cfg = DEFAULTS["compress_coeff"]
     ieee = _hopper.compile_info("compress_coeff", 512, 16, "bf16", cfg)["ptx"]
