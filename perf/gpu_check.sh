@@ -87,6 +87,9 @@ install() {
   ln -s "$PWD/kernels" "$shim/laser_triton/kernels"
   ln -s "$PWD/autotune_configs" "$shim/laser_triton/autotune_configs"
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  # `python -c`/`-m` put the working directory first on sys.path, where ./laser_triton (no
+  # kernels/ inside) would shadow the shim: keep it off the path (Python >= 3.11).
+  export PYTHONSAFEPATH=1
   "$PY" -c 'import laser_triton.kernels; print("using the symlink shim", laser_triton.__file__)'
 }
 
