@@ -82,6 +82,7 @@ def trm_section(trm: pd.DataFrame, cpu: bool) -> list[str]:
     for (preset, scope), g in trm.groupby(["preset", "scope"], sort=False):
         what = "full training step" if scope == "step" else "gradient-carrying cycle"
         out += ["", f"**{preset}, {what}**", ""] + md_table(g, cols)
+        out += lean_line(trm, preset, scope, g)
     measured = set(trm[trm.status == "ok"].variant)
     missing = [v for v in ALL_VARIANTS if v not in measured]
     if missing:
@@ -96,6 +97,22 @@ def trm_section(trm: pd.DataFrame, cpu: bool) -> list[str]:
     if not cpu:
         out += [""] + goal_lines(trm)
     return out
+
+
+def lean_line(trm: pd.DataFrame, preset: str, scope: str, g: pd.DataFrame) -> list[str]:
+    """For a '+lean' preset: activation memory against the plain run of the unmodified preset
+    (same set, same scope), so both effects show: lean saves alone, and LASER on top."""
+    if not preset.endswith("+lean"):
+        return []
+    base = trm[(trm.preset == preset.removesuffix("+lean")) & (trm.scope == scope)
+               & (trm.variant == "plain") & (trm.status == "ok")]
+    ok = g[g.status == "ok"]
+    if base.empty or ok.empty:
+        return []
+    ref = float(base.activation_mib.iloc[0])
+    parts = [f"{r.variant} {r.activation_mib / ref:.2f}x" for r in ok.itertuples()]
+    return ["", f"`lean_saves` (RMSNorm and SwiGLU recomputed in backward): activation memory "
+                f"against plain `{preset.removesuffix('+lean')}`: " + ", ".join(parts) + "."]
 
 
 def goal_lines(trm: pd.DataFrame) -> list[str]:
@@ -293,6 +310,52 @@ def render(sets: list[Path], summary: Path, plots: bool) -> str:
     return "\n".join(lines + ["", status] + body) + "\n"
 
 
+README_BEGIN, README_END = "<!-- perf-summary:begin -->", "<!-- perf-summary:end -->"
+
+
+def readme_block(sets: list[Path]) -> str:
+    """The README's performance paragraph, from the same CSVs as SUMMARY.md."""
+    out = []
+    for d in sets:
+        trm = load(d / "trm.csv")
+        if trm is None:
+            continue
+        meta = describe(trm)
+        cpu = is_cpu(meta)
+        ok = trm[(trm.status == "ok") & (trm.scope == "step")]
+        where = (f"CPU dry run `{d.name}` (torch {meta['torch_version']}, Triton "
+                 f"{meta['triton_version']}, {meta['date']}; byte accounting, no timing claims)"
+                 if cpu else f"`{d.name}`: {meta['gpu']} (torch {meta['torch_version']}, Triton "
+                 f"{meta['triton_version']}, {meta['date']})")
+        out.append(f"- {where}, full training step, activation memory against plain:")
+        for preset, g in ok.groupby("preset", sort=False):
+            base = ok[(ok.preset == preset.removesuffix("+lean")) & (ok.variant == "plain")]
+            if base.empty:
+                continue
+            ref = base.iloc[0]
+            parts = []
+            for r in g.itertuples():
+                if r.variant == "plain" and not preset.endswith("+lean"):
+                    continue
+                t = "" if cpu else f", {r.step_ms / ref.step_ms:.2f}x time"
+                parts.append(f"{r.variant} {r.activation_mib / ref.activation_mib:.2f}x "
+                             f"(peak {r.peak_mem_mib / ref.peak_mem_mib:.2f}x{t})")
+            out.append(f"  - `{preset}` (batch {int(g.batch.iloc[0])}): " + "; ".join(parts))
+        if not cpu:
+            out += ["  " + line for line in goal_lines(trm)]
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     here = Path(__file__).resolve().parent
@@ -300,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", type=Path, default=None,
                     help="markdown output (default: <results>/SUMMARY.md)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="README whose perf-summary block to regenerate (default: the "
+                         "checkout's README when --results is the default)")
     args = ap.parse_args(argv)
     sets = find_sets(args.results) if args.results.is_dir() else []
     if not sets:
@@ -309,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(render(sets, summary, not args.no_plots))
     print(f"report: {len(sets)} result set(s) -> {summary}")
+    readme = args.readme
+    if readme is None and args.results == here / "results":
+        readme = here.parent / "README.md"
+    if readme is not None and readme.is_file() and update_readme(readme, readme_block(sets)):
+        print(f"report: updated the performance block of {readme}")
     return 0
 
 

@@ -121,11 +121,22 @@ def test_report_from_synthetic_csvs(scripts, tmp_path):
     pd.DataFrame([dict(preset="tiny", scope="step", variant=v, compiled=False, gpu="cpu",
                        batch=2, peak_mem_mib=p, activation_mib=a, step_ms=float("nan"),
                        act_ratio_vs_plain=a / 10, mem_ratio_vs_plain=p / 20, status="ok",
-                       **common) for v, p, a in (("plain", 20, 10), ("ckpt", 8, 1))]
+                       **common) for v, p, a in (("plain", 20, 10), ("ckpt", 8, 1))] +
+                 [dict(preset="tiny+lean", scope="step", variant=v, compiled=False, gpu="cpu",
+                       batch=2, peak_mem_mib=p, activation_mib=a, step_ms=float("nan"),
+                       act_ratio_vs_plain=a / 5, mem_ratio_vs_plain=p / 15, status="ok",
+                       **common) for v, p, a in (("plain", 15, 5), ("laser_torch", 10, 2))]
                  ).to_csv(cpu / "trm.csv", index=False)
     assert report.main(["--results", str(tmp_path)]) == 0
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "GPU results are pending" in text and "no timing claims" in text
+    assert "against plain `tiny`: plain 0.50x, laser_torch 0.20x." in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf-summary:begin -->\nold\n<!-- perf-summary:end -->\nrest\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(readme), "--no-plots"]) == 0
+    block = readme.read_text()
+    assert block.startswith("intro\n") and block.endswith("rest\n") and "old" not in block
+    assert "`tiny+lean` (batch 2): plain 0.50x (peak 0.75x); laser_torch 0.20x" in block
     assert (cpu / "trm_memory_time.png").is_file()
 
     gpu = tmp_path / "synthetic_gpu"

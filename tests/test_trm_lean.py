@@ -152,3 +152,21 @@ def test_laser_on_a_lean_model_stays_within_tau(monkeypatch):
     for n in plain:
         err = (lasered[n] - plain[n]).norm() / plain[n].norm().clamp_min(1e-12)
         assert err < 2 * cfg.tau, (n, float(err))
+
+
+def test_lean_model_compiles():
+    """torch.compile traces the lean Functions (aot_eager: the autograd path, quickly)."""
+    cfg = _tiny(True)
+    logits, grads = _step(cfg)
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    model.net = torch.compile(model.net, backend="aot_eager")
+    b = _batch()
+    carry, out = model(model.initial_carry(b), b)
+    act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"], carry.halted,
+             carry.steps)[0].backward()
+    assert torch.equal(out["logits"].detach(), logits)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            key = n.replace("net._orig_mod.", "net.")
+            torch.testing.assert_close(p.grad, grads[key], rtol=1e-5, atol=1e-7, msg=n)
