@@ -103,7 +103,9 @@ export -f env_info gpu_tests  # `timeout` runs commands, so functions go through
 export PY OUT
 section env 30 bash -c env_info
 install  # not under timeout: it may export PYTHONPATH for the sections below
-section gpu_tests $([ "$GPU" = 1 ] && echo 120 || echo 60) bash -c gpu_tests
+# The GPU tests JIT-compile ~40 kernel variants on a fresh machine (1-16 s each, measured as
+# sm_90 compiles on CPU): most of their time. The benches after them take what is left.
+section gpu_tests $([ "$GPU" = 1 ] && echo 180 || echo 60) bash -c gpu_tests
 if [ "$GPU" = 1 ]; then
   section trm_bench 200 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --steps 3 --warmup 1 \
     --time-budget 185 --variant-timeout 90 --batch paper_maze=auto
