@@ -210,6 +210,22 @@ def auto_batch(preset: str, cfg: TRMConfig, device: torch.device, args) -> int:
     return batch
 
 
+AUTO_BATCH_FALLBACK = 64
+
+
+def safe_auto_batch(preset: str, cfg: TRMConfig, device: torch.device, args) -> int:
+    """auto_batch within at most 90 s; any failure falls back to a small fixed batch (logged)
+    rather than losing the whole benchmark before its first CSV row."""
+    try:
+        with time_limit(min(90.0, args.time_budget / 4)):
+            return auto_batch(preset, cfg, device, args)
+    except Exception as exc:  # noqa: BLE001 - recorded on stdout, the run goes on
+        print(f"{preset}: automatic batch failed ({failure_status(exc)}); using batch "
+              f"{AUTO_BATCH_FALLBACK}", flush=True)
+        cleanup(device.type == "cuda")
+        return AUTO_BATCH_FALLBACK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -275,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if preset not in setups:
             cfg = preset_config(preset)
             spec = batches_override.get(preset, DEFAULT_BATCH.get(preset, 8))
-            batch = auto_batch(preset, cfg, device, args) if spec == "auto" else int(spec)
+            batch = safe_auto_batch(preset, cfg, device, args) if spec == "auto" else int(spec)
             setups[preset] = (cfg, batch, make_batches(cfg, batch, 4, args.seed))
         cfg, batch, batches = setups[preset]
         remaining = args.time_budget - (time.time() - start)

@@ -200,3 +200,18 @@ def test_bench_trm_compiled_variants_on_cpu(scripts, tmp_path):
     assert df.compile_stats.str.contains("breaks=0").all()
     assert df.loc["laser_torch+compile", "laser_stored_mib"] < \
         df.loc["laser_torch+compile", "laser_raw_mib"]
+
+
+def test_auto_batch_failure_falls_back(scripts, monkeypatch, capsys):
+    """A failing batch probe must not lose the benchmark before its first row."""
+    trm = scripts["trm"]
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(trm, "auto_batch", broken)
+    args = type("A", (), {"time_budget": 100.0})()
+    cfg = trm.preset_config("tiny+lean")
+    assert cfg.lean_saves
+    assert trm.safe_auto_batch("tiny", cfg, torch.device("cpu"), args) == trm.AUTO_BATCH_FALLBACK
+    assert "automatic batch failed (error: RuntimeError" in capsys.readouterr().out
