@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", default=None,
                    help="site patterns LASER keeps raw (default for tiny: the element-wise "
                    "SwiGLU products, see TINY_ELEMENTWISE_SITES; give none to compress all)")
+    p.add_argument("--lean", action="store_true",
+                   help="both arms with lean_saves (RMSNorm and the SwiGLU tail recomputed in "
+                   "backward; see laser_triton/trm/lean.py)")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads; 0 (auto): torch's default, or 1 when the load "
                    "average shows the cores already busy, where OpenMP spin-waiting makes "
@@ -164,6 +167,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     base = TrainConfig.for_preset(preset, **overrides)
+    if args.lean:
+        base.model = {**base.model, "lean_saves": True}
     laser_opts = dict(base.laser)
     for key in ("tau", "rank", "max_rank"):
         if getattr(args, key) is not None:
@@ -180,7 +185,8 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     data = load_data(base)
-    print(f"demo: preset {preset} on {device}, {base.steps} steps per arm, batch "
+    print(f"demo: preset {preset}{' (lean_saves)' if args.lean else ''} on {device}, "
+          f"{base.steps} steps per arm, batch "
           f"{base.batch_size}; {len(data[0])} generated training puzzles and {len(data[2])} "
           f"held-out ones ({base.clues} givens) in {time.time() - t0:.1f}s")
     shown = {k: v for k, v in laser_opts.items()}
