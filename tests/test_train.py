@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -148,13 +149,20 @@ def test_train_and_eval_commands(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_command(tmp_path, capsys):
+@pytest.mark.parametrize("lean", [False, True], ids=["reference", "lean"])
+def test_demo_command(tmp_path, capsys, lean):
     out = tmp_path / "demo"
-    assert demo.cli_main(["--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    argv = ["--steps", "3", "--out", str(out), "--no-progress"] + (["--lean"] if lean else [])
+    assert demo.cli_main(argv) == 0
     text = capsys.readouterr().out
-    assert "TOTAL" in text and "LASER" in text
+    assert "TOTAL" in text and "LASER" in text and ("(lean_saves)" in text) == lean
     for name in ("sites.csv", "summary.csv", "demo.png", "laser_report.csv"):
         assert (out / name).exists(), name
+    sites = pd.read_csv(out / "sites.csv").set_index("site")
+    assert "(unattributed)" not in sites.index  # every byte the plain arm saved is attributed
+    # lean: the SwiGLU products are no longer saved at all (no '...mlp#2' site)
+    plain_sites = pd.read_csv(out / "plain_saved.csv").site
+    assert any(s.endswith(".mlp#2") for s in plain_sites) != lean
 
 
 @pytest.mark.slow
