@@ -93,9 +93,9 @@ install() {
   "$PY" -c 'import laser_triton.kernels; print("using the symlink shim", laser_triton.__file__)'
 }
 
-gpu_tests() {
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
-    tests/test_gpu_laser.py 2>&1 | tee "$OUT/tests_gpu.txt"
+gpu_tests() {  # the end-to-end LASER checks first: the kernel suite compiles many variants
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_laser.py \
+    tests/test_kernels_gpu.py 2>&1 | tee "$OUT/tests_gpu.txt"
 }
 
 echo "gpu_check: OUT=$OUT GPU=$GPU PY=$PY TOTAL_S=$TOTAL_S $(date -u +%FT%TZ)"
