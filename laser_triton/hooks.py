@@ -44,6 +44,10 @@ from .util import HostFuture
 
 __all__ = ["Laser"]
 
+# LASER's bookkeeping runs eagerly even when the model around it is compiled whole: traced by
+# dynamo it would graph-break on every host decision and recompile per shape and rank.
+_eager = torch.compiler.disable
+
 
 @dataclass
 class _Step:
@@ -212,6 +216,7 @@ class Laser:
             entry.pin(t)  # the storage stays alive raw anyway: serve exact values
         return t
 
+    @_eager
     def _pack_raw(self, t: torch.Tensor):
         step = self._active_step()
         if step is None:
@@ -235,6 +240,7 @@ class Laser:
             return "parameter" if storage_key(leaf) == storage_key(t) else "weight copy"
         return None
 
+    @_eager
     def _pack(self, t: torch.Tensor):
         step = self._active_step()
         if step is None:
@@ -312,6 +318,7 @@ class Laser:
 
     # ------------------------------------------------------------------ decisions
 
+    @_eager
     def _close_batch(self, step: _Step) -> None:
         """End a decision batch: advance bases in one batched call; read decisions non-blocking."""
         batch, step.batch = step.batch, []
@@ -334,6 +341,7 @@ class Laser:
                     shrink += [e.draft.shrink_gram, e.draft.e_X]
             step.pending.append((batch, HostFuture([fails.float(), *sync.sum_many(shrink)])))
 
+    @_eager
     def _poll(self, step: _Step, block: bool) -> None:
         """Finalize every batch whose decisions have reached the host (all, if block)."""
         while step.pending:
@@ -360,6 +368,7 @@ class Laser:
                     entry.draft = None  # drops X unless stored raw
                     entry.views = []
 
+    @_eager
     def _finish(self, step: _Step | None) -> None:
         if step is None:
             return
@@ -412,6 +421,7 @@ class Laser:
                 "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum())}
 
 
+@_eager
 def _unpack(p):
     if isinstance(p, Packed):
         with torch.no_grad():
