@@ -112,14 +112,14 @@ def test_lean_model_computes_the_same_function(mlp_t):
         torch.testing.assert_close(lean_grads[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def _saved(cfg: TRMConfig) -> tuple[int, list[tuple[torch.dtype, tuple]]]:
-    """Bytes the counter sees in one step, and (dtype, shape) of every saved activation."""
+def _saved(cfg: TRMConfig) -> tuple[int, list[tuple[torch.dtype, tuple, bool]]]:
+    """Bytes the counter sees in one step, and (dtype, shape, is parameter) of every save."""
     counter = SavedTensorCounter()
     seen = []
     orig = counter._pack
 
     def pack(t):
-        seen.append((t.dtype, tuple(t.shape)))
+        seen.append((t.dtype, tuple(t.shape), isinstance(t, torch.nn.Parameter)))
         return orig(t)
 
     counter._pack = pack
@@ -127,17 +127,28 @@ def _saved(cfg: TRMConfig) -> tuple[int, list[tuple[torch.dtype, tuple]]]:
     return counter.total_bytes(), seen
 
 
-def test_lean_saves_fewer_bytes_and_no_fp32_copies():
+def test_lean_saves_fewer_bytes_no_fp32_copies_no_weight_copies():
     cfg = dict(forward_dtype="bfloat16")
     plain, plain_seen = _saved(_tiny(False, **cfg))
     lean, lean_seen = _saved(_tiny(True, **cfg))
-    assert lean < 0.55 * plain, (lean, plain)
-    width = TRMConfig.tiny().hidden_size
+    assert lean < 0.5 * plain, (lean, plain)
+    tiny = TRMConfig.tiny()
+    widths = (tiny.hidden_size, tiny.total_len)
 
-    def fp32_rows(seen):  # fp32 tensors as wide as the hidden state: RMSNorm's input copies
-        return [s for dt, s in seen if dt == torch.float32 and s and s[-1] in (width, 97)]
+    def fp32_activations(seen):  # RMSNorm's fp32 input copies: (B, L, D) or (B, D, L)
+        return [s for dt, s, param in seen if dt == torch.float32 and len(s) == 3
+                and s[-1] in widths]
 
-    assert fp32_rows(plain_seen) and not fp32_rows(lean_seen)
+    def narrow_2d(seen):  # F.linear's 2-D copy of mlp_t's transposed input: rows of 97
+        return [s for dt, s, param in seen if not param and len(s) == 2
+                and s[-1] == tiny.total_len]
+
+    def weight_copies(seen):  # bf16 casts of the fp32 weights
+        return [s for dt, s, param in seen if dt == torch.bfloat16 and len(s) == 2
+                and not param and s[-1] != tiny.total_len]
+
+    for check in (fp32_activations, narrow_2d, weight_copies):
+        assert check(plain_seen) and not check(lean_seen), check.__name__
 
 
 def test_laser_on_a_lean_model_stays_within_tau(monkeypatch):

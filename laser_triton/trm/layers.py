@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import attention_core
 from .config import TRMConfig, swiglu_width
-from .lean import rms_norm_lean, swiglu_down
+from .lean import linear_lean, rms_norm_lean, swiglu_down
 
 __all__ = ["trunc_normal_", "CastedLinear", "CastedEmbedding", "rms_norm", "RotaryEmbedding",
            "SwiGLU", "Attention", "Block", "ReasoningNet"]
@@ -42,15 +42,22 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2.0,
 
 class CastedLinear(nn.Module):
     """Linear layer with truncated LeCun-normal init (std 1/sqrt(fan_in)), fp32 weights cast to
-    the input's dtype at use, and an optional zero-initialized bias."""
+    the input's dtype at use, and an optional zero-initialized bias. `lean` (no bias): saves
+    the input as given and the fp32 weight, not copies of them (trm/lean.py)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 lean: bool = False) -> None:
         super().__init__()
+        if lean and bias:
+            raise ValueError("CastedLinear: lean=True supports no bias")
         self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features),
                                                  std=in_features ** -0.5))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return linear_lean(x, self.weight)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -94,8 +101,8 @@ class SwiGLU(nn.Module):
     def __init__(self, width: int, expansion: float, lean: bool = False) -> None:
         super().__init__()
         inner = swiglu_width(width, expansion)
-        self.gate_up_proj = CastedLinear(width, 2 * inner)
-        self.down_proj = CastedLinear(inner, width)
+        self.gate_up_proj = CastedLinear(width, 2 * inner, lean=lean)
+        self.down_proj = CastedLinear(inner, width, lean=lean)
         self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,11 +116,11 @@ class SwiGLU(nn.Module):
 class Attention(nn.Module):
     """Non-causal multi-head self-attention (no GQA: kv heads = heads), fused qkv projection."""
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, lean: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size)
-        self.o_proj = CastedLinear(hidden_size, hidden_size)
+        self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size, lean=lean)
+        self.o_proj = CastedLinear(hidden_size, hidden_size, lean=lean)
 
     def forward(self, x: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -134,7 +141,7 @@ class Block(nn.Module):
             # Token-mixing SwiGLU over the total_len positions (97 for Sudoku -> inner 512).
             self.mlp_t = SwiGLU(config.total_len, config.expansion, lean)
         else:
-            self.self_attn = Attention(config.hidden_size, config.num_heads)
+            self.self_attn = Attention(config.hidden_size, config.num_heads, lean)
         self.mlp = SwiGLU(config.hidden_size, config.expansion, lean)
 
     def forward(self, h: torch.Tensor,

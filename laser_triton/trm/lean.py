@@ -10,6 +10,10 @@ silu(gate) * up (both inner-width), plus a bf16 copy of the down weight. Here:
   follows from y = x r alone: dx = r (dy - y mean(dy y)).
 - `swiglu_down` keeps the gate/up output and the fp32 down weight (a parameter: no extra
   memory); backward recomputes silu(gate) * up for the weight gradient.
+- `linear_lean` keeps its input as given and the fp32 weight. Plain autograd keeps the cast
+  weight copy and, for a non-contiguous input (mlp_t's transposed view), the 2-D copy F.linear
+  makes of it: rows as narrow as the sequence (97), which LASER must store raw. Kept as given,
+  the input is a view of a storage the network saves anyway, compressed once at its full width.
 
 The activations these keep are ordinary saved tensors, so LASER compresses them like any other.
 Backward recomputation runs on what unpack returns; it adds no saves of its own.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm_lean", "swiglu_down"]
+__all__ = ["linear_lean", "rms_norm_lean", "swiglu_down"]
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -38,6 +42,25 @@ class _RMSNorm(torch.autograd.Function):
         yf, dyf = y.float(), dy.float()
         dx = r * (dyf - yf * (dyf * yf).mean(-1, keepdim=True))
         return dx.to(dy.dtype), None
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = dout @ weight.to(dout.dtype)
+        dweight = dout.reshape(-1, dout.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return dx, dweight.to(weight.dtype)
+
+
+def linear_lean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight.to(x.dtype)) (no bias) saving x as given and the weight itself."""
+    return _Linear.apply(x, weight)
 
 
 def rms_norm_lean(x: torch.Tensor, eps: float) -> torch.Tensor:
