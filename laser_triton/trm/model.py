@@ -29,8 +29,10 @@ sparse_embedding.py, losses.py):
 - Attention saves only its qkv projection and recomputes RoPE + SDPA in backward
   (attention.py); gradients are those of plain autograd.
 - Optional (`lean_saves=True`, off by default): RMSNorm saves its output and row scales instead
-  of an fp32 copy of its input, and the SwiGLU tail saves only the gate/up output (lean.py).
-  Same forward bit for bit; SwiGLU gradients are bit-identical, RMSNorm's differ by rounding.
+  of an fp32 copy of its input, the SwiGLU tail saves only the gate/up output, and projections
+  save their input as given and the fp32 weight instead of copies (lean.py). Same forward bit
+  for bit; SwiGLU gradients are bit-identical, RMSNorm's differ by rounding.
+- Compiling the whole model works with LASER inside: LASER's hooks are excluded from tracing.
 - Not compiled by default (the reference compiles the whole model); the trainer compiles the
   network with `compile=True`.
 """
