@@ -97,7 +97,17 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 2
     if what == "all":
         return _run_all(perf, rest)
-    return int(load_script(perf, what).main(rest) or 0)
+    # The scripts' parsers take their program name from sys.argv[0]: make their usage and
+    # errors read `laser-triton bench <what>`, the command the user typed.
+    argv0 = sys.argv[0] if sys.argv else None
+    sys.argv[:1] = [f"laser-triton bench {what}"]
+    try:
+        return int(load_script(perf, what).main(rest) or 0)
+    finally:
+        if argv0 is None:
+            del sys.argv[:1]
+        else:
+            sys.argv[0] = argv0
 
 
 if __name__ == "__main__":
