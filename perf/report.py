@@ -133,6 +133,13 @@ def goal_lines(trm: pd.DataFrame) -> list[str]:
                      f"{peak:.2f}x (goal <= {GOAL_ACT_VS_COMPILED}), held for backward "
                      f"{held:.2f}x, step time {t:.2f}x (goal <= {GOAL_TIME_VS_COMPILED}): "
                      f"**{'met' if ok else 'not met'}**.")
+    lean = trm[(trm.preset == "paper_sudoku+lean") & (trm.scope == "step")
+               & (trm.status == "ok") & (trm.variant == "laser_triton")]
+    if base is not None and len(lean):
+        r = lean.iloc[0]
+        lines.append(f"- eager LASER (Triton) on `paper_sudoku+lean` vs compiled plain: peak "
+                     f"activation memory {r.act_peak_mib / base.act_peak_mib:.2f}x, step time "
+                     f"{r.step_ms / base.step_ms:.2f}x.")
     plain = rows.get("plain")
     eager = [v for v in ("ckpt", "sac", "laser_torch", "laser_triton") if v in rows]
     if plain is not None and eager:

@@ -149,6 +149,9 @@ def test_report_from_synthetic_csvs(scripts, tmp_path):
                          act_peak_mib=a,
                          step_ms=ms, act_ratio_vs_compiled_plain=a / 60,
                          time_ratio_vs_compiled_plain=ms / 5.0, status="ok", **common))
+    rows.append(dict(preset="paper_sudoku+lean", scope="step", variant="laser_triton",
+                     gpu="SYNTHETIC GPU", compiled=False, batch=768, peak_mem_mib=40,
+                     activation_mib=12, act_peak_mib=15, step_ms=6.0, status="ok", **common))
     pd.DataFrame(rows).to_csv(gpu / "trm.csv", index=False)
     k = [dict(kernel=kn, provider=pr, mode="graph", layout="channel", gpu="SYNTHETIC GPU", N=65536,
               D=512, r=32, ms_median=ms, bytes=7e7, flops=4.3e9, copy_gbps=4000.0,
@@ -163,6 +166,7 @@ def test_report_from_synthetic_csvs(scripts, tmp_path):
     assert "GPU results: `synthetic_gpu`" in text
     assert "peak activation memory 0.33x (goal <= 0.4)" in text and "**met**" in text
     assert "ckpt 1.30x time at 0.05x peak activation" in text
+    assert "`paper_sudoku+lean` vs compiled plain: peak activation memory 0.25x, step time 1.20x" in text
     assert "| r=32 |" in text and "orthonormalize (fp32 output)" in text
     assert (gpu / "kernels_roofline.png").is_file() and (gpu / "trm_memory_time.png").is_file()
 
