@@ -281,8 +281,10 @@ def build_parser(prog: str = "laser-triton train") -> argparse.ArgumentParser:
         prog=prog, description=__doc__.splitlines()[0],
         epilog="Presets: tiny (CPU), paper_sudoku, paper_sudoku_att. LASER is off unless "
         "--use-laser; every --laser-* option is a LaserConfig field.")
-    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--out", default=None, help="output folder (checkpoints, metrics); default "
+                   "runs/train, or the checkpoint's folder with --resume")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from, with its saved "
+                   "configuration (only --steps, --eval-every, --checkpoint-every may change)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: default)")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
@@ -308,16 +310,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+RESUME_OPTIONS = ("steps", "eval_every", "checkpoint_every")
+
+
+def _options_ignored_on_resume(args: argparse.Namespace) -> list[str]:
+    """Configuration options given together with --resume, which keeps the saved ones."""
+    import laser_triton as lt
+
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+             if f.name not in ("model", "laser", *RESUME_OPTIONS)
+             and getattr(args, f.name, None) is not None]
+    given += [f"--laser-{f.name.replace('_', '-')}" for f in dataclasses.fields(lt.LaserConfig)
+              if getattr(args, f"laser_{f.name}", None) is not None]
+    return given + (["--model"] if args.model else [])
+
+
 def cli_main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resume:
+        ignored = _options_ignored_on_resume(args)
+        if ignored:
+            parser.error(f"--resume continues the checkpoint's saved configuration; "
+                         f"{', '.join(ignored)} would be ignored (only --steps, --eval-every "
+                         "and --checkpoint-every may change)")
         trainer = Trainer.from_checkpoint(args.resume, **{
-            k: v for k, v in vars(args).items()
-            if k in ("steps", "eval_every", "checkpoint_every") and v is not None})
+            k: getattr(args, k) for k in RESUME_OPTIONS if getattr(args, k) is not None})
+        args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         trainer = Trainer(config_from_args(args))
+        args.out = args.out or "runs/train"
     cfg = trainer.cfg
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:

@@ -143,9 +143,17 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert metrics["step"] == 2 and metrics["puzzles"] == 4
     assert evaluate.cli_main([str(out / "last.pt"), "--generate", "3", "--clues", "60"]) == 0
     # Resume from the checkpoint for two more steps.
-    assert train.cli_main(["--resume", str(out / "last.pt"), "--steps", "4", "--out", str(out),
-                           "--no-progress"]) == 0
+    # Resume for two more steps: without --out, outputs go next to the checkpoint.
+    assert train.cli_main(["--resume", str(out / "last.pt"), "--steps", "4", "--no-progress"]) == 0
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+    # Configuration options cannot ride along with --resume (they used to be ignored silently).
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train.cli_main(["--resume", str(out / "last.pt"), "--steps", "6", "--laser-tau", "0.2",
+                        "--lr", "1e-3", "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lr, --laser-tau would be ignored" in err
 
 
 @pytest.mark.slow
