@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
 
 from trm_run import (  # noqa: E402
+    CPU_BATCH,
     CPU_PRESETS,
     CPU_VARIANTS,
     DEFAULT_BATCH,
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     for preset, scope, name in plan(presets, args.scopes, variants):
         if preset not in setups:
             cfg = preset_config(preset)
-            spec = batches_override.get(preset, DEFAULT_BATCH.get(preset, 8))
+            spec = batches_override.get(preset, DEFAULT_BATCH.get(preset, 8) if cuda
+                                        else CPU_BATCH)
             batch = safe_auto_batch(preset, cfg, device, args) if spec == "auto" else int(spec)
             setups[preset] = (cfg, batch, make_batches(cfg, batch, 4, args.seed))
         cfg, batch, batches = setups[preset]

@@ -12,7 +12,7 @@ from trm_variants import LiveBytes, state_bytes
 from laser_triton.training import EMA
 from laser_triton.trm import TRM, SparseSignSGD, TRMConfig, act_loss
 
-__all__ = ["CPU_PRESETS", "CPU_VARIANTS", "DEFAULT_BATCH", "GPU_PRESETS", "GPU_VARIANTS", "Run",
+__all__ = ["CPU_BATCH", "CPU_PRESETS", "CPU_VARIANTS", "DEFAULT_BATCH", "GPU_PRESETS", "GPU_VARIANTS", "Run",
            "make_batches", "measure_step", "preset_config"]
 
 # CPU-only attention twin of `tiny`, so the attention path (and SAC's SDPA rule) runs on CPU.
@@ -25,7 +25,10 @@ DEFAULT_BATCH.update({f"{k}+lean": v for k, v in list(DEFAULT_BATCH.items())})
 GPU_VARIANTS = ("plain", "plain+compile", "laser_triton+compile", "laser_triton", "ckpt", "sac",
                 "laser_torch", "ckpt+compile", "sac+compile", "laser_torch+compile")
 CPU_VARIANTS = ("plain", "ckpt", "sac", "laser_torch")
-CPU_PRESETS = ("tiny", "tiny+lean", "tiny_att", "tiny_att+lean")
+# On CPU the paper architecture runs at batch 8: byte accounting of the real layer shapes.
+CPU_PRESETS = ("tiny", "tiny+lean", "tiny_att", "tiny_att+lean", "paper_sudoku",
+               "paper_sudoku+lean")
+CPU_BATCH = 8
 
 
 def preset_config(name: str) -> TRMConfig:
