@@ -31,6 +31,7 @@ from .distributed import LocalSync, make_sync
 from .storage import (
     Entry,
     Packed,
+    RawSaved,
     decision_error,
     dense_region,
     region_view,
@@ -214,7 +215,7 @@ class Laser:
         entry = step.entries.get(key)
         if entry is not None and entry.pinned is None:
             entry.pin(t)  # the storage stays alive raw anyway: serve exact values
-        return t
+        return RawSaved(t)
 
     @_eager
     def _pack_raw(self, t: torch.Tensor):
@@ -250,12 +251,12 @@ class Laser:
         slot = self._next_slot(step)
         reason = self._ineligible(t)
         if reason == "parameter":
-            return t  # the model owns it: no extra memory, nothing to count
+            return RawSaved(t)  # the model owns it: no extra memory, nothing to count
         if reason is not None:
             return self._count_raw(step, t, reason)
         key = storage_key(t)
         if key in step.raw_seen:
-            return t  # already held raw by another reference
+            return RawSaved(t)  # already held raw by another reference
         entry = step.entries.get(key)
         if entry is not None:
             if entry.version != t._version or not entry.region.covers(t):
@@ -278,7 +279,7 @@ class Laser:
             return self._count_raw(step, t, "backoff", site=site)
         with torch.no_grad():
             draft = tracker.draft(region_view(t, region))
-        entry = Entry(region, t.dtype, t._version, site, tracker, draft)
+        entry = Entry(region, t.dtype, t, site, tracker, draft)
         step.entries[key] = entry
         step.batch.append(entry)
         packed = self._packed(entry, t)
@@ -365,6 +366,11 @@ class Laser:
                         if not bool(view_error(entry, d.X) <= entry.tracker.cfg.tau):
                             st = entry.tracker.fallback_raw(d.X)
                     entry.stored = st
+                    # Passed: C came from the values as saved. Otherwise X was read now, so
+                    # values changed in place since the save would reach backward.
+                    entry.modified = not passed and entry.changed()
+                    if not st.is_raw and not entry.modified:
+                        entry.live = None  # compressed from the saved values: X may go
                     entry.draft = None  # drops X unless stored raw
                     entry.views = []
 
@@ -426,5 +432,7 @@ def _unpack(p):
     if isinstance(p, Packed):
         with torch.no_grad():
             return p.unpack()
+    if isinstance(p, RawSaved):
+        return p.unpack()
     return p
 

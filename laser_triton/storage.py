@@ -17,8 +17,33 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import ops
 from .tracker import Draft, SiteTracker, Stored
 
-__all__ = ["Region", "Entry", "Packed", "dense_region", "storage_key", "weight_leaf",
-           "decision_error", "view_error", "view_target_scale"]
+__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "weight_leaf",
+           "decision_error", "view_error", "view_target_scale", "check_version"]
+
+
+def check_version(t: torch.Tensor, saved: int) -> None:
+    """Autograd's in-place check, which it skips for tensors saved through hooks: a tensor
+    modified in place after it was saved must not silently feed backward."""
+    if t._version != saved:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {saved} instead (saved inside laser.compress(), which checks "
+            "this as plain autograd does)")
+
+
+class RawSaved:
+    """A saved tensor kept as it is, with the version it was saved at."""
+
+    __slots__ = ("t", "version")
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.version = t._version
+
+    def unpack(self) -> torch.Tensor:
+        check_version(self.t, self.version)
+        return self.t
 
 # Autograd nodes that only view or cast: a saved tensor whose history reaches a leaf
 # (AccumulateGrad) through these alone is a weight copy, e.g. F.linear(x, w.to(bf16)).
@@ -104,13 +129,18 @@ class Entry:
     """One compressed (or raw-held) storage region for one step."""
 
     __slots__ = ("region", "dtype", "version", "site", "tracker", "draft", "stored", "pinned",
-                 "views", "_cache", "__weakref__")
+                 "views", "_cache", "live", "pin_src", "modified", "__weakref__")
 
-    def __init__(self, region: Region, dtype: torch.dtype, version: int, site: str,
+    def __init__(self, region: Region, dtype: torch.dtype, t: torch.Tensor, site: str,
                  tracker: SiteTracker | None, draft: Draft | None):
         self.region = region
         self.dtype = dtype
-        self.version = version
+        self.version = t._version
+        # Shares t's version counter, to notice in-place changes while raw values are served
+        # (undecided, stored raw); dropped once the values are held compressed.
+        self.live: torch.Tensor | None = t.detach()
+        self.pin_src: tuple[torch.Tensor, int] | None = None
+        self.modified = False  # compressed from values changed in place after the save
         self.site = site
         self.tracker = tracker
         self.draft = draft
@@ -122,15 +152,24 @@ class Entry:
     def pin(self, t: torch.Tensor) -> None:
         """Another, raw reference keeps this storage alive: serve exact values from it."""
         self.pinned = region_view(t, self.region)
+        self.pin_src = (t.detach(), t._version)
+
+    def changed(self) -> bool:
+        """Were the saved values modified in place since they were saved?"""
+        return self.live is not None and self.live._version != self.version
 
     def matrix(self) -> torch.Tensor:
         """The (rows, width) values for unpacking: exact where held raw, else rebuilt."""
+        if self.modified:
+            check_version(self.live, self.version)
         if self.pinned is not None:
+            check_version(*self.pin_src)
             return self.pinned
-        if self.stored is None:  # undecided (backward inside compress(), or an interrupted
-            return self.draft.X  # step): X is still held exactly
-        if self.stored.raw is not None:
-            return self.stored.raw
+        if self.stored is None or self.stored.raw is not None:
+            if self.live is not None:
+                check_version(self.live, self.version)
+            # undecided (backward inside compress(), an interrupted step), or stored raw
+            return self.draft.X if self.stored is None else self.stored.raw
         X_hat = self._cache() if self._cache is not None else None
         if X_hat is None:
             X_hat = ops.reconstruct(self.stored.C, self.stored.U, self.dtype)
