@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import ops
-from .storage import dense_region, region_view, storage_key, weight_leaf
+from .storage import dense_region, region_view, saved_key, storage_key, weight_leaf
 
 __all__ = ["ActivationRecorder", "MatrixCallback"]
 
@@ -113,7 +113,7 @@ class ActivationRecorder:
         return t
 
     def _skip(self, t: torch.Tensor, reason: str) -> None:
-        key = storage_key(t)
+        key = saved_key(t)
         if key not in self._seen:
             self._seen.add(key)
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -135,7 +135,7 @@ class ActivationRecorder:
         k = self._ordinals.get((role, label), 0)
         self._ordinals[(role, label)] = k + 1  # every save takes a slot, as in the hooks
         site = f"{role}/{label}#{k}"
-        reason = self._ineligible(t)
+        reason = "layout" if t.layout != torch.strided else self._ineligible(t)
         if reason is not None:
             self._skip(t, reason)
             return t

@@ -35,6 +35,8 @@ from .storage import (
     decision_error,
     dense_region,
     region_view,
+    saved_key,
+    saved_nbytes,
     storage_key,
     view_error,
     view_target_scale,
@@ -205,13 +207,13 @@ class Laser:
                    site: str | None = None) -> torch.Tensor:
         """Keep t raw and count its storage once: under `site` when a tracked site chose raw
         (back-off), else under its rule's category."""
-        key = storage_key(t)
+        key = saved_key(t)
         if key not in step.raw_seen:
             step.raw_seen[key] = category
             counts = step.raw_counts if site is None else step.site_raw
             c = counts.setdefault(category if site is None else site, RawCount())
             c.tensors += 1
-            c.nbytes += t.untyped_storage().nbytes()
+            c.nbytes += saved_nbytes(t)
         entry = step.entries.get(key)
         if entry is not None and entry.pinned is None:
             entry.pin(t)  # the storage stays alive raw anyway: serve exact values
@@ -249,6 +251,8 @@ class Laser:
         # Every save takes a slot, eligible or not, so the k-th save of a call names the same
         # site in every call even when the first call's input is a leaf.
         slot = self._next_slot(step)
+        if t.layout != torch.strided:  # sparse and other layouts: no dense rows to compress
+            return self._count_raw(step, t, "layout")
         reason = self._ineligible(t)
         if reason == "parameter":
             return RawSaved(t)  # the model owns it: no extra memory, nothing to count

@@ -17,7 +17,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import ops
 from .tracker import Draft, SiteTracker, Stored
 
-__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "weight_leaf",
+__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "saved_key",
+           "saved_nbytes", "weight_leaf",
            "decision_error", "view_error", "view_target_scale", "check_version"]
 
 
@@ -79,6 +80,27 @@ def storage_key(t: torch.Tensor) -> StorageWeakRef:
     """Identity of t's storage. The weak reference pins the storage's control block, so the
     key cannot be reused by a new allocation while we hold it (unlike a data pointer)."""
     return StorageWeakRef(t.untyped_storage())
+
+
+def saved_key(t: torch.Tensor) -> object:
+    """storage_key for strided tensors; sparse and other layouts have no single storage and
+    are identified by the tensor object (kept alive by whoever saved it)."""
+    return storage_key(t) if t.layout == torch.strided else ("non-strided", id(t))
+
+
+def saved_nbytes(t: torch.Tensor) -> int:
+    """Bytes a saved tensor holds: its storage, or a sparse tensor's values and indices."""
+    if t.layout == torch.strided:
+        return t.untyped_storage().nbytes()
+    if t.layout == torch.sparse_coo:
+        parts = (t._values(), t._indices())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.values(), t.crow_indices(), t.col_indices())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.values(), t.ccol_indices(), t.row_indices())
+    else:
+        return 0
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,33 @@ def test_laser_rejects_bad_role_and_config():
     with pytest.raises(ValueError, match="role name"):
         with laser.role("a/b"):
             pass
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_saves_are_kept_raw_not_a_crash(layout):
+    """Hooks never raise on an ineligible tensor: a sparse tensor has no storage to key or
+    compress (it used to raise NotImplementedError inside the pack hook)."""
+    from laser_triton.trm.savecount import SavedTensorCounter
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(300, 64, generator=g).relu()
+    a = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    w = torch.randn(64, 160, generator=g, requires_grad=True)
+
+    def loss_fn():
+        return (torch.sparse.mm(a, w) if layout == "coo" else a @ w).square().sum()
+
+    loss_fn().backward()
+    want, w.grad = w.grad.clone(), None
+    laser = lt.Laser(lt.LaserConfig(tau=0.05, rank=8, max_rank=64))
+    with laser.compress():
+        loss = loss_fn()
+    loss.backward()
+    # the sparse operand is served exactly; the dense product may be compressed (within tau)
+    assert ((w.grad - want).norm() / want.norm()) < 2 * 0.05
+    rep = laser.report().set_index("site")
+    assert rep.loc["(raw: layout)", "raw_bytes"] > 0
+    counter = SavedTensorCounter()
+    with counter.compress():
+        loss_fn().backward()
+    assert counter.total_bytes() > 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ..storage import storage_key, weight_leaf
+from ..storage import saved_key, saved_nbytes, storage_key, weight_leaf
 
 __all__ = ["SavedTensorCounter"]
 
@@ -43,6 +43,8 @@ class _Scope:
 
 def _is_parameter(t: torch.Tensor) -> bool:
     """A parameter or a view of one (no extra memory), by the same rule as LASER's hooks."""
+    if t.layout != torch.strided:
+        return False
     if t.grad_fn is None:
         return t.requires_grad
     leaf = weight_leaf(t)
@@ -118,11 +120,11 @@ class SavedTensorCounter:
             return t
         site = scope.sites.setdefault(f"{role}/{label}#{k}", _Site())
         site.saves += 1
-        key = storage_key(t)
+        key = saved_key(t)
         if key not in scope.seen:
             scope.seen.add(key)
             site.storages += 1
-            site.nbytes += t.untyped_storage().nbytes()
+            site.nbytes += saved_nbytes(t)
         return t
 
     def report(self) -> pd.DataFrame:
