@@ -48,6 +48,10 @@ class LaserConfig:
     exact_below: for tau below this, the error is measured from the residual directly, because
         1 - e_C/e_X cannot resolve it in fp32.
     batch_size: fidelity decisions are resolved per network call, or after this many tensors.
+    decision_lag: batches (network calls) whose decisions may still be on their way to the
+        host; with more outstanding, the host waits for the oldest (an event wait, not a device
+        synchronization). Undecided tensors are held raw, so this bounds them to about
+        decision_lag + 1 calls even when the host runs far ahead of the GPU.
     include, exclude: fnmatch patterns on site names (exclude wins); excluded sites store raw.
     site_overrides: {pattern: {field: value}} applied to matching sites (first match wins per
         field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}.
@@ -71,6 +75,7 @@ class LaserConfig:
     shrink_every: int = 8
     exact_below: float = 0.02
     batch_size: int = 64
+    decision_lag: int = 1
     include: Sequence[str] = ("*",)
     exclude: Sequence[str] = ()
     site_overrides: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
@@ -83,7 +88,7 @@ class LaserConfig:
                 raise ValueError(f"LaserConfig: {msg}")
 
         for name in ("rank", "max_rank", "min_rank", "power_iters", "min_width", "oversample",
-                     "shrink_every", "batch_size"):
+                     "shrink_every", "batch_size", "decision_lag"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"LaserConfig: {name} must be an int, got {type(v).__name__}")
@@ -97,6 +102,7 @@ class LaserConfig:
         need(self.oversample >= 0, f"oversample must be >= 0, got {self.oversample}")
         need(self.shrink_every >= 1, "shrink_every must be >= 1")
         need(self.batch_size >= 1, "batch_size must be >= 1")
+        need(self.decision_lag >= 0, f"decision_lag must be >= 0, got {self.decision_lag}")
         need(self.mode in _MODES, f"mode must be one of {_MODES}, got {self.mode!r}")
         if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool):
             raise TypeError(f"LaserConfig: tau must be a float, got {type(self.tau).__name__}")

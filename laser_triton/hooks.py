@@ -348,10 +348,14 @@ class Laser:
 
     @_eager
     def _poll(self, step: _Step, block: bool) -> None:
-        """Finalize every batch whose decisions have reached the host (all, if block)."""
+        """Finalize every batch whose decisions have reached the host (all, if block). Wait
+        for the oldest while more than `decision_lag` batches are outstanding: their tensors
+        are held raw until decided, and a host far ahead of the GPU would otherwise hold the
+        whole step's activations."""
         while step.pending:
             batch, fut = step.pending[0]
-            if not block and not fut.ready():
+            must = block or len(step.pending) > self.cfg.decision_lag
+            if not must and not fut.ready():
                 return
             step.pending.pop(0)
             fails, *extra = fut.get()

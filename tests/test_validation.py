@@ -26,6 +26,7 @@ def test_config_defaults_and_site_overrides():
     ({"tau": 0.001}, "below what"),
     ({"site_overrides": {"*": {"rnak": 3}}}, "unknown fields"),
     ({"reset_target": 1.5}, "reset_target"),
+    ({"decision_lag": -1}, "decision_lag must be >= 0"),
 ])
 def test_config_rejects_invalid_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -34,6 +35,7 @@ def test_config_rejects_invalid_values(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"rank": 2.5}, "rank must be an int"),
+    ({"decision_lag": 1.0}, "decision_lag must be an int"),
     ({"tau": "0.1"}, "tau must be a float"),
     ({"coeff_dtype": torch.int8}, "coeff_dtype"),
     ({"include": "z/*"}, "sequence of glob"),
