@@ -19,7 +19,6 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -27,45 +26,26 @@ import torch
 from . import checkpoint, ops
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
+from .decisions import Step, close_batch, poll
 from .distributed import LocalSync, make_sync
 from .storage import (
     Entry,
     Packed,
     RawSaved,
-    decision_error,
     dense_region,
     region_view,
     saved_key,
     saved_nbytes,
     storage_key,
-    view_error,
-    view_target_scale,
     weight_leaf,
 )
 from .tracker import SiteTracker
-from .util import HostFuture
 
 __all__ = ["Laser"]
 
 # LASER's bookkeeping runs eagerly even when the model around it is compiled whole: traced by
 # dynamo it would graph-break on every host decision and recompile per shape and rank.
 _eager = torch.compiler.disable
-
-
-@dataclass
-class _Step:
-    """State of one `compress()` context (one training step). Dropped at exit."""
-
-    thread: int
-    entries: dict = field(default_factory=dict)  # StorageWeakRef -> Entry
-    raw_seen: dict = field(default_factory=dict)  # StorageWeakRef -> category
-    raw_counts: dict = field(default_factory=dict)  # category -> RawCount
-    site_raw: dict = field(default_factory=dict)  # site -> RawCount kept raw in reset back-off
-    batch: list = field(default_factory=list)  # entries drafted since the last decision point
-    pending: list = field(default_factory=list)  # (entries, HostFuture) awaiting decisions
-    roles: list = field(default_factory=lambda: ["main"])
-    ordinals: dict = field(default_factory=dict)  # (role, label) -> next ordinal
-    raw_depth: int = 0
 
 
 class Laser:
@@ -80,7 +60,7 @@ class Laser:
         if not isinstance(self.cfg, LaserConfig):
             raise TypeError(f"Laser expects a LaserConfig, got {type(self.cfg).__name__}")
         self.trackers: dict[str, SiteTracker] = {}
-        self._step: _Step | None = None
+        self._step: Step | None = None
         self._lock = threading.Lock()
         self._labels = threading.local()
         self._last_sites: dict[str, dict] = {}
@@ -105,7 +85,7 @@ class Laser:
                 self._sync = make_sync(True)
                 for tr in self.trackers.values():  # restored before the first step
                     tr.sync = self._sync
-            self._step = _Step(thread=threading.get_ident())
+            self._step = Step(thread=threading.get_ident())
         try:
             if not self.cfg.enabled:
                 yield self
@@ -195,7 +175,7 @@ class Laser:
             stack = self._labels.stack = []
         return stack
 
-    def _active_step(self) -> _Step | None:
+    def _active_step(self) -> Step | None:
         step = self._step
         if step is None or step.thread != threading.get_ident():
             return None
@@ -203,7 +183,7 @@ class Laser:
 
     # ------------------------------------------------------------------ pack
 
-    def _count_raw(self, step: _Step, t: torch.Tensor, category: str,
+    def _count_raw(self, step: Step, t: torch.Tensor, category: str,
                    site: str | None = None) -> torch.Tensor:
         """Keep t raw and count its storage once: under `site` when a tracked site chose raw
         (back-off), else under its rule's category."""
@@ -304,7 +284,7 @@ class Laser:
                 entry.pin(t)  # decided already; the storage is alive now, keep it exact
         return packed
 
-    def _next_slot(self, step: _Step) -> str:
+    def _next_slot(self, step: Step) -> str:
         role = step.roles[-1]
         stack = self._label_stack()
         label = stack[-1] if stack else ""
@@ -324,66 +304,15 @@ class Laser:
     # ------------------------------------------------------------------ decisions
 
     @_eager
-    def _close_batch(self, step: _Step) -> None:
-        """End a decision batch: advance bases in one batched call; read decisions non-blocking."""
-        batch, step.batch = step.batch, []
-        if not batch:
-            return
-        sync = self._sync
-        with torch.no_grad():
-            movers = list({id(e.tracker): e.tracker for e in batch
-                           if e.tracker.pending_Y is not None}.values())
-            if movers:
-                Ys = sync.sum_many([tr.pending_Y for tr in movers])
-                Qs, ok = ops.orthonormalize_batched(Ys)
-                for i, tr in enumerate(movers):
-                    tr.apply_pending(Qs[i], ok[i])
-            fails = torch.stack([~(decision_error(e) <= e.tracker.cfg.tau) for e in batch])
-            fails = sync.any(fails)  # with sync_basis, one rank's miss resets all ranks
-            shrink = []
-            for e in batch:
-                if e.draft.shrink_gram is not None:
-                    shrink += [e.draft.shrink_gram, e.draft.e_X]
-            step.pending.append((batch, HostFuture([fails.float(), *sync.sum_many(shrink)])))
+    def _close_batch(self, step: Step) -> None:
+        close_batch(step, self._sync)
 
     @_eager
-    def _poll(self, step: _Step, block: bool) -> None:
-        """Finalize every batch whose decisions have reached the host (all, if block). Wait
-        for the oldest while more than `decision_lag` batches are outstanding: their tensors
-        are held raw until decided, and a host far ahead of the GPU would otherwise hold the
-        whole step's activations."""
-        while step.pending:
-            batch, fut = step.pending[0]
-            must = block or len(step.pending) > self.cfg.decision_lag
-            if not must and not fut.ready():
-                return
-            step.pending.pop(0)
-            fails, *extra = fut.get()
-            extra = iter(extra)
-            with torch.no_grad():
-                for entry, failed in zip(batch, fails.tolist()):
-                    d = entry.draft
-                    shrink = None
-                    if d.shrink_gram is not None:
-                        shrink = (next(extra), float(next(extra)))
-                    passed = not failed
-                    scale = 1.0 if passed else view_target_scale(entry)
-                    st = entry.tracker.finalize(d, passed, shrink, scale)
-                    if entry.views and not st.is_raw and not passed:
-                        entry.stored = st  # verify the sub-views against the reset basis
-                        if not bool(view_error(entry, d.X) <= entry.tracker.cfg.tau):
-                            st = entry.tracker.fallback_raw(d.X)
-                    entry.stored = st
-                    # Passed: C came from the values as saved. Otherwise X was read now, so
-                    # values changed in place since the save would reach backward.
-                    entry.modified = not passed and entry.changed()
-                    if not st.is_raw and not entry.modified:
-                        entry.live = None  # compressed from the saved values: X may go
-                    entry.draft = None  # drops X unless stored raw
-                    entry.views = []
+    def _poll(self, step: Step, block: bool) -> None:
+        poll(step, block, self.cfg.decision_lag)
 
     @_eager
-    def _finish(self, step: _Step | None) -> None:
+    def _finish(self, step: Step | None) -> None:
         if step is None:
             return
         self._close_batch(step)

@@ -9,7 +9,7 @@ import pytest
 from models import GatedMLP, low_rank_tokens
 
 import laser_triton as lt
-from laser_triton import hooks
+from laser_triton import decisions
 from laser_triton.util import HostFuture
 
 
@@ -28,7 +28,7 @@ class LaggingFuture(HostFuture):
 
 @pytest.mark.parametrize("lag", [0, 1, 2])
 def test_undecided_tensors_are_bounded_by_the_lag(monkeypatch, lag):
-    monkeypatch.setattr(hooks, "HostFuture", LaggingFuture)
+    monkeypatch.setattr(decisions, "HostFuture", LaggingFuture)
     laser = lt.Laser(lt.LaserConfig(tau=0.05, rank=8, max_rank=48, min_width=64,
                                     decision_lag=lag))
     model = GatedMLP()
