@@ -54,3 +54,38 @@ def test_reported_bytes_match_the_allocator():
     # the caching allocator rounds each block up to 512 bytes
     n_blocks = int(laser.report().tensors.sum()) * 2 + 8
     assert abs(freed - stored) <= 512 * n_blocks + 0.02 * stored, (freed, stored)
+
+
+def test_decision_lag_bounds_undecided_tensors_when_the_host_runs_ahead():
+    """Undecided tensors are held raw. With the GPU behind the host (a sleep kernel per call),
+    an unbounded lag keeps every call's tensors undecided until compress() exits; lag 1 keeps
+    at most two calls' worth, by waiting on the oldest call's event (no device sync)."""
+    dev = torch.device("cuda")
+    model = GatedMLP().to(dev)
+    x = low_rank_tokens(8, 512, 160, rank=6, seed=2).to(dev).requires_grad_()
+    calls = 6
+
+    def undecided_per_call(lag: int) -> list[int]:
+        laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=64, min_width=64, decision_lag=lag))
+        for _ in range(2):  # bases built (resets synchronize), steady state after
+            _forward(laser, model, x, calls).backward()
+        torch.cuda.synchronize()
+        counts = []
+        with laser.compress():
+            h = x
+            for _ in range(calls):
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time: the host runs ahead
+                with laser.role("z"):
+                    h = model(h)
+                counts.append(sum(e.stored is None for e in laser._step.entries.values()))
+            loss = h.float().square().mean()
+        loss.backward()
+        torch.cuda.synchronize()
+        return counts
+
+    unbounded = undecided_per_call(10_000)
+    per_call = unbounded[0]
+    if unbounded[-1] <= per_call:
+        pytest.skip(f"the GPU kept up with the host ({unbounded}): nothing to bound")
+    bounded = undecided_per_call(1)
+    assert max(bounded) <= 2 * per_call, (bounded, unbounded)
