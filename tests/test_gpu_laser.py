@@ -89,3 +89,27 @@ def test_decision_lag_bounds_undecided_tensors_when_the_host_runs_ahead():
         pytest.skip(f"the GPU kept up with the host ({unbounded}): nothing to bound")
     bounded = undecided_per_call(1)
     assert max(bounded) <= 2 * per_call, (bounded, unbounded)
+
+
+def test_no_allocator_growth_over_training_steps():
+    """The GPU side of the no-growth guarantee: allocated memory after each step, sampled
+    after warm-up, has a fitted growth below 1% of its level (CPU: tests/test_resources.py)."""
+    from laser_triton.train import Trainer
+    from laser_triton.training import TrainConfig
+
+    cfg = TrainConfig.for_preset("tiny", batch_size=16, steps=90, use_laser=True,
+                                 train_puzzles=64, test_puzzles=8, ema=False, device="cuda")
+    trainer = Trainer(cfg)
+    steps, held = [], []
+    for step in range(90):
+        trainer.train_step()
+        if step >= 30 and step % 5 == 0:
+            torch.cuda.synchronize()
+            steps.append(step)
+            held.append(torch.cuda.memory_allocated())
+    n = len(steps)
+    mx, my = sum(steps) / n, sum(held) / n
+    slope = (sum((x - mx) * (y - my) for x, y in zip(steps, held))
+             / sum((x - mx) ** 2 for x in steps))
+    assert slope * (steps[-1] - steps[0]) <= 0.01 * my, held
+    assert trainer.laser._step is None
