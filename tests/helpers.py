@@ -6,6 +6,7 @@ import torch
 
 import laser_triton.hooks as hooks_mod
 from laser_triton.storage import Packed, region_view
+from laser_triton.trm import act_loss
 
 
 def matrix_with_spectrum(N: int, D: int, sigma: torch.Tensor, seed: int = 0,
@@ -16,6 +17,28 @@ def matrix_with_spectrum(N: int, D: int, sigma: torch.Tensor, seed: int = 0,
     A, _ = torch.linalg.qr(torch.randn(N, k, generator=g, dtype=torch.float64))
     B, _ = torch.linalg.qr(torch.randn(D, k, generator=g, dtype=torch.float64))
     return ((A * sigma.double()) @ B.t()).to(dtype)
+
+
+def sudoku_batch(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random Sudoku-shaped inputs and labels (81 cells, vocabulary 11), one puzzle id."""
+    g = torch.Generator().manual_seed(seed)
+    return {"inputs": torch.randint(1, 11, (B, 81), generator=g),
+            "labels": torch.randint(2, 11, (B, 81), generator=g),
+            "puzzle_ids": torch.zeros(B, dtype=torch.long)}
+
+
+def trm_steps(model, b: dict[str, torch.Tensor], steps: int = 1, run=None) -> torch.Tensor:
+    """`steps` deep-supervision steps of a TRM on batch b, each with its ACT loss backward,
+    through `run` (e.g. the compiled model) if given; returns the last step's logits."""
+    run = model if run is None else run
+    carry = model.initial_carry(b)
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        carry, out = run(carry, b)
+        loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"],
+                           carry.halted, carry.steps)
+        loss.backward()
+    return out["logits"].detach()
 
 
 def random_orthonormal(D: int, r: int, seed: int = 0) -> torch.Tensor:

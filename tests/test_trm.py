@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import sudoku_batch, trm_steps
 
 import laser_triton as lt
 from laser_triton.trm import TRM, TRMConfig, act_loss
@@ -23,11 +24,7 @@ def small(**kw) -> TRMConfig:
     return TRMConfig(**base)
 
 
-def batch(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"inputs": torch.randint(1, 11, (B, 81), generator=g),
-            "labels": torch.randint(2, 11, (B, 81), generator=g),
-            "puzzle_ids": torch.zeros(B, dtype=torch.long)}
+batch = sudoku_batch
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -89,6 +86,11 @@ def _saves(cfg: TRMConfig, counter: SavedTensorCounter | None = None) -> int:
     if counter is not None:
         counter.watch(model.net)
     b = batch()
+    return _count_saves(lambda: model(model.initial_carry(b), b))
+
+
+def _count_saves(run) -> int:
+    """Tensors autograd saves while run() executes."""
     count = 0
 
     def pack(t):
@@ -97,7 +99,7 @@ def _saves(cfg: TRMConfig, counter: SavedTensorCounter | None = None) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(model.initial_carry(b), b)
+        run()
     return count
 
 
@@ -120,16 +122,7 @@ def _saves_per_call() -> int:
     cfg = small()
     net = TRM(cfg).net
     h = torch.randn(3, cfg.total_len, cfg.hidden_size, requires_grad=True)
-    count = 0
-
-    def pack(t):
-        nonlocal count
-        count += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(h, h.detach())
-    return count
+    return _count_saves(lambda: net(h, h.detach()))
 
 
 def test_recursion_structure_calls_the_network_T_times_n_plus_one():
@@ -361,14 +354,7 @@ def _laser_grads(laser_cfg: lt.LaserConfig | None, steps: int = 2):
     if laser_cfg is not None:
         model.laser = lt.Laser(laser_cfg)
         model.laser.watch(model.net)
-    b = batch(4)
-    carry = model.initial_carry(b)
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        carry, out = model(carry, b)
-        loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"],
-                           carry.halted, carry.steps)
-        loss.backward()
+    trm_steps(model, batch(4), steps)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
 
 

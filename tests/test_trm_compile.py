@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo
-from helpers import UnpackTap
+from helpers import UnpackTap, sudoku_batch, trm_steps
 
 import laser_triton as lt
-from laser_triton.trm import TRM, TRMConfig, act_loss
+from laser_triton.trm import TRM, TRMConfig
 
 CFG = lt.LaserConfig(tau=0.05, coeff_dtype=torch.float32)
-
-
-def _batch(B: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"inputs": torch.randint(1, 11, (B, 81), generator=g),
-            "labels": torch.randint(2, 11, (B, 81), generator=g),
-            "puzzle_ids": torch.zeros(B, dtype=torch.long)}
 
 
 def _train(compiled: bool, laser: lt.Laser | None, steps: int = 2) -> dict[str, torch.Tensor]:
@@ -27,14 +20,7 @@ def _train(compiled: bool, laser: lt.Laser | None, steps: int = 2) -> dict[str, 
     if laser is not None:
         laser.watch(model.net)
     run = torch.compile(model, backend="aot_eager") if compiled else model
-    b = _batch()
-    carry = model.initial_carry(b)
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        carry, out = run(carry, b)
-        loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"],
-                           carry.halted, carry.steps)
-        loss.backward()
+    trm_steps(model, sudoku_batch(4), steps, run)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

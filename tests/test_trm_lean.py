@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import UnpackTap
+from helpers import UnpackTap, sudoku_batch, trm_steps
 
 import laser_triton as lt
-from laser_triton.trm import TRM, TRMConfig, act_loss
+from laser_triton.trm import TRM, TRMConfig
 from laser_triton.trm.layers import rms_norm
 from laser_triton.trm.lean import rms_norm_lean, swiglu_down
 from laser_triton.trm.savecount import SavedTensorCounter
@@ -80,24 +80,13 @@ def _tiny(lean: bool, **kw) -> TRMConfig:
     return TRMConfig.tiny().replace(L_cycles=2, lean_saves=lean, **kw)
 
 
-def _batch(B: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"inputs": torch.randint(1, 11, (B, 81), generator=g),
-            "labels": torch.randint(2, 11, (B, 81), generator=g),
-            "puzzle_ids": torch.zeros(B, dtype=torch.long)}
-
-
 def _step(cfg: TRMConfig, laser=None):
     torch.manual_seed(0)
     model = TRM(cfg, laser=laser)
     if laser is not None:
         laser.watch(model.net)
-    b = _batch()
-    carry, out = model(model.initial_carry(b), b)
-    loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"], carry.halted,
-                       carry.steps)
-    loss.backward()
-    return out["logits"].detach(), {n: p.grad for n, p in model.named_parameters()
+    logits = trm_steps(model, sudoku_batch(4))
+    return logits, {n: p.grad for n, p in model.named_parameters()
                                     if p.grad is not None}
 
 
@@ -172,11 +161,7 @@ def test_lean_model_compiles():
     torch.manual_seed(0)
     model = TRM(cfg)
     model.net = torch.compile(model.net, backend="aot_eager")
-    b = _batch()
-    carry, out = model(model.initial_carry(b), b)
-    act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"], carry.halted,
-             carry.steps)[0].backward()
-    assert torch.equal(out["logits"].detach(), logits)
+    assert torch.equal(trm_steps(model, sudoku_batch(4)), logits)
     for n, p in model.named_parameters():
         if p.grad is not None:
             key = n.replace("net._orig_mod.", "net.")
