@@ -274,8 +274,11 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
     def run_fused(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
         grid = (min(triton.cdiv(N, cfg["BLOCK_N"]), num_sms(dev) * cfg["PROGRAMS_PER_SM"]),)
         ypart, spart = y_buffer(grid[0]), stats_buffer(grid[0])
+        # PROGRAMS_PER_SM sizes the grid only: the kernel does not take it, and the compiled
+        # launcher rejects keywords it does not know (the interpreter drops them silently).
+        kernel_cfg = {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}
         _compress_fused_kernel[grid](X, U, C, ypart, spart, N, D, R, *strides, NEED_Y=need_y,
-                                     D_PAD=pow2(D), **cfg, **common)
+                                     D_PAD=pow2(D), **kernel_cfg, **common)
         return ypart, spart
 
     def run_coeff(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
