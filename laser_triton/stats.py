@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["regularized_incomplete_beta", "student_t_cdf", "student_t_sf", "student_t_ppf",
            "PairedTTest", "paired_t_test", "TOSTResult", "paired_tost", "relative_margin",
-           "seeds_for_tost"]
+           "seeds_for_tost", "tost_power"]
 
 _EPS = 3e-16
 _TINY = 1e-300
@@ -263,3 +263,17 @@ def seeds_for_tost(sd_diff: float, margin: float, alpha: float = 0.05, power: fl
         if n * room * room >= need * sd_diff * sd_diff:
             return n
     return max_n
+
+
+def tost_power(sd_diff: float, margin: float, n: int, alpha: float = 0.05) -> float:
+    """Approximate power of a paired TOST with symmetric margin +-margin at n pairs when the
+    true difference is 0: 1 - 2 P(T_{n-1} > margin / se - t_{1-alpha,n-1}), floored at 0 (the
+    t approximation `seeds_for_tost` inverts)."""
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    if n < 2:
+        raise ValueError(f"need n >= 2 pairs, got {n}")
+    if sd_diff <= 0:
+        return 1.0
+    x = margin / (sd_diff / math.sqrt(n)) - student_t_ppf(1 - alpha, n - 1)
+    return max(0.0, 1.0 - 2.0 * student_t_sf(x, n - 1))

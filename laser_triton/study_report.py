@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from . import stats
 from .study import RUN_COLUMNS, StudyProtocol
 
 __all__ = ["write_outputs", "verdict"]
@@ -66,11 +67,22 @@ def write_outputs(results_dir: str, name: str, protocol: StudyProtocol, result: 
         f"- Seeds needed for {p.power:.0%} TOST power: {d['seeds_needed']}; used: {d['seeds']}"
         + (f" (capped at max_seeds = {p.max_seeds}: the study is underpowered)" if d["capped"] else "")
         + (" (the pilot seeds are the first seeds of the sample)" if not p.separate_pilot else ""),
+        f"- Power of the TOST at the n used, from the pilot SD (t approximation): "
+        f"{stats.tost_power(d['sd_diff'], d['margin'], d['seeds'], p.alpha):.1%}"
+        + (f"; n was fixed by min_seeds = max_seeds = {p.max_seeds}, so the pilot could not "
+           "change it" if p.min_seeds == p.max_seeds else "") + ".",
         "", "## Results", "",
         f"Analysed seeds: {a['seeds']} (n = {a['n']}).", "",
         f"- **Primary, {p.primary}**: baseline {primary['baseline_mean']:.4g}, LASER "
         f"{primary['laser_mean']:.4g}; {verdict(primary, p.alpha)}.",
     ]
+    tost = primary.get("tost")
+    if tost is not None:
+        reach = max(abs(tost["ci_low"]), abs(tost["ci_high"]))
+        lines.append(f"  The {1 - 2 * p.alpha:.0%} CI would pass symmetric margins down to "
+                     f"+-{reach:.4g} ({primary['margin'] / reach:.1f}x tighter than declared); "
+                     f"its lower end {tost['ci_low']:+.4g} is the one-sided "
+                     f"{1 - p.alpha:.0%} lower bound that a non-inferiority test would use.")
     for ep in p.secondary:
         e = a["endpoints"][ep]
         lines.append(f"- {ep}: baseline {e['baseline_mean']:.4g}, LASER {e['laser_mean']:.4g}; "

@@ -22,6 +22,10 @@ Measured, per (preset, scope, variant):
   held for backward); `step_ms` = median of timed steps (synchronized), after warm-up.
 - CPU: the same memory columns from byte accounting (`LiveBytes`: storages created in the step
   and alive, per storage), `step_ms` = NaN and `valid_timing` = False: no timing claims.
+- Forward dtype (`forward_dtype` column): `--forward-dtype`, default bfloat16 everywhere, the
+  dtype the TRM runs its forward in on a GPU (bf16 activations, fp32 RMSNorm input copies,
+  bf16 weight copies), so that CPU byte accounting predicts GPU bytes. `auto` would run fp32
+  on CPU, whose ratios do not carry over to a GPU.
 - `saved_mib`: bytes saved for backward by the grad cycle, per storage, by saved-tensor hooks:
   the `SavedTensorCounter` for plain, LASER's report for LASER (NaN where hooks cannot see what
   is held, as inside checkpointing). Per-site bytes go to `<out stem>_sites.csv`.
@@ -80,7 +84,8 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "mem_ratio_vs_plain", "act_ratio_vs_plain", "time_ratio_vs_plain",
            "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
-           "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "status",
+           "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "forward_dtype",
+           "status",
            "torch_version", "triton_version", "date"]
 SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
                 "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
@@ -244,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--laser", nargs="*", default=[], metavar="KEY=VALUE",
                     help="LaserConfig overrides, e.g. tau=0.05 max_rank=128")
     ap.add_argument("--weights", type=Path, default=None, help="trained TRM state dict")
+    ap.add_argument("--forward-dtype", default="bfloat16",
+                    choices=["bfloat16", "float32", "float16", "auto"],
+                    help="activation dtype of the forward (default bfloat16: the GPU's, also on "
+                         "CPU so that byte accounting predicts GPU memory; auto: fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend (default inductor); on CPU compiled variants run "
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     meta = dict(gpu=torch.cuda.get_device_name() if cuda else "cpu",
                 weights=args.weights_name, laser_config=" ".join(args.laser) or "defaults",
+                forward_dtype=str(TRMConfig(forward_dtype=args.forward_dtype).resolve_dtype(
+                    device)).removeprefix("torch."),
                 torch_version=torch.__version__, triton_version=triton_version,
                 date=dt.date.today().isoformat())
     sites_path = args.out.with_name(args.out.stem + "_sites.csv")
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     setups: dict[str, tuple[TRMConfig, int, list[dict]]] = {}
     for preset, scope, name in plan(presets, args.scopes, variants):
         if preset not in setups:
-            cfg = preset_config(preset)
+            cfg = preset_config(preset).replace(forward_dtype=args.forward_dtype)
             spec = batches_override.get(preset, DEFAULT_BATCH.get(preset, 8) if cuda
                                         else CPU_BATCH)
             batch = safe_auto_batch(preset, cfg, device, args) if spec == "auto" else int(spec)

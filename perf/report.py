@@ -48,6 +48,26 @@ def describe(df: pd.DataFrame) -> dict[str, str]:
     return {k: str(first.get(k, "?")) for k in ("gpu", "torch_version", "triton_version", "date")}
 
 
+def forward_dtype(df: pd.DataFrame, cpu: bool) -> str:
+    """The forward dtype a set was measured with. Sets from before the `forward_dtype` column
+    ran the TRM's `auto` dtype: fp32 on CPU, bf16 on CUDA."""
+    if "forward_dtype" in df.columns and df.forward_dtype.notna().any():
+        return ", ".join(sorted(set(df.forward_dtype.dropna().astype(str))))
+    return "float32 (not recorded; the CPU default)" if cpu else "bfloat16 (not recorded)"
+
+
+def dtype_note(dtype: str, cpu: bool) -> str:
+    """What the forward dtype means for carrying a set's ratios over to a GPU."""
+    if not cpu:
+        return f"Forward dtype: {dtype}."
+    if dtype == "bfloat16":
+        return ("Forward dtype: bfloat16, as on a GPU (bf16 activations, fp32 RMSNorm input "
+                "copies, bf16 weight copies), so these bytes predict a GPU's held bytes.")
+    return (f"Forward dtype: {dtype}. On a GPU the TRM runs its forward in bf16 (bf16 "
+            "activations, fp32 RMSNorm input copies, bf16 weight copies): these ratios do not "
+            "carry over; `laser-triton bench trm` now accounts in bf16 by default.")
+
+
 def is_cpu(meta: dict[str, str]) -> bool:
     return meta["gpu"].lower().startswith("cpu")
 
@@ -93,7 +113,10 @@ def trm_section(trm: pd.DataFrame, cpu: bool) -> list[str]:
         def values(col: str) -> str:
             return ", ".join(sorted(set(trm.get(col, pd.Series(["?"])).astype(str))))
         out += ["", f"LASER: `LaserConfig` {values('laser_config')}; weights "
-                f"{values('weights')}. Ranks, and so memory, differ on trained activations."]
+                f"{values('weights')}. Ranks, and so memory, differ on trained activations; on "
+                "untrained weights at tau 0.05 almost all of LASER's saving comes from tensors "
+                "that are low-rank by construction (the MLPs' gate/up outputs; "
+                "perf/results/evidence.md, section 3)."]
     if not cpu:
         out += [""] + goal_lines(trm)
     return out
@@ -293,7 +316,12 @@ def render(sets: list[Path], summary: Path, plots: bool) -> str:
         if cpu:
             body.append("CPU dry run: proves the benchmarks run end to end. Memory columns are "
                         "byte accounting (storages created in the step and alive), not an "
-                        "allocator; there are no timing claims.")
+                        "allocator; there are no timing claims. `activation MiB` is what the "
+                        "step holds for backward; `peak MiB` (weights, optimizer state and "
+                        "workspaces included) is what decides an out-of-memory error, and "
+                        "LASER lowers it much less than the held bytes.")
+        if trm is not None:
+            body += ["", dtype_note(forward_dtype(trm, cpu), cpu)]
         if trm is not None:
             body += trm_section(trm, cpu)
             if plots:
@@ -330,11 +358,14 @@ def readme_block(sets: list[Path]) -> str:
         meta = describe(trm)
         cpu = is_cpu(meta)
         ok = trm[(trm.status == "ok") & (trm.scope == "step")]
+        dtype = forward_dtype(trm, cpu)
         where = (f"CPU dry run `{d.name}` (torch {meta['torch_version']}, Triton "
-                 f"{meta['triton_version']}, {meta['date']}; byte accounting, no timing claims)"
+                 f"{meta['triton_version']}, {meta['date']}; forward dtype {dtype}; byte "
+                 "accounting, no timing claims)"
                  if cpu else f"`{d.name}`: {meta['gpu']} (torch {meta['torch_version']}, Triton "
                  f"{meta['triton_version']}, {meta['date']})")
-        out.append(f"- {where}, full training step, activation memory against plain:")
+        out.append(f"- {where}, full training step, held activation memory against plain "
+                   "(peak memory in parentheses):")
         for preset, g in ok.groupby("preset", sort=False):
             base = ok[(ok.preset == preset.removesuffix("+lean")) & (ok.variant == "plain")]
             if base.empty:

@@ -75,6 +75,7 @@ def test_bench_trm_tiny_byte_accounting(scripts, tmp_path):
     ran = df.drop(index="plain+compile")
     assert (ran.status == "ok").all(), ran.status.to_dict()
     assert ran.step_ms.isna().all() and not ran.valid_timing.any()  # no timing claims on CPU
+    assert (df.forward_dtype == "bfloat16").all()  # the GPU's forward dtype, also on CPU
     act = ran.activation_mib
     # Checkpointing holds only the calls' inputs, SAC adds the matmul outputs.
     assert act["ckpt"] < act["sac"] < act["plain"]
@@ -131,6 +132,10 @@ def test_report_from_synthetic_csvs(scripts, tmp_path):
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "GPU results are pending" in text and "no timing claims" in text
     assert "against plain `tiny`: plain 0.50x, laser_torch 0.20x." in text
+    # A set without a forward_dtype column ran fp32 on CPU: the summary says ratios do not
+    # carry over to a GPU, and that held bytes are not the peak.
+    assert "float32 (not recorded" in text and "do not carry over" in text
+    assert "decides an out-of-memory error" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- perf-summary:begin -->\nold\n<!-- perf-summary:end -->\nrest\n")
     assert report.main(["--results", str(tmp_path), "--readme", str(readme), "--no-plots"]) == 0

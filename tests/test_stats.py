@@ -163,3 +163,21 @@ def test_seeds_for_tost_power_by_simulation():
         d = rng.normal(0.0, sd, n)
         hits += stats.paired_tost(d, np.zeros(n), -margin, margin).equivalent
     assert hits / trials >= 0.72  # the t approximation is close to exact at 80%
+
+
+def test_tost_power_inverts_seeds_for_tost_and_matches_simulation():
+    sd, margin = 1.0, 1.2
+    n = stats.seeds_for_tost(sd, margin, power=0.8, min_n=2)
+    assert stats.tost_power(sd, margin, n) >= 0.8 > stats.tost_power(sd, margin, n - 1)
+    rng = np.random.default_rng(1)
+    trials = 400
+    hits = sum(stats.paired_tost(d, np.zeros(n), -margin, margin).equivalent
+               for d in rng.normal(0.0, sd, (trials, n)))
+    assert abs(hits / trials - stats.tost_power(sd, margin, n)) < 0.08
+    # The issue-6 pilot: SD 0.0026 against a margin of 0.0337 at n = 5 is ~100%, not 80%.
+    assert stats.tost_power(0.0026095, 0.0336645, 5) > 0.999
+    assert stats.tost_power(0.0, 0.1, 3) == 1.0
+    with pytest.raises(ValueError):
+        stats.tost_power(1.0, 0.0, 5)
+    with pytest.raises(ValueError):
+        stats.tost_power(1.0, 1.0, 1)

@@ -116,6 +116,8 @@ def test_outputs_have_required_columns_and_verdicts(tmp_path):
     text = open(md).read()
     assert "equivalent within" in text and "60.0% saved" in text
     assert "no equivalence test" in text  # exact_acc has a zero baseline level
+    # How tight a margin the data would pass, and the power at the n used, are stated.
+    assert "tighter than declared" in text and "Power of the TOST at the n used" in text
 
 
 def test_analyze_runs_secondary_margins_are_relative():
