@@ -6,7 +6,8 @@ would compress, per site and per recursion step, as it arrives:
 
 - spectrum: ranks holding 90/95/99% of the energy and 1 - tau^2 (the rank LASER needs for
   tau, by Eckart-Young), effective rank (Roy-Vetterli, entropy of sigma / sum sigma) and
-  participation ratio;
+  participation ratio, uncentred (what LASER compresses) and centred (spread around the
+  column mean), the mean's share of the energy and its cosine with the top direction;
 - drift: principal angles between the top-r subspaces of consecutive matrices of a site;
 - tracking, ideal: fixed-rank subspace iteration (r = the rank the site's first matrix needs
   for tau) in lagged and refresh modes, against the optimal rank-r error;
@@ -40,7 +41,6 @@ from .config import LaserConfig
 __all__ = ["SiteAnalyzer", "capture_steps", "summarize", "summarize_roles", "cli_main"]
 
 MODES = ("lagged", "refresh")
-SPECTRUM_POINTS = 128  # normalized energies kept per site for spectra.csv
 
 
 class SiteAnalyzer:
@@ -81,7 +81,7 @@ class SiteAnalyzer:
                "rank90": spectra.energy_rank(s, 0.90), "rank95": spectra.energy_rank(s, 0.95),
                "rank99": spectra.energy_rank(s, 0.99), "rank_tau": spectra.rank_for_error(s, tau),
                "eff_rank": spectra.effective_rank(s),
-               "participation": spectra.participation_ratio(s)}
+               "participation": spectra.participation_ratio(s), **spectra.mean_profile(X, s)}
         r_d = min(self.drift_rank, s.V.shape[1])
         top = s.top(r_d)
         if st["prev_top"] is not None and st["prev_top"].shape == top.shape:
@@ -105,16 +105,16 @@ class SiteAnalyzer:
             row.update({f"{m}_{k}": v for k, v in p.items()})
         row["raw_bytes"] = X.numel() * X.element_size()
         self.rows.append(row)
-        e = s.energy[:SPECTRUM_POINTS]
         total = float(s.energy.sum())
-        if total > 0:
-            e = torch.nn.functional.pad(e / total, (0, SPECTRUM_POINTS - e.numel()))
+        if total > 0:  # the full spectrum (min(rows, width) values), not a prefix
+            e = s.energy / total
             self.energy_sums[site] = self.energy_sums.get(site, 0) + e
             self.energy_counts[site] = self.energy_counts.get(site, 0) + 1
         st["seq"] += 1
 
     def spectra_frame(self) -> pd.DataFrame:
-        """One row per site: model, site, e1..e128 = mean sigma_i^2 / sum sigma^2."""
+        """One row per site: model, site, e1..ek = mean sigma_i^2 / sum sigma^2 over the site's
+        matrices, k = min(rows, width) (NaN beyond a site's own k)."""
         out = []
         for site, total in self.energy_sums.items():
             mean = (total / self.energy_counts[site]).tolist()
@@ -181,6 +181,9 @@ def summarize(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1.1) ->
                 "rank_tau_over_width": float((df.rank_tau / df.width).mean()),
                 "eff_rank_over_width": float((df.eff_rank / df.width).mean()),
                 "participation_median": float(df.participation.median()),
+                "participation_centred_median": float(df.participation_centred.median()),
+                "mean_energy_median": float(df.mean_energy.median()),
+                "top_mean_cos_median": float(df.top_mean_cos.median()),
                 "drift_max_deg_median": float(df.drift_max_deg.median()),
                 "ratio_bound": ratio_bound, "warmup": warmup,
             })

@@ -57,6 +57,8 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
                         yv = (1 - e.cumsum()).clip(lower=1e-12).to_numpy() ** 0.5
                     ax.plot(range(1, len(yv) + 1), yv, style, color=_COLORS.get(model), lw=1,
                             label=f"{model} {role}")
+            if kind == "spectrum":
+                ax.set_ylim(bottom=1e-8)  # fp64 rounding of exact zeros (structural rank) below
             if kind == "error":
                 if tau:
                     ax.axhline(tau, color="k", lw=0.6, ls="--")
@@ -69,7 +71,8 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
         for ax in list(axes.flat)[len(stems):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=5)
-        fig.suptitle("normalized sigma^2 per site (mean over steps)" if kind == "spectrum" else
+        fig.suptitle("normalized sigma^2 per site (mean over steps), full width; below 1e-8 "
+                     "(rounding of exact zeros) cut" if kind == "spectrum" else
                      "optimal relative error vs rank (Eckart-Young); dashed: tau", fontsize=9)
         fig.subplots_adjust(left=0.04, right=0.99, bottom=0.06, top=0.9, wspace=0.3, hspace=0.5)
         path = os.path.join(out, "spectra.png" if kind == "spectrum" else "optimal_error.png")
@@ -103,6 +106,27 @@ def plot_all(out: str, steps: pd.DataFrame, spec: pd.DataFrame, tau: float | Non
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def spectrum_lines(steps: pd.DataFrame) -> list[str]:
+    """Uncentred vs centred participation ratio per model: the median over matrices and the
+    range of the per-site medians, computed from `steps` (so the text cannot drift from it)."""
+    cols = [c for c in ("participation", "participation_centred", "mean_energy", "top_mean_cos")
+            if c in steps.columns]
+    if "participation_centred" not in cols:
+        return []
+    out = ["## Spectra: uncentred vs centred", "",
+           "LASER compresses the uncentred matrix, so its ranks follow the uncentred spectrum; "
+           "the centred participation ratio measures spread around the column mean. Median over "
+           "all matrices, and [min, max] of the per-site medians.", "",
+           "| model | participation, uncentred | participation, centred | mean's share of energy "
+           "| cos(top direction, mean) |", "|---|---|---|---|---|"]
+    for model, d in steps.groupby("model", sort=False):
+        per_site = d.groupby("site")[cols].median()
+        cells = [f"{d[c].median():.3g} [{per_site[c].min():.3g}, {per_site[c].max():.3g}]"
+                 for c in cols]
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
@@ -145,6 +169,7 @@ def write_markdown(path: str, steps: pd.DataFrame, summary: pd.DataFrame, info: 
               "`row_err_max`: worst per-row relative error; `pos0_row_err_max`: the same over "
               "the rows of position 0, which feeds the halting head.", "",
               _md_table(table.reset_index().rename(columns={"index": "metric"})), "",
+              *spectrum_lines(steps),
               "## By role", "",
               "z sites see n matrices per training step (one per latent update), y sites one. "
               "Drift: median largest principal angle between the top-16 subspaces of a site's "

@@ -10,6 +10,11 @@ Conventions:
 - Effective rank is Roy & Vetterli's (2007): exp of the Shannon entropy of the normalized
   singular values p_i = sigma_i / sum_j sigma_j (sigma, not sigma^2). The participation ratio is
   (sum sigma^2)^2 / sum sigma^4, the effective number of covariance eigenvalues.
+- Uncentred vs centred: LASER compresses X itself, so its ranks come from the uncentred
+  spectrum; but a trained site's top singular direction is often nearly the column mean, and
+  then the uncentred participation ratio mostly counts the mean. `mean_profile` reports the
+  centred ratio (of X minus its column mean), the mean's share of the energy and the cosine
+  between the top singular direction and the mean, so that both readings are available.
 - Principal angles between subspaces come from the singular values of U1^T U2 (cosines) and of
   (I - U1 U1^T) U2 (sines), each used where it is accurate (Bjorck & Golub 1973).
 """
@@ -27,7 +32,7 @@ from .config import LaserConfig
 from .tracker import SiteTracker
 
 __all__ = ["Spectrum", "spectrum", "energy_rank", "effective_rank", "participation_ratio",
-           "rank_for_error", "optimal_error", "basis_error", "row_errors", "principal_angles", "top_subspace",
+           "rank_for_error", "optimal_error", "mean_profile", "basis_error", "row_errors", "principal_angles", "top_subspace",
            "FixedRankTracker", "LaserTrackerProbe"]
 
 
@@ -97,6 +102,24 @@ def participation_ratio(s: Spectrum | torch.Tensor | Sequence[float]) -> float:
     e = _as_sigma(s).double().square()
     den = float(e.square().sum())
     return float(e.sum()) ** 2 / den if den > 0 else 0.0
+
+
+def mean_profile(X: torch.Tensor, s: Spectrum | None = None) -> dict[str, float]:
+    """How much of X's spectrum is its column mean:
+
+    - participation_centred: participation ratio of X - 1 mean^T (fp64);
+    - mean_energy: N ||mean||^2 / ||X||^2, the share of the energy in the mean (0 for X = 0);
+    - top_mean_cos: |cos| between the top right singular vector and the mean (0 if either is 0).
+    """
+    Xd = X.detach().to(torch.float64)
+    s = spectrum(Xd) if s is None else s
+    mu = Xd.mean(dim=0)
+    total = float(Xd.square().sum())
+    nmu = float(torch.linalg.vector_norm(mu))
+    cos = abs(float(s.V[:, 0] @ mu)) / nmu if nmu > 0 and s.V.shape[1] else 0.0
+    return {"participation_centred": participation_ratio(spectrum(Xd - mu)),
+            "mean_energy": Xd.shape[0] * nmu * nmu / total if total > 0 else 0.0,
+            "top_mean_cos": min(cos, 1.0)}
 
 
 def optimal_error(s: Spectrum | torch.Tensor | Sequence[float], r: int) -> float:

@@ -47,6 +47,27 @@ def test_effective_rank_and_participation_ratio():
     assert spectra.effective_rank([0.0, 0.0]) == 0.0
 
 
+def test_mean_profile_separates_the_mean_from_the_spread():
+    # X = a large common row (the mean) + a rank-3 spread with known singular values.
+    gen = torch.Generator().manual_seed(3)
+    N, D = 300, 48
+    spread = _matrix([3.0, 2.0, 1.0], N=N, D=D, seed=4)
+    spread = spread - spread.mean(dim=0)  # exactly centred
+    mu = 5.0 * torch.randn(D, generator=gen, dtype=torch.float64)
+    X = spread + mu
+    prof = spectra.mean_profile(X)
+    centred_sigma = torch.linalg.svdvals(spread)
+    assert prof["participation_centred"] == pytest.approx(
+        spectra.participation_ratio(centred_sigma), rel=1e-9)
+    assert prof["mean_energy"] == pytest.approx(
+        N * float(mu.square().sum()) / float(X.square().sum()), rel=1e-12)
+    # The mean dominates: the uncentred ratio is near 1, the centred one near the spread's.
+    assert spectra.participation_ratio(spectra.spectrum(X)) < 1.1
+    assert prof["participation_centred"] > 2.0 and prof["top_mean_cos"] > 0.99
+    zero = spectra.mean_profile(torch.zeros(5, 4))
+    assert zero == {"participation_centred": 0.0, "mean_energy": 0.0, "top_mean_cos": 0.0}
+
+
 def test_optimal_error_is_attained_by_the_top_subspace_only():
     sigma = [8.0, 4.0, 2.0, 1.0, 0.5]
     X = _matrix(sigma, seed=1)
@@ -186,10 +207,18 @@ def test_analyze_command_end_to_end(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 2 and summary.reset_rate.between(0, 1).all()
     assert (out / "analysis.md").exists()
+    assert {"participation_centred", "mean_energy", "top_mean_cos"} <= set(steps.columns)
+    text = (out / "analysis.md").read_text()
+    med = steps.participation_centred.median()
+    assert "Spectra: uncentred vs centred" in text and f"{med:.3g} [" in text
     roles = pd.read_csv(out / "summary_roles.csv")
     assert set(roles.role) == {"z", "y"} and len(roles) == 4
     # Plots on two sites only (drawing all 18 panels is slow on a busy CPU).
     spec = pd.read_csv(out / "spectra.csv")
+    # The full spectrum of every site, not the first 128 values: e1..e_k, k = min(rows, width).
+    k = steps.groupby("site").apply(lambda d: min(d.rows.iloc[0], d.width.iloc[0]))
+    ecount = spec.set_index("site").filter(regex=r"^e\d+$").notna().sum(axis=1)
+    assert (ecount.reindex(k.index) == k).all() and k.max() > 128
     keep = set(list(dict.fromkeys(steps.stem))[:2])
     paths = plot_all(str(out), steps[steps.stem.isin(keep)],
                      spec[spec.site.str.split("/", n=1).str[1].isin(keep)], 0.3)
