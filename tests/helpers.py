@@ -46,6 +46,30 @@ def random_orthonormal(D: int, r: int, seed: int = 0) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))[0]
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 0.0,
+                 atol: float = 0.0, norm: bool = False, msg: str = "") -> None:
+    """Assert that `actual` matches `expected` within the given tolerances, compared in fp64.
+
+    Elementwise (default): |actual - expected| <= rtol * |expected| + atol at every element.
+    norm=True: ||actual - expected|| <= rtol * ||expected|| + atol in the Frobenius norm, for
+    results that are only accurate as a whole (a product summed over a long axis).
+    A NaN anywhere fails either check; shapes must match.
+    """
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double().to(actual.device)
+    if norm:
+        err, bound = float((a - e).norm()), rtol * float(e.norm()) + atol
+        assert err <= bound, f"{msg} ||diff|| = {err:.3g} > {bound:.3g} (rtol={rtol}, atol={atol})"
+        return
+    diff = (a - e).abs()
+    ok = diff <= rtol * e.abs() + atol
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{msg} {int((~ok).sum())} of {ok.numel()} elements differ beyond rtol={rtol}, "
+            f"atol={atol:.3g}; first at {bad}: {float(a[tuple(bad)])} vs {float(e[tuple(bad)])}")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     nb = b.norm()

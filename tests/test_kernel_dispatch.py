@@ -1,0 +1,96 @@
+"""Which implementation runs and with which tiles: `supports`, the ops backend switch, GPU-sized
+blocks from the config store, and the package without Triton (DESIGN §6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close
+from kernel_checks import (
+    DEV,
+    KERNEL_MARKS,
+    check_compress,
+    force_path,
+    inputs,
+    orth_err,
+    span_residual,
+)
+
+pytest.importorskip("triton")
+from laser_triton.kernels import (  # noqa: E402
+    compress_pass,
+    orthonormalize,
+    reconstruct,
+    supports,
+)
+
+from laser_triton import ops  # noqa: E402
+
+pytestmark = KERNEL_MARKS
+
+
+def test_small_blocks(use_configs, monkeypatch):
+    """GPU-sized blocks: many programs, persistent loops, row segments and Gram tiles."""
+    use_configs({
+        "compress_fused": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "PROGRAMS_PER_SM": 1}},
+        "compress_coeff": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32}},
+        "compress_y": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32}},
+        "reconstruct": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_R": 16}},
+        "orth_gram": {"D=70,r=32,dtype=fp32": {"BLOCK_D": 16, "ROWS_PER_CHUNK": 32,
+                                               "GRAM_TILE": 16}},
+        "orth_apply": {"D=70,r=32,dtype=fp32": {"BLOCK_D": 16}},
+    })
+    X, U = inputs(60, 70, 20, torch.float32, seed=11)
+    for path in ("fused", "split"):
+        force_path(monkeypatch, path)
+        out = compress_pass(X, U, True, torch.float32)
+        check_compress(out, X, U, torch.float32)
+    Q, ok = orthonormalize(out.Y)
+    assert bool(ok) and orth_err(Q) <= 1e-5 and span_residual(Q, out.Y) <= 1e-5
+    X_hat = reconstruct(out.C, U, torch.float32)
+    assert_close(X_hat, out.C.double() @ U.double().t(), rtol=1e-6, norm=True)
+
+
+def test_supports():
+    X = torch.randn(10, 512)
+    assert supports("compress_pass", X, torch.zeros(512, 64))
+    assert not supports("compress_pass", torch.randn(2, 9000), torch.zeros(9000, 8))
+    assert not supports("compress_pass", X, torch.zeros(512, 300))
+    assert supports("orthonormalize", torch.zeros(512, 64), torch.zeros(96, 5))
+    assert not supports("orthonormalize", torch.zeros(512, 128))
+    assert supports("reconstruct", torch.zeros(10, 8, dtype=torch.bfloat16), torch.zeros(512, 8))
+    assert not supports("nonsense", X)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ops_dispatch(backend, monkeypatch):
+    if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setenv("LASER_TRITON_BACKEND", backend)
+    calls = []
+    kmod = sys.modules["laser_triton.kernels"]
+    for name in ("compress_pass", "orthonormalize", "reconstruct"):
+        real = getattr(kmod, name)
+        monkeypatch.setattr(kmod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    X, U = inputs(50, 130, 6, torch.bfloat16, seed=9)
+    assert ops.backend_for("compress_pass", X, U) == backend
+    out = ops.compress_pass(X, U, True)
+    check_compress(out, X, U, torch.bfloat16)
+    Q, ok = ops.orthonormalize(out.Y)
+    assert bool(ok) and orth_err(Q) <= 1e-5
+    X_hat = ops.reconstruct(out.C, Q, torch.float32)
+    assert X_hat.shape == X.shape
+    assert calls == (["compress_pass", "orthonormalize", "reconstruct"] if backend == "triton" else [])
+
+
+def test_import_without_triton_is_clean():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n import laser_triton.kernels\nexcept ImportError as e: print('ImportError', e)\n"
+            "from laser_triton import ops; print(ops._triton_kernels())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ImportError") and out.stdout.strip().endswith("None")
