@@ -28,9 +28,13 @@ def main() -> None:
     ap.add_argument("--sync-basis", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        # Before anything touches CUDA: NCCL, and every library that launches on the current
+        # device (Triton does), must see this rank's GPU, not GPU 0.
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
 
@@ -39,7 +43,7 @@ def main() -> None:
     laser = lt.Laser(lt.LaserConfig(tau=0.05, sync_basis=args.sync_basis))
     laser.watch(model.net)
     model.laser = laser
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     puzzles, solutions = generate(64, seed=0, clues=45)
     stream = PuzzleStream(puzzles, solutions, args.batch, seed=rank)  # each rank its own data

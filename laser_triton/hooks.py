@@ -40,12 +40,17 @@ from .storage import (
     weight_leaf,
 )
 from .tracker import SiteTracker
+from .util import own_math
 
 __all__ = ["Laser"]
 
-# LASER's bookkeeping runs eagerly even when the model around it is compiled whole: traced by
-# dynamo it would graph-break on every host decision and recompile per shape and rank.
-_eager = torch.compiler.disable
+
+
+def _eager(fn):
+    """LASER's bookkeeping runs eagerly even when the model around it is compiled whole (traced
+    by dynamo it would graph-break on every host decision and recompile per shape and rank),
+    and without the caller's autocast (its fp32 products and error estimates stay fp32)."""
+    return torch.compiler.disable(own_math(fn))
 
 
 class Laser:

@@ -4,6 +4,10 @@ Every public op validates its inputs from metadata only (no host synchronization
 runs either the Triton kernels (`laser_triton.kernels`) or the pure-torch reference
 (`laser_triton.reference`). Nothing else in the package picks a backend.
 
+Triton launches on the *current* CUDA device and its current stream, so every kernel call
+below runs under `device_guard(tensor.device)`: the tensor's device and that device's current
+stream, whatever device the caller left current.
+
 Backend choice (`LASER_TRITON_BACKEND`):
 - `auto` (default): Triton for CUDA tensors when Triton imports and the kernel supports the
   shape; the torch reference otherwise.
@@ -22,6 +26,7 @@ import torch
 
 from . import reference
 from .results import CompressOut
+from .util import device_guard
 
 __all__ = [
     "compress_pass",
@@ -133,7 +138,8 @@ def compress_pass(
     if coeff_dtype not in FLOAT_DTYPES:
         raise TypeError(f"coeff_dtype {coeff_dtype} is not one of float32, bfloat16, float16")
     if backend_for("compress_pass", X, U) == "triton":
-        return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)
+        with device_guard(X.device):
+            return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)
     return reference.compress_pass(X, U, need_y, coeff_dtype)
 
 
@@ -143,7 +149,8 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if Y.shape[1] > Y.shape[0]:
         raise ValueError(f"rank {Y.shape[1]} exceeds width {Y.shape[0]}: cannot orthonormalize")
     if backend_for("orthonormalize", Y) == "triton":
-        return _triton_kernels().orthonormalize(Y)
+        with device_guard(Y.device):
+            return _triton_kernels().orthonormalize(Y)
     return reference.orthonormalize(Y)
 
 
@@ -157,7 +164,8 @@ def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tenso
         if Y.device != Ys[0].device:
             raise ValueError(f"Ys[{i}] is on {Y.device} but Ys[0] is on {Ys[0].device}")
     if Ys and backend_for("orthonormalize", *Ys) == "triton":
-        return _triton_kernels().orthonormalize_batched(Ys)
+        with device_guard(Ys[0].device):
+            return _triton_kernels().orthonormalize_batched(Ys)
     return reference.orthonormalize_batched(Ys)
 
 
@@ -175,5 +183,6 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"output dtype {dtype} is not one of float32, bfloat16, float16")
     if backend_for("reconstruct", C, U) == "triton":
-        return _triton_kernels().reconstruct(C, U, dtype)
+        with device_guard(C.device):
+            return _triton_kernels().reconstruct(C, U, dtype)
     return reference.reconstruct(C, U, dtype)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .results import CompressOut
-from .util import to_device_async
+from .util import mm_fp32, to_device_async
 
 __all__ = [
     "compress_pass",
@@ -65,12 +65,8 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     return _mm_fp32(C.float(), U.t()).to(dtype)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp32 matmul at full fp32 accuracy, also on GPUs where TF32 may be enabled globally."""
-    if a.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        # TF32 would make the basis only ~1e-3 accurate in the fidelity product (DESIGN §2).
-        return (a.double() @ b.double()).float()
-    return a @ b
+# fp32 matmul at full fp32 accuracy whatever the caller's TF32 settings (old or new API).
+_mm_fp32 = mm_fp32
 
 
 # ----------------------------------------------------------------------------- orthonormalize

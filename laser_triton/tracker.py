@@ -24,7 +24,7 @@ from . import ops, reference
 from .config import LaserConfig, rounding_error
 from .distributed import LocalSync
 from .results import CompressOut
-from .util import to_device_async
+from .util import mm_fp32, to_device_async
 
 __all__ = ["SiteTracker", "Draft", "Stored", "relative_error"]
 
@@ -209,7 +209,7 @@ class SiteTracker:
         self.since_shrink_check += 1
         if self.since_shrink_check >= cfg.shrink_every and U.shape[1] > cfg.min_rank:
             self.since_shrink_check = 0
-            d.shrink_gram = U.t() @ out.Y  # Ritz matrix U^T X^T X U, read with the decision
+            d.shrink_gram = mm_fp32(U.t(), out.Y)  # Ritz matrix U^T X^T X U, read with the decision
         self.pending_Y = out.Y
         return d
 
@@ -223,7 +223,7 @@ class SiteTracker:
         if self.pending_shrink is not None and self.U is not None:
             W = self.pending_shrink
             if W.shape[0] == self.U.shape[1]:
-                Q, ok = ops.orthonormalize(self.U @ W)
+                Q, ok = ops.orthonormalize(mm_fp32(self.U, W))
                 self.U = torch.where(ok, Q, self.U[:, : W.shape[1]].contiguous())
                 self.shrinks += 1
             self.pending_shrink = None
