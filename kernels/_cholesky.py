@@ -4,7 +4,7 @@ Each factor mode writes R^{-1} (fp64) for the apply kernel, never R itself.
 
 `_orth_factor_kernel` sums the per-chunk Gram partials in a fixed order and then, by MODE:
 - "repair": column scaling, completion of dead and degenerate columns, and the first
-  Cholesky factor R1 (DESIGN §2.5, matching laser_triton.reference.orthonormalize);
+  Cholesky factor R1 (docs/design.md §2.6, matching laser_triton.reference.orthonormalize);
 - "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1;
 - "check": `ok` from the Gram of the final Q (max |Q^T Q - I| <= 1e-4, finite, factors fine).
 A right-looking Cholesky (and the inverse) of an R_PAD x R_PAD register tile cost r steps of O(R_PAD^2) work;
@@ -108,6 +108,8 @@ def _orth_factor_kernel(
     g_ptr, za_ptr, zz_ptr, nf_ptr, meta_ptr, rinv_ptr, scale_ptr, info_ptr, ok_ptr, n_chunk,
     MODE: tl.constexpr, R_PAD: tl.constexpr,
 ):
+    """For site s: G = sum of its Gram partials (R_PAD, R_PAD) fp64, then by MODE
+    R^{-1} of chol(G) ("repair": of the scaled, completed Gram; "plain") or ok ("check")."""
     s = tl.program_id(0)
     idx = tl.arange(0, R_PAD)
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)

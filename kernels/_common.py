@@ -1,7 +1,7 @@
 """Helpers shared by the kernel launchers: device facts, output allocation, launch fallback.
 
 Nothing here knows about LASER's algorithm. The `@triton.jit` helpers at the bottom implement
-the two fp32-accurate matrix products every kernel uses (DESIGN §2, §6).
+the two fp32-accurate matrix products every kernel uses (docs/design.md §6.4, §8).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger("laser_triton")
 T = TypeVar("T")
 
 # TRITON_INTERPRET is read by Triton at import time, so it is read here once, too. Kernels get it
-# as a constexpr: the interpreter computes garbage for bf16 arithmetic (DESIGN §6), so under it
+# as a constexpr: the interpreter computes garbage for bf16 arithmetic (docs/design.md §8), so under it
 # the bf16 halves of a split product are widened to fp32 before tl.dot (same values, exactly).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -1,4 +1,4 @@
-"""compress_pass: C = X U, ||X||^2, ||C||^2, per-row error maxima and Y = X^T C (DESIGN §2.1).
+"""compress_pass: C = X U, ||X||^2, ||C||^2, per-row error maxima and Y = X^T C (docs/design.md §6.1).
 
 Two designs, picked per (D, r) by the config store (table `compress_path`):
 
@@ -47,7 +47,10 @@ REDUCE_BLOCK = 1024
 
 @triton.jit
 def _row_stats(row_x, c, ex, ec, rel_max, c_amax):
-    """Fold one row block into the running sums and maxima (NaN propagates into maxima)."""
+    """Fold one row block into the running sums and maxima (NaN propagates into maxima):
+    ex += ||x_i||^2, ec += ||c_i||^2, rel_max = max(rel_max, 1 - ||c_i||^2/||x_i||^2),
+    c_amax = max(c_amax, max_k |c_ik|). row_x, ex, ec, rel_max, c_amax: (BLOCK_N,);
+    c: (BLOCK_N, R_PAD)."""
     row_c = tl.sum(c * c, axis=1)
     # Relative projection error of a row: ||x - U U^T x||^2 / ||x||^2 = 1 - ||c||^2/||x||^2.
     has_x = row_x > 0
@@ -86,6 +89,8 @@ def _compress_fused_kernel(
     R_PAD: tl.constexpr, PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    """C = X U, Y_p = sum over its row blocks of X_blk^T C_blk, and row statistics, for the
+    row blocks pid, pid + P, ... of one persistent program p (P = number of programs)."""
     pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -93,6 +98,7 @@ def _compress_fused_kernel(
     d_ok = offs_d < D
     r_ok = offs_r < R
     # U stays in registers for the whole program, in fp32 (a bf16 U would hide 1% errors).
+    # u: (D_PAD, R_PAD) fp32; y_acc: (D_PAD, R_PAD) fp32; ex, ec, rel_max, c_amax: (BLOCK_N,)
     u = tl.load(u_ptr + offs_d[:, None] * stride_ud + offs_r[None, :] * stride_ur,
                 mask=d_ok[:, None] & r_ok[None, :], other=0.0)
     y_acc = tl.zeros((D_PAD, R_PAD), tl.float32)
@@ -104,6 +110,7 @@ def _compress_fused_kernel(
     for blk in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         rows = (blk * BLOCK_N + offs_n).to(tl.int64)
         n_ok = rows < N
+        # x: (BLOCK_N, D_PAD) fp32, one row block; c = x u: (BLOCK_N, R_PAD) fp32
         x = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         c = mma_fp32(x, u, tl.zeros((BLOCK_N, R_PAD), tl.float32), PRECISION, X_IS_BF16,
@@ -131,17 +138,20 @@ def _compress_coeff_kernel(
     BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     X_IS_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """C[blk] = X[blk] U (split path, kernel 1) and the row statistics of one row block,
+    looping over D in BLOCK_D chunks."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, R_PAD)
     n_ok = rows < N
     r_ok = offs_r < R
-    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)
-    row_x = tl.zeros((BLOCK_N,), tl.float32)
+    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)  # c: (BLOCK_N, R_PAD) fp32 accumulator
+    row_x = tl.zeros((BLOCK_N,), tl.float32)  # ||x_i||^2 of the block's rows
     for d0 in range(0, D, BLOCK_D):  # C = sum over D chunks of X[:, chunk] U[chunk, :]
         dd = d0 + offs_d
         d_ok = dd < D
+        # x: (BLOCK_N, BLOCK_D) fp32; u: (BLOCK_D, R_PAD) fp32, the matching rows of U
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         u = tl.load(u_ptr + dd[:, None] * stride_ud + offs_r[None, :] * stride_ur,
@@ -165,6 +175,8 @@ def _compress_y_kernel(
     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """Y_seg[chunk] = X[seg, chunk]^T C32[seg] (split path, kernel 2) for one (row segment,
+    D chunk) tile, C32 being the fp32 coefficients of kernel 1."""
     seg = tl.program_id(0)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -172,10 +184,11 @@ def _compress_y_kernel(
     d_ok = dd < D
     r_ok = offs_r < R
     row_end = tl.minimum(seg * rows_per_seg + rows_per_seg, N)
-    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)
+    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)  # acc: (BLOCK_D, R_PAD), this tile of Y
     for n0 in range(seg * rows_per_seg, row_end, BLOCK_N):  # Y[chunk] = X[seg, chunk]^T C[seg]
         rows = (n0 + offs_n).to(tl.int64)
         n_ok = rows < row_end
+        # x: (BLOCK_N, BLOCK_D) fp32; c: (BLOCK_N, R_PAD) fp32
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         c = tl.load(c32_ptr + rows[:, None] * R + offs_r[None, :],
@@ -192,7 +205,9 @@ def _compress_y_kernel(
 @triton.jit
 def _reduce_kernel(ypart_ptr, y_ptr, n_ypart, DR, spart_ptr, n_spart, out_ptr,
                    NEED_Y: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Sum the partials in a fixed order: Y element-wise over slabs; program 0 the scalars."""
+    """Y = sum_p Ypart[p] (element-wise over the slabs, BLOCK elements per program) and, in
+    program 0, (sum e_X, sum e_C, sqrt(max rel), max |c|) over the scalar partials, in a fixed
+    order (bitwise repeatable)."""
     pid = tl.program_id(0)
     if NEED_Y:
         offs = pid * BLOCK + tl.arange(0, BLOCK)

@@ -1,11 +1,11 @@
-"""orthonormalize: QR-free orthonormal bases by CholeskyQR2 (DESIGN §2.5), batched over sites.
+"""orthonormalize: QR-free orthonormal bases by CholeskyQR2 (docs/design.md §2.6, §6.2), batched over sites.
 
 Math (per site, Y is D x r): scale columns to unit norm, complete zero / non-finite /
 numerically dependent columns with fixed random directions Z (the reference's
 completion_matrix), then twice: G = M^T M in fp64, R = chol(G) and R^{-1} in fp64 (one program
 per site, _cholesky.py), M <- M R^{-1} as an fp64 product stored in fp32.
 
-The apply is fp64, not the fp32 of DESIGN §2.5. Measured in torch before writing this
+The apply is fp64, not fp32 (docs/design.md §9 has the alternatives). Measured in torch before writing this
 (D = 96..4096, r = 16..128, kappa(Y) up to 1e8; max |Q^T Q - I| / span residual):
   fp32 product with an fp32 R^{-1}   1e-7 / up to 1e-5  (loses span: fails the 1e-5 bar)
   fp32 forward substitution          2e-7 / 2e-7        (r dependent steps per row block)
@@ -17,7 +17,7 @@ Launches (6, none synchronizes with the host), each over all sites at once:
               -> factor("plain")  -> apply(Q1 -> Q, Gram of Q) -> factor("check": ok)
 Sites are packed into one flat buffer with a table of (offset, D, r), so bases of different
 shapes share each launch; rows are split into chunks whose partial Grams are summed in a fixed
-order (deterministic). Newton-Schulz is not implemented: DESIGN §2.5/§7 record why it lost.
+order (deterministic). Newton-Schulz is not implemented: docs/design.md §9 records why it lost.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def _orth_gram_kernel(
     a_ptr, z_ptr, meta_ptr, g_ptr, za_ptr, nf_ptr, rows_per_chunk,
     WITH_Z: tl.constexpr, R_PAD: tl.constexpr, GT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial fp64 Grams A^T A (and Z^T A) of one row chunk of one site, one GT x GT tile."""
+    """G_part[s, chunk][ci, cj] = A[chunk, ci]^T A[chunk, cj] (and Z^T A with WITH_Z) in fp64,
+    for one row chunk of site s and one (GT, GT) tile (ci, cj) of its (R_PAD, R_PAD) Gram;
+    non-finite entries count per column (nf) and enter the Gram as zeros."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     NT: tl.constexpr = R_PAD // GT
@@ -51,7 +53,7 @@ def _orth_gram_kernel(
     D = tl.load(meta_ptr + s * 3 + 1).to(tl.int32)
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
     row_end = tl.minimum(chunk * rows_per_chunk + rows_per_chunk, D)
-    aa = tl.zeros((GT, GT), tl.float64)
+    aa = tl.zeros((GT, GT), tl.float64)  # aa, za: (GT, GT) fp64 Gram tiles
     za = tl.zeros((GT, GT), tl.float64)
     nonfinite = tl.zeros((GT,), tl.float32)
     for d0 in range(chunk * rows_per_chunk, row_end, BLOCK_D):
@@ -59,6 +61,7 @@ def _orth_gram_kernel(
         base = off + rows[:, None] * r
         mi = (rows[:, None] < row_end) & (ci[None, :] < r)
         mj = (rows[:, None] < row_end) & (cj[None, :] < r)
+        # ai, aj: (BLOCK_D, GT) fp32, columns ci and cj of the site's rows d0 .. d0 + BLOCK_D
         ai = tl.load(a_ptr + base + ci[None, :], mask=mi, other=0.0)
         aj = tl.load(a_ptr + base + cj[None, :], mask=mj, other=0.0)
         fin_i = tl.abs(ai) <= 3.4028234663852886e38  # False for NaN and +-inf
@@ -85,6 +88,8 @@ def _orth_apply_kernel(
 ):
     """dst = M R^{-1} (fp64 math, fp32 store) for one row chunk, plus the fp64 Gram of dst.
 
+    M, dst: (D, r) per site in the flat buffers; R^{-1}: (R_PAD, R_PAD) fp64 per site.
+
     With REPAIR, M is the scaled and completed input: m_j = a_j * scale_j, or z_j where
     scale_j < 0. The rank dimension is walked in BLOCK_K chunks; the output row tile holds
     all R_PAD columns so its Gram (for the next factor step) is formed on the spot.
@@ -98,14 +103,15 @@ def _orth_apply_kernel(
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
     rinv_site = rinv_ptr + s.to(tl.int64) * R_PAD * R_PAD
     row_end = tl.minimum(chunk * rows_per_chunk + rows_per_chunk, D)
-    gram = tl.zeros((R_PAD, R_PAD), tl.float64)
+    gram = tl.zeros((R_PAD, R_PAD), tl.float64)  # gram: (R_PAD, R_PAD) fp64, dst^T dst
     for d0 in range(chunk * rows_per_chunk, row_end, BLOCK_D):
         rows = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         row_ok = rows < row_end
-        q = tl.zeros((BLOCK_D, R_PAD), tl.float64)
+        q = tl.zeros((BLOCK_D, R_PAD), tl.float64)  # q: (BLOCK_D, R_PAD), rows of dst
         for k0 in range(0, r, BLOCK_K):
             kk = k0 + offs_k
             mask = row_ok[:, None] & (kk[None, :] < r)
+            # m: (BLOCK_D, BLOCK_K) fp64, rank chunk kk of M; rinv: (BLOCK_K, R_PAD) rows of R^{-1}
             m = tl.load(src_ptr + off + rows[:, None] * r + kk[None, :], mask=mask,
                         other=0.0).to(tl.float64)
             if REPAIR:

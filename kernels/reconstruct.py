@@ -1,4 +1,4 @@
-"""reconstruct: X_hat = C U^T in fp32 math, written in the requested dtype (DESIGN §2.6).
+"""reconstruct: X_hat = C U^T in fp32 math, written in the requested dtype (docs/design.md §6.3).
 
 One program per (row block, D block) tile of the (N, D) output: acc = sum over rank chunks of
 C[rows, k] U[cols, k]^T, then one cast and store. C (N x r, any float dtype) and U (D x r,
@@ -24,15 +24,18 @@ def _reconstruct_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, C_IS_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """out[rows, cols] = C[rows, :] U[cols, :]^T for one (BLOCK_N, BLOCK_D) output tile,
+    accumulated in fp32 over BLOCK_R rank chunks and rounded once to the output dtype."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_R)
     n_ok = rows < N
     d_ok = cols < D
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # acc: (BLOCK_N, BLOCK_D), the output tile
     for k0 in range(0, R, BLOCK_R):
         kk = k0 + offs_k
         k_ok = kk < R
+        # c: (BLOCK_N, BLOCK_R) fp32, one rank chunk of C
         c = tl.load(c_ptr + rows[:, None] * stride_cn + kk[None, :] * stride_cr,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         u_t = tl.load(u_ptr + kk[:, None] * stride_ur + cols[None, :] * stride_ud,
