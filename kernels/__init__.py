@@ -5,6 +5,8 @@ One module per primitive, each with its kernels and launcher:
 - `orthonormalize(Y)` -> (Q, ok) and `orthonormalize_batched(Ys)` -> ([Q], ok)
 - `reconstruct(C, U, dtype)` -> X_hat
 - `supports(op, *tensors)`: whether the kernels are the better choice for these shapes.
+- `launch_count(op, *tensors, need_y=True)`: how many kernels that launcher launches (the
+  launch budget of issue 13 books every op call by it; a test checks it against the launches).
 Launch configs come from `configs` (DESIGN §5). Importing this package raises ImportError when
 Triton is missing or broken, which `laser_triton.ops` takes as "use the torch reference".
 """
@@ -24,7 +26,7 @@ from .orthonormalize import completion_matrix, orthonormalize, orthonormalize_ba
 from .reconstruct import reconstruct
 
 __all__ = ["compress_pass", "orthonormalize", "orthonormalize_batched", "reconstruct",
-           "supports", "completion_matrix", "MAX_D", "MAX_RANK", "MAX_ORTH_RANK"]
+           "supports", "launch_count", "completion_matrix", "MAX_D", "MAX_RANK", "MAX_ORTH_RANK"]
 
 MAX_D = 8192  # widest activation the compress pass is built and tested for
 MAX_RANK = 256  # largest basis rank of compress_pass / reconstruct
@@ -48,3 +50,27 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
     if op == "orthonormalize":
         return all(Y.shape[0] <= MAX_D and Y.shape[1] <= MAX_ORTH_RANK for Y in tensors)
     return False
+
+
+def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True) -> int:
+    """Kernel launches one call of the launcher of `op` issues for these inputs (metadata only).
+
+    compress_pass: fused kernel + reduce (2), or coefficient kernel [+ Y kernel] + reduce;
+    orthonormalize(_batched): gram, 3 factor steps, 2 applies (6), plus one cat to pack several
+    (or non-fp32, non-contiguous) inputs; reconstruct: 1. Buffers are allocated, never filled.
+    """
+    if op == "compress_pass":
+        from ._common import DTYPE_NAMES  # noqa: PLC0415
+        from .compress_pass import choose_path  # noqa: PLC0415
+
+        X, U = tensors[0], tensors[1]
+        if choose_path(X.shape[1], U.shape[1], DTYPE_NAMES[X.dtype], X.device) == "fused":
+            return 2
+        return 3 if need_y else 2
+    if op == "orthonormalize":
+        packed = len(tensors) == 1 and tensors[0].dtype == torch.float32 and \
+            tensors[0].is_contiguous()
+        return 6 if packed else 7
+    if op == "reconstruct":
+        return 1
+    raise ValueError(f"launch_count: unknown op {op!r}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from . import launches, ops
 from .distributed import LocalSync
 from .storage import decision_error, view_error, view_target_scale
 from .util import HostFuture
@@ -69,6 +69,8 @@ def poll(step: Step, block: bool, lag: int) -> None:
         must = block or len(step.pending) > lag
         if not must and not fut.ready():
             return
+        if must:
+            launches.note_wait()  # on a GPU: a stall unless the event has completed
         step.pending.pop(0)
         fails, *extra = fut.get()
         extra = iter(extra)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from . import checkpoint, ops
+from . import checkpoint, launches, ops
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
@@ -229,6 +229,7 @@ class Laser:
         return None
 
     @_eager
+    @launches.counted("pack")
     def _pack(self, t: torch.Tensor):
         step = self._active_step()
         if step is None:
@@ -268,6 +269,7 @@ class Laser:
             return self._count_raw(step, t, "backoff", site=site)
         with torch.no_grad():
             draft = tracker.draft(region_view(t, region))
+        launches.note("drafted")
         entry = Entry(region, t.dtype, t, site, tracker, draft)
         step.entries[key] = entry
         step.batch.append(entry)
@@ -309,14 +311,17 @@ class Laser:
     # ------------------------------------------------------------------ decisions
 
     @_eager
+    @launches.counted("decide")
     def _close_batch(self, step: Step) -> None:
         close_batch(step, self._sync)
 
     @_eager
+    @launches.counted("decide")
     def _poll(self, step: Step, block: bool) -> None:
         poll(step, block, self.cfg.decision_lag)
 
     @_eager
+    @launches.counted("finish")
     def _finish(self, step: Step | None) -> None:
         if step is None:
             return
@@ -370,6 +375,7 @@ class Laser:
 
 
 @_eager
+@launches.counted(launches.BACKWARD)
 def _unpack(p):
     if isinstance(p, Packed):
         with torch.no_grad():

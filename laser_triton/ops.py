@@ -17,6 +17,7 @@ Backend choice (`LASER_TRITON_BACKEND`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from . import launches, reference
 from .results import CompressOut
 from .util import device_guard
 
@@ -118,6 +119,21 @@ def backend_for(op: str, *tensors: torch.Tensor) -> str:
     return "triton" if kernels.supports(op, *tensors) else "torch"
 
 
+def _book(op: str, *tensors: torch.Tensor, need_y: bool = True):
+    """Under a `launches.LaunchCounter`: book this call as the launches of the Triton launcher
+    when the kernels handle these inputs (what `auto` runs on a GPU), else count its torch ops.
+    Without a counter (always, outside the benchmarks): a shared no-op context."""
+    if launches.active() is None:
+        return _NO_BOOKING
+    kernels = _triton_kernels()
+    n = None
+    if kernels is not None and kernels.supports(op, *tensors):
+        n = kernels.launch_count(op, *tensors, need_y=need_y)
+    return launches.booked(op, n)
+
+
+_NO_BOOKING = contextlib.nullcontext()
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -137,10 +153,11 @@ def compress_pass(
     coeff_dtype = X.dtype if coeff_dtype is None else coeff_dtype
     if coeff_dtype not in FLOAT_DTYPES:
         raise TypeError(f"coeff_dtype {coeff_dtype} is not one of float32, bfloat16, float16")
-    if backend_for("compress_pass", X, U) == "triton":
-        with device_guard(X.device):
-            return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)
-    return reference.compress_pass(X, U, need_y, coeff_dtype)
+    with _book("compress_pass", X, U, need_y=need_y):
+        if backend_for("compress_pass", X, U) == "triton":
+            with device_guard(X.device):
+                return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)
+        return reference.compress_pass(X, U, need_y, coeff_dtype)
 
 
 def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +165,11 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Y = _check_tensor("Y", Y, 2, FLOAT_DTYPES)
     if Y.shape[1] > Y.shape[0]:
         raise ValueError(f"rank {Y.shape[1]} exceeds width {Y.shape[0]}: cannot orthonormalize")
-    if backend_for("orthonormalize", Y) == "triton":
-        with device_guard(Y.device):
-            return _triton_kernels().orthonormalize(Y)
-    return reference.orthonormalize(Y)
+    with _book("orthonormalize", Y):
+        if backend_for("orthonormalize", Y) == "triton":
+            with device_guard(Y.device):
+                return _triton_kernels().orthonormalize(Y)
+        return reference.orthonormalize(Y)
 
 
 def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -163,10 +181,13 @@ def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tenso
             raise ValueError(f"Ys[{i}]: rank {Y.shape[1]} exceeds width {Y.shape[0]}")
         if Y.device != Ys[0].device:
             raise ValueError(f"Ys[{i}] is on {Y.device} but Ys[0] is on {Ys[0].device}")
-    if Ys and backend_for("orthonormalize", *Ys) == "triton":
-        with device_guard(Ys[0].device):
-            return _triton_kernels().orthonormalize_batched(Ys)
-    return reference.orthonormalize_batched(Ys)
+    if not Ys:
+        return reference.orthonormalize_batched(Ys)
+    with _book("orthonormalize", *Ys):
+        if backend_for("orthonormalize", *Ys) == "triton":
+            with device_guard(Ys[0].device):
+                return _triton_kernels().orthonormalize_batched(Ys)
+        return reference.orthonormalize_batched(Ys)
 
 
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -182,7 +203,8 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     dtype = C.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"output dtype {dtype} is not one of float32, bfloat16, float16")
-    if backend_for("reconstruct", C, U) == "triton":
-        with device_guard(C.device):
-            return _triton_kernels().reconstruct(C, U, dtype)
-    return reference.reconstruct(C, U, dtype)
+    with _book("reconstruct", C, U):
+        if backend_for("reconstruct", C, U) == "triton":
+            with device_guard(C.device):
+                return _triton_kernels().reconstruct(C, U, dtype)
+        return reference.reconstruct(C, U, dtype)

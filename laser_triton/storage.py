@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import ops
+from . import launches, ops
 from .tracker import Draft, SiteTracker, Stored
 
 __all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "saved_key",
@@ -194,6 +194,7 @@ class Entry:
             return self.draft.X if self.stored is None else self.stored.raw
         X_hat = self._cache() if self._cache is not None else None
         if X_hat is None:
+            launches.note("rebuild", self)
             X_hat = ops.reconstruct(self.stored.C, self.stored.U, self.dtype)
             self._cache = weakref.ref(X_hat)
         return X_hat

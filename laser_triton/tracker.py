@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import launches, ops, reference
 from .config import LaserConfig, rounding_error
 from .distributed import LocalSync
 from .results import CompressOut
@@ -279,6 +279,7 @@ class SiteTracker:
 
     # ------------------------------------------------------------------ slow path (may sync)
 
+    @launches.counted(launches.RESET)
     def reset(self, X: torch.Tensor, e_X: torch.Tensor | None = None,
               target_scale: float = 1.0) -> Stored:
         """Rebuild the basis from X itself and recompress; raw when max_rank cannot meet tau.
@@ -289,6 +290,7 @@ class SiteTracker:
         """
         cfg, sync = self.cfg, self.sync
         self.resets += 1
+        launches.note("reset")
         self.pending_Y = None
         self.pending_shrink = None
         e_loc = torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X

@@ -29,6 +29,13 @@ Measured, per (preset, scope, variant):
 - `saved_mib`: bytes saved for backward by the grad cycle, per storage, by saved-tensor hooks:
   the `SavedTensorCounter` for plain, LASER's report for LASER (NaN where hooks cannot see what
   is held, as inside checkpointing). Per-site bytes go to `<out stem>_sites.csv`.
+- LASER's launch budget, from one more step under `laser_triton.launches.LaunchCounter`
+  (every ops.* call booked as the Triton launches of its launcher, every other aten op in
+  LASER's hooks and decisions as one launch; the same count on CPU and GPU):
+  `launches_fwd_per_tensor` (forward launches per compressed tensor, decisions included),
+  `launches_per_step`, `reconstructs_per_region` (backward) and `host_syncs_per_step`
+  (reads of device values, data-dependent shapes, forced waits on decision events);
+  `laser_tensors` = tensors compressed in that step.
 Ratios compare with `plain` and with `plain+compile` of the same preset and scope.
 
 LASER runs on an untrained network with synthetic data unless `--weights` loads a trained
@@ -75,6 +82,7 @@ from trm_variants import (  # noqa: E402
 )
 
 import laser_triton as lt  # noqa: E402
+from laser_triton.launches import LaunchCounter  # noqa: E402
 from laser_triton.trm import TRMConfig  # noqa: E402
 from laser_triton.trm.savecount import SavedTensorCounter  # noqa: E402
 
@@ -84,6 +92,8 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "mem_ratio_vs_plain", "act_ratio_vs_plain", "time_ratio_vs_plain",
            "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
+           "laser_tensors", "launches_fwd_per_tensor", "launches_per_step",
+           "reconstructs_per_region", "host_syncs_per_step",
            "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "forward_dtype",
            "status",
            "torch_version", "triton_version", "date"]
@@ -114,6 +124,11 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
             torch.cuda.synchronize()
         row["warmup_s"] = time.perf_counter() - t0
         results = [measure_step(run, device) for _ in range(args.steps)]
+        if laser is not None:  # one more step, through LASER's launch counter
+            s, rep = laser.summary(), laser.report()  # of the last measured step
+            with LaunchCounter() as counter:
+                run.step(lambda name: None)
+            launch_row = counter.summary()
     times = sorted(r["ms"] for r in results)
     row.update(peak_mem_mib=max(r["peak"] for r in results) / MiB,
                act_peak_mib=max(r["act_peak"] for r in results) / MiB,
@@ -123,10 +138,12 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
     if variant.compiled:
         row["compile_stats"] = compile_stats()
     if laser is not None:
-        s = laser.summary()
-        rep = laser.report()
         row.update(saved_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB,
-                   laser_stored_mib=s["stored_bytes"] / MiB, laser_resets=int(rep.resets.sum()))
+                   laser_stored_mib=s["stored_bytes"] / MiB, laser_resets=int(rep.resets.sum()),
+                   laser_tensors=launch_row["tensors"],
+                   **{k: launch_row[k] for k in ("launches_fwd_per_tensor", "launches_per_step",
+                                                 "reconstructs_per_region",
+                                                 "host_syncs_per_step")})
         sites = [dict(site=r.site, width=r.width, rank=r.rank, tensors=r.tensors,
                       raw_bytes=r.raw_bytes, stored_bytes=r.stored_bytes,
                       max_rel_err=r.max_rel_err, resets=r.resets, raw_fallbacks=r.raw_fallbacks)

@@ -1,0 +1,196 @@
+"""Counting what LASER's bookkeeping would launch on a GPU, on any device (issue 13).
+
+`LaunchCounter` is a context manager. While it is active, LASER's entry points (the pack and
+unpack hooks, the decision points; marked with `counted`) run under a `TorchDispatchMode` that
+books:
+- every `laser_triton.ops` call as the Triton launches its launcher issues for these shapes
+  (`kernels.launch_count`), when the kernels handle them (what `auto` runs on a GPU); the torch
+  ops inside are then not counted. Ops the kernels do not handle count their aten ops instead;
+- every other aten op as one device launch, except views, metadata and allocations, which
+  launch nothing;
+- host synchronizations: `.item()`/`bool()`/`float()` of a device value
+  (`_local_scalar_dense`), ops whose output size depends on data (`nonzero`, ...), and the
+  waits on a decision batch's event that LASER forces (`note_wait`).
+The model's own ops are outside every section and are not counted. Counts are per section;
+`forward` is everything LASER does before backward except resets (the slow path that rebuilds a
+basis with a range finder, synchronizing; booked under `reset`), `backward` the unpack hook.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["LaunchCounter", "counted", "booked", "note", "note_wait", "active"]
+
+F = TypeVar("F", bound=Callable)
+
+_ACTIVE: LaunchCounter | None = None
+
+# Ops that allocate or only change metadata: no kernel runs on the device.
+_FREE = {
+    "empty", "empty_strided", "empty_like", "set_", "detach", "alias", "lift_fresh",
+    "lift_fresh_copy", "_local_scalar_dense", "resize_", "sym_size", "sym_stride", "sym_numel",
+    "sym_storage_offset", "is_nonzero", "result_type", "_to_copy_noop",
+}
+# Ops whose output size depends on the data: the host must wait for the device.
+_DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+                   "unique_dim", "nonzero_static_noop"}
+BACKWARD = "unpack"
+RESET = "reset"  # the slow path (range finder), booked apart from the per-tensor budget
+
+
+def active() -> LaunchCounter | None:
+    """The counter in use, or None (the common case: counting costs one global read)."""
+    return _ACTIVE
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, counter: LaunchCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        c = self.counter
+        if c.booking == 0:
+            name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense":
+                c.syncs[c.section] += 1
+            elif name in _DATA_DEPENDENT:
+                c.syncs[c.section] += 1
+                c.launches[c.section] += 1
+            elif not (func.is_view or name in _FREE):
+                c.launches[c.section] += 1
+                c.aten[(c.section, name)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class LaunchCounter:
+    """Books LASER's device launches and host synchronizations (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.launches: Counter[str] = Counter()  # section -> device launches
+        self.syncs: Counter[str] = Counter()  # section -> host synchronizations
+        self.aten: Counter[tuple[str, str]] = Counter()  # (section, aten op) -> launches
+        self.ops: Counter[tuple[str, str]] = Counter()  # (section, ops.* name) -> calls
+        self.events: Counter[str] = Counter()  # what LASER noted: "drafted", "rebuild", ...
+        self.regions: set[int] = set()  # entries rebuilt in backward (by id)
+        self.section = ""
+        self.depth = 0
+        self.booking = 0
+        self._mode: _Mode | None = None
+
+    def __enter__(self) -> LaunchCounter:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError("a LaunchCounter is already active")
+        _ACTIVE = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        _ACTIVE = None
+
+    # ------------------------------------------------------------------ totals
+
+    def forward_launches(self) -> int:
+        """Launches before backward, resets excluded (they are counted under RESET)."""
+        return sum(n for s, n in self.launches.items() if s not in (BACKWARD, RESET))
+
+    def backward_launches(self) -> int:
+        return self.launches[BACKWARD]
+
+    def total_launches(self) -> int:
+        return sum(self.launches.values())
+
+    def host_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+    def per_tensor_forward(self) -> float:
+        """Forward launches per drafted (compressed) tensor, resets excluded."""
+        n = self.events["drafted"]
+        return self.forward_launches() / n if n else float("nan")
+
+    def reconstructs_per_region(self) -> float:
+        """ops.reconstruct calls in backward per region rebuilt there."""
+        n = len(self.regions)
+        return self.ops[(BACKWARD, "reconstruct")] / n if n else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {"launches_fwd_per_tensor": self.per_tensor_forward(),
+                "launches_fwd": self.forward_launches(), "launches_bwd": self.backward_launches(),
+                "launches_reset": self.launches[RESET], "resets": self.events["reset"],
+                "launches_per_step": self.total_launches(),
+                "reconstructs_per_region": self.reconstructs_per_region(),
+                "host_syncs_per_step": self.host_syncs(), "tensors": self.events["drafted"]}
+
+
+def counted(section: str) -> Callable[[F], F]:
+    """Mark a LASER entry point: inside it, the active counter counts under `section`."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            c = _ACTIVE
+            if c is None:
+                return fn(*args, **kwargs)
+            if c.depth > 0:  # nested: a batch closed inside the pack hook, a reset in a poll
+                outer, c.section = c.section, section
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    c.section = outer
+            c.depth, c.section = 1, section
+            c._mode = _Mode(c)
+            try:
+                with c._mode:
+                    return fn(*args, **kwargs)
+            finally:
+                c.depth, c.section, c._mode = 0, "", None
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+class booked:
+    """Inside a counted section: book one ops.* call as `n` launches (None: count its aten
+    ops). A no-op without an active counter."""
+
+    __slots__ = ("name", "n", "c")
+
+    def __init__(self, name: str, n: int | None):
+        self.name, self.n, self.c = name, n, _ACTIVE
+
+    def __enter__(self) -> None:
+        c = self.c
+        if c is None or c.depth == 0:
+            return
+        c.ops[(c.section, self.name)] += 1
+        if self.n is not None:
+            if c.booking == 0:
+                c.launches[c.section] += self.n
+            c.booking += 1
+
+    def __exit__(self, *exc) -> None:
+        c = self.c
+        if c is not None and c.depth > 0 and self.n is not None:
+            c.booking -= 1
+
+
+def note(event: str, key: object = None) -> None:
+    """Record a LASER event (a drafted tensor; a region rebuilt in backward, by `key`)."""
+    c = _ACTIVE
+    if c is None:
+        return
+    c.events[event] += 1
+    if event == "rebuild" and key is not None:
+        c.regions.add(id(key))
+
+
+def note_wait() -> None:
+    """The host waits on a decision batch's event (a stall whenever the GPU is behind)."""
+    c = _ACTIVE
+    if c is not None:
+        c.syncs[c.section or "decide"] += 1
