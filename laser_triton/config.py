@@ -4,15 +4,93 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 __all__ = ["LaserConfig", "rounding_error"]
 
 _COEFF_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Names accepted for coeff_dtype besides the torch dtypes themselves (JSON, command lines).
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 _MODES = ("lagged", "refresh")
+_INT_FIELDS = ("rank", "max_rank", "min_rank", "power_iters", "min_width", "oversample",
+               "reset_power_iters", "shrink_every", "batch_size", "decision_lag", "seed")
+_FLOAT_FIELDS = ("tau", "reset_target", "shrink_target", "exact_below")
+# Fields that act on the whole step (or the whole Laser), never per site.
+_GLOBAL_ONLY = frozenset({"batch_size", "decision_lag", "include", "exclude", "site_overrides",
+                          "seed", "sync_basis"})
+
+
+def _as_int(name: str, v: object) -> int:
+    """v as a Python int: ints and numpy integers, never bools or floats (even 2.0)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"LaserConfig: {name} must be an int, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _as_float(name: str, v: object) -> float:
+    """v as a Python float: ints, floats and numpy scalars of either, never bools or strings."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"LaserConfig: {name} must be a float, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _as_coeff_dtype(v: object) -> torch.dtype:
+    names = ", ".join(repr(k) for k in _DTYPE_NAMES)
+    if isinstance(v, str):
+        dt = _DTYPE_NAMES.get(v.strip().lower().removeprefix("torch."))
+        if dt is None:
+            raise TypeError(f"LaserConfig: coeff_dtype {v!r} is not a known name; use "
+                            f"torch.bfloat16, torch.float16 or torch.float32, or one of {names}")
+        return dt
+    if v not in _COEFF_DTYPES:
+        raise TypeError(f"LaserConfig: coeff_dtype must be torch.bfloat16, torch.float16 or "
+                        f"torch.float32 (or one of {names}), got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _as_patterns(name: str, pats: object) -> tuple[str, ...]:
+    """A tuple of fnmatch patterns; rejects what cannot be one (None, a bare string, non-str
+    items) and malformed globs that would silently match nothing intended."""
+    if isinstance(pats, str) or not isinstance(pats, (Sequence, set, frozenset)):
+        raise TypeError(f"LaserConfig: {name} must be a sequence of glob strings, "
+                        f"got {type(pats).__name__} {pats!r}")
+    out = tuple(pats)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"LaserConfig: {name} must hold glob strings, got "
+                            f"{type(p).__name__} {p!r}")
+        if not p:
+            raise ValueError(f"LaserConfig: {name} has an empty pattern, which matches no site")
+        if _unclosed_bracket(p):
+            raise ValueError(f"LaserConfig: {name} pattern {p!r} has an unclosed '['; fnmatch "
+                             "would read it as a literal '[' (write '[[]' for one)")
+    return out
+
+
+def _unclosed_bracket(p: str) -> bool:
+    """True when a '[' in glob p opens a class that never closes (fnmatch's rules)."""
+    i, n = 0, len(p)
+    while i < n:
+        if p[i] == "[":
+            j = i + 1
+            if j < n and p[j] == "!":
+                j += 1
+            if j < n and p[j] == "]":
+                j += 1
+            while j < n and p[j] != "]":
+                j += 1
+            if j >= n:
+                return True
+            i = j
+        i += 1
+    return False
 
 
 def rounding_error(dtype: torch.dtype) -> float:
@@ -54,7 +132,12 @@ class LaserConfig:
         decision_lag + 1 calls even when the host runs far ahead of the GPU.
     include, exclude: fnmatch patterns on site names (exclude wins); excluded sites store raw.
     site_overrides: {pattern: {field: value}} applied to matching sites (first match wins per
-        field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}.
+        field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}. Every field may be overridden
+        except those acting on the whole step (batch_size, decision_lag, include, exclude,
+        seed, sync_basis), which are rejected; each pattern's values are validated here.
+        A site whose tau is 0 is stored raw, like an excluded one.
+    Integers and floats may be numpy scalars; coeff_dtype may be a name ("bfloat16", "bf16",
+    "float16", "fp16", "float32", ...), in site_overrides too.
     seed: seeds the random sketches of resets, per site.
     sync_basis: share bases across torch.distributed ranks: power products and Gram matrices
         are summed over ranks and reset decisions all-reduced first (see laser_triton.distributed).
@@ -87,11 +170,14 @@ class LaserConfig:
             if not cond:
                 raise ValueError(f"LaserConfig: {msg}")
 
-        for name in ("rank", "max_rank", "min_rank", "power_iters", "min_width", "oversample",
-                     "shrink_every", "batch_size", "decision_lag"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"LaserConfig: {name} must be an int, got {type(v).__name__}")
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _as_int(name, getattr(self, name)))
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, _as_float(name, getattr(self, name)))
+        object.__setattr__(self, "coeff_dtype", _as_coeff_dtype(self.coeff_dtype))
+        if not isinstance(self.sync_basis, (bool, np.bool_)):
+            raise TypeError(f"LaserConfig: sync_basis must be a bool, got {self.sync_basis!r}")
+        object.__setattr__(self, "sync_basis", bool(self.sync_basis))
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         need(self.min_rank >= 1, f"min_rank must be >= 1, got {self.min_rank}")
         need(self.max_rank >= self.rank, f"max_rank ({self.max_rank}) must be >= rank ({self.rank})")
@@ -103,13 +189,9 @@ class LaserConfig:
         need(self.shrink_every >= 1, "shrink_every must be >= 1")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.decision_lag >= 0, f"decision_lag must be >= 0, got {self.decision_lag}")
-        need(self.mode in _MODES, f"mode must be one of {_MODES}, got {self.mode!r}")
-        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool):
-            raise TypeError(f"LaserConfig: tau must be a float, got {type(self.tau).__name__}")
+        need(isinstance(self.mode, str) and self.mode in _MODES,
+             f"mode must be one of {_MODES}, got {self.mode!r}")
         need(0.0 <= self.tau < 1.0, f"tau must be in [0, 1), got {self.tau}")
-        if self.coeff_dtype not in _COEFF_DTYPES:
-            raise TypeError(f"LaserConfig: coeff_dtype must be bfloat16, float16 or float32, "
-                            f"got {self.coeff_dtype}")
         if self.tau > 0:
             rho = rounding_error(self.coeff_dtype)
             need(self.tau * self.reset_target > 2 * rho,
@@ -122,20 +204,45 @@ class LaserConfig:
              "shrink_target must be <= reset_target, or shrinking would undo every reset")
         need(0.0 <= self.exact_below < 1.0, "exact_below must be in [0, 1)")
         for name in ("include", "exclude"):
-            pats = getattr(self, name)
-            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
-                raise TypeError(f"LaserConfig: {name} must be a sequence of glob strings")
-            object.__setattr__(self, name, tuple(pats))
-        valid = {f.name for f in dataclasses.fields(self)} - {"include", "exclude",
-                                                               "site_overrides", "seed",
-                                                               "sync_basis"}
-        for pat, over in self.site_overrides.items():
-            bad = set(over) - valid
-            need(not bad, f"site_overrides[{pat!r}] names unknown fields {sorted(bad)}")
+            object.__setattr__(self, name, _as_patterns(name, getattr(self, name)))
+        object.__setattr__(self, "site_overrides", self._checked_overrides())
+
+    def _checked_overrides(self) -> dict[str, dict[str, object]]:
+        """site_overrides with each pattern's fields validated (and normalized, e.g. dtype
+        names) by building the config it gives, so a bad value fails here, not in a hook."""
+        overrides = self.site_overrides
+        if not isinstance(overrides, Mapping):
+            raise TypeError("LaserConfig: site_overrides must be a dict {pattern: {field: value}}, "
+                            f"got {type(overrides).__name__}")
+        out: dict[str, dict[str, object]] = {}
+        for pat, over in overrides.items():
+            _as_patterns("site_overrides", (pat,))
+            where = f"site_overrides[{pat!r}]"
+            if not isinstance(over, Mapping):
+                raise TypeError(f"LaserConfig: {where} must be a dict {{field: value}}, "
+                                f"got {type(over).__name__}")
+            unknown = sorted(set(over) - _PER_SITE - _GLOBAL_ONLY)
+            if unknown:
+                raise ValueError(f"LaserConfig: {where} names unknown fields {unknown}; "
+                                 f"per-site fields: {sorted(_PER_SITE)}")
+            global_ = sorted(set(over) & _GLOBAL_ONLY)
+            if global_:
+                raise ValueError(f"LaserConfig: {where} sets {global_}, which apply to the whole "
+                                 f"step and cannot be set per site; per-site fields: "
+                                 f"{sorted(_PER_SITE)}")
+            try:
+                site = dataclasses.replace(self, **over, site_overrides={})
+            except (TypeError, ValueError) as exc:
+                msg = str(exc).removeprefix("LaserConfig: ")
+                raise type(exc)(f"LaserConfig: {where}: {msg}") from None
+            out[pat] = {k: getattr(site, k) for k in over}
+        return out
 
     @property
     def enabled(self) -> bool:
-        return self.tau > 0
+        """True when some site compresses (tau > 0 globally or in a site override)."""
+        return self.tau > 0 or any(float(o.get("tau", 0.0)) > 0  # type: ignore[arg-type]
+                                   for o in self.site_overrides.values())
 
     def for_site(self, site: str) -> LaserConfig | None:
         """The config that applies to `site`, or None when the site is excluded."""
@@ -150,4 +257,12 @@ class LaserConfig:
                     changes.setdefault(k, v)
         if not changes:
             return self
-        return dataclasses.replace(self, **changes, site_overrides={})
+        try:
+            return dataclasses.replace(self, **changes, site_overrides={})
+        except (TypeError, ValueError) as exc:  # overrides from several patterns that conflict
+            msg = str(exc).removeprefix("LaserConfig: ")
+            raise type(exc)(f"LaserConfig: site {site!r} (site_overrides combined): {msg}") from None
+
+
+# Every field a site override may set; each is read from the site's own config.
+_PER_SITE = frozenset(f.name for f in dataclasses.fields(LaserConfig)) - _GLOBAL_ONLY

@@ -255,11 +255,11 @@ class Laser:
         region = dense_region(t)
         if region is None:
             return self._count_raw(step, t, "layout")
-        if region.width < self.cfg.min_width:
-            return self._count_raw(step, t, "narrow")
         site, site_cfg = self._site_for(slot, region.width)
-        if site_cfg is None:
+        if site_cfg is None or not site_cfg.enabled:  # excluded, or tau = 0 at this site
             return self._count_raw(step, t, "excluded")
+        if region.width < site_cfg.min_width:
+            return self._count_raw(step, t, "narrow")
         if region.rows < site_cfg.max_rank:
             return self._count_raw(step, t, "few rows")
         tracker = self.trackers.get(site)
