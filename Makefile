@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Without CUDA: the CPU torch build on local disk and the GPU machine's Triton (DESIGN §6).
+# Without CUDA: the CPU torch build on local disk and the GPU machine's Triton (docs/design.md §8).
 # numpy<2.4: the Triton 3.6 interpreter breaks on runtime-bound K-loops under numpy 2.4.
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_CUDA),1)

@@ -7,7 +7,7 @@ One module per primitive, each with its kernels and launcher:
 - `supports(op, *tensors)`: whether the kernels are the better choice for these shapes.
 - `launch_count(op, *tensors, need_y=True)`: how many kernels that launcher launches (the
   launch budget of issue 13 books every op call by it; a test checks it against the launches).
-Launch configs come from `configs` (DESIGN §5). Importing this package raises ImportError when
+Launch configs come from `configs` (docs/design.md §7). Importing this package raises ImportError when
 Triton is missing or broken, which `laser_triton.ops` takes as "use the torch reference".
 """
 

@@ -1,4 +1,4 @@
-"""Compile the kernels for Hopper (sm_90) on any machine, GPU or not (DESIGN §6).
+"""Compile the kernels for Hopper (sm_90) on any machine, GPU or not (docs/design.md §8).
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole pipeline to
 PTX and cubin without a GPU; `metadata.shared` is the shared memory one block needs. That is

@@ -1,4 +1,4 @@
-"""The launch-config store (DESIGN §5): one config per launch, resolved before the launch.
+"""The launch-config store (docs/design.md §7): one config per launch, resolved before the launch.
 
 Triton's multi-config `@triton.autotune` cannot run without a GPU, so every launcher asks the
 store for one config. Files map, per kernel, `D=..,r=..,dtype=..[,N=..]` to

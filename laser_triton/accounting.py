@@ -1,4 +1,4 @@
-"""Byte accounting and the per-site report of `Laser` (DESIGN §2: bytes per storage)."""
+"""Byte accounting and the per-site report of `Laser` (docs/design.md §2.1: bytes per storage)."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def rounding_error(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class LaserConfig:
-    """Settings of LASER (DESIGN §2). All sizes are per site.
+    """Settings of LASER (docs/design.md §2). All sizes are per site.
 
     rank: starting rank. A site's first tensor builds its basis with a randomized sketch of
         about this width (widened up to max_rank when it is not enough); rank selection then

@@ -1,4 +1,4 @@
-"""Fidelity decisions of one `compress()` step (DESIGN §2 "No host synchronization").
+"""Fidelity decisions of one `compress()` step (docs/design.md §2.8).
 
 Drafted entries are decided in batches, one per network call (or per `batch_size` tensors):
 `close_batch` advances the batch's bases in one batched orthonormalization and sends the

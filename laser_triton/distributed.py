@@ -4,7 +4,7 @@ Every rank tracks its own bases by default. With `sync_basis`, ranks share them:
 products Y and the small Gram matrices are summed across ranks (so the basis is that of the
 global batch), and every reset decision is all-reduced first, so all ranks take the same
 branch and issue the same collectives in the same order; a spike on one rank resets all
-(DESIGN §2, "a basis shared across data-parallel ranks"). What each rank stores stays local:
+(docs/design.md §2.9). What each rank stores stays local:
 a tensor that misses `tau` on its rank is stored raw there.
 """
 

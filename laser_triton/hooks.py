@@ -1,4 +1,4 @@
-"""Autograd integration: `Laser.compress()`, `role()`, `raw()`, `report()` (DESIGN §2, §3).
+"""Autograd integration: `Laser.compress()`, `role()`, `raw()`, `report()` (docs/design.md §3, §5).
 
 Inside `compress()`, every tensor that autograd saves for backward goes through `_pack`:
 - ineligible tensors (integer/bool, weights and weight copies, narrow rows, too few rows,

@@ -1,4 +1,4 @@
-"""Pure-torch twins of every LASER kernel (DESIGN §2, §3).
+"""Pure-torch twins of every LASER kernel (docs/design.md §2, §6).
 
 These are the numerical ground truth: the Triton kernels are tested against them, and
 `laser_triton.ops` falls back to them wherever Triton is unavailable. Nothing here validates

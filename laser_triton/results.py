@@ -6,7 +6,7 @@ import torch
 
 
 class CompressOut(tuple):
-    """Result of `compress_pass`: unpacks as the 4-tuple (C, e_X, e_C, Y) of DESIGN §3.
+    """Result of `compress_pass`: unpacks as the 4-tuple (C, e_X, e_C, Y) of docs/design.md §6.1.
 
     Two extra fields ride along as attributes, produced by the same pass:
     - row_err_max: max over rows of sqrt(1 - ||c_i||^2 / ||x_i||^2) (fp32 scalar);

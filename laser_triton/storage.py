@@ -1,4 +1,4 @@
-"""Storage-level bookkeeping for saved tensors (DESIGN §2 "What is compressed").
+"""Storage-level bookkeeping for saved tensors (docs/design.md §2.1).
 
 Autograd saves views that share storage. Each storage is compressed once, as its dense base
 region laid out as rows of the contiguous row length; every saved view is rebuilt with

@@ -1,4 +1,4 @@
-"""The LASER algorithm for one site (DESIGN §2), on plain (N, D) matrices.
+"""The LASER algorithm for one site (docs/design.md §2.3-§2.5), on plain (N, D) matrices.
 
 A `SiteTracker` owns the basis U (fp32, orthonormal columns) of one computational site. For
 each activation matrix X it produces a `Draft`: the coefficients C = X U, the estimated relative

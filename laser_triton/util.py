@@ -93,7 +93,7 @@ def reduced_fp32_matmul(device: torch.device) -> bool:
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp32 a @ b at full fp32 accuracy whatever the TF32/precision settings: in fp64 when
-    the caller's settings may reduce it (a TF32 basis is only ~1e-3 accurate, DESIGN §2)."""
+    the caller's settings may reduce it (a TF32 basis is only ~1e-3 accurate, docs/design.md §6.4)."""
     if a.dtype == torch.float32 and reduced_fp32_matmul(a.device):
         return (a.double() @ b.double()).float()
     return a @ b

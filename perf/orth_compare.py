@@ -13,7 +13,7 @@ most of that ill-conditioning), then:
 - `ns_cubic_fp32` / `ns_cubic_fp64`: X <- X (1.5 I - 0.5 X^T X) from X0 = Y / ||Y||_F (spectral
   norm <= 1, so every singular value converges), run until max|X^T X - I| <= 1e-5 or 100 steps.
 - `muon_quintic_bf16`: Muon's 5 quintic steps (a, b, c = 3.4445, -4.7750, 2.0315), which aim
-  at singular values in [0.7, 1.2], not at orthonormality (DESIGN §2).
+  at singular values in [0.7, 1.2], not at orthonormality (docs/design.md §9).
 
 Columns: orthogonality max|Q^T Q - I|; span error max_j ||y_j - Q Q^T y_j|| / ||y_j|| (fp64:
 does Q still span the power step's columns?); steps; and flops relative to CholeskyQR2 (each

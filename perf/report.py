@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-# Bars from the issues (perf goals) and DESIGN §7 (an H200 attention proxy, not the presets).
+# Bars from the issues (perf goals) and docs/design.md §11 (an H200 attention proxy, not the presets).
 GOAL_ACT_VS_COMPILED = 0.40
 GOAL_TIME_VS_COMPILED = 1.15
 EAGER_BARS = {"ckpt": (0.20, 1.30), "sac": (0.61, 1.18), "naive torch LASER": (0.29, 2.17)}
@@ -170,7 +170,7 @@ def goal_lines(trm: pd.DataFrame) -> list[str]:
                  f"{rows[v].act_peak_mib / plain.act_peak_mib:.2f}x peak activation" for v in eager]
         lines.append("- eager, against eager plain: " + "; ".join(parts) + ".")
     bars = "; ".join(f"{n} {t:.2f}x time at {m:.2f}x memory" for n, (m, t) in EAGER_BARS.items())
-    lines.append(f"- bars to beat (DESIGN §7, an H200 attention proxy, not these presets): {bars}.")
+    lines.append(f"- bars to beat (docs/design.md §11, an H200 attention proxy, not these presets): {bars}.")
     return lines
 
 

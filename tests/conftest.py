@@ -1,6 +1,6 @@
 """Shared test setup.
 
-TRITON_INTERPRET must be set before any kernel module is imported (DESIGN §6), so it is set
+TRITON_INTERPRET must be set before any kernel module is imported (docs/design.md §8), so it is set
 here, at collection time, whenever no CUDA device is present.
 """
 

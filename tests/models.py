@@ -8,7 +8,7 @@ from torch import nn
 
 
 class CastLinear(nn.Linear):
-    """A Linear that casts its weight to the input dtype (saves a weight copy, DESIGN §2)."""
+    """A Linear that casts its weight to the input dtype (saves a weight copy, docs/design.md §2.2)."""
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))

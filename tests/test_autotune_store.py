@@ -1,4 +1,4 @@
-"""The launch-config store (DESIGN §5): lookup order, bad files, logging, launch fallback, CLI."""
+"""The launch-config store (docs/design.md §7): lookup order, bad files, logging, launch fallback, CLI."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """compress_pass kernels (fused and split paths) against float64 and the torch reference
-(I3, DESIGN §2, §6). The default tier is a representative subset; `-m slow` runs the full grid.
+(I3; docs/design.md §6.1). The default tier is a representative subset; `-m slow` runs the
+full grid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LASER inside autograd: invariants I1-I5 of DESIGN §2, measured on what unpack returns."""
+"""LASER inside autograd: invariants I1-I5 of docs/design.md §4, measured on what unpack returns."""
 
 import gc
 import warnings

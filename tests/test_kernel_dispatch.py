@@ -1,5 +1,5 @@
 """Which implementation runs and with which tiles: `supports`, the ops backend switch, GPU-sized
-blocks from the config store, and the package without Triton (DESIGN §6)."""
+blocks from the config store, and the package without Triton (docs/design.md §6.5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """orthonormalize kernels (single and batched) and the completion directions they share with
-the torch reference (I3, DESIGN §2)."""
+the torch reference (I3; docs/design.md §6.2)."""
 
 from __future__ import annotations
 

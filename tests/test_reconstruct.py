@@ -1,4 +1,5 @@
-"""reconstruct kernel (X_hat = C U^T) against float64 and the torch reference (I3, DESIGN §2)."""
+"""reconstruct kernel (X_hat = C U^T) against float64 and the torch reference
+(I3; docs/design.md §6.3)."""
 
 from __future__ import annotations
 

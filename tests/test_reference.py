@@ -1,4 +1,4 @@
-"""The pure-torch twins against float64 computations (DESIGN §3, I3's reference side)."""
+"""The pure-torch twins against float64 computations (docs/design.md §6, I3's reference side)."""
 
 import pytest
 import torch

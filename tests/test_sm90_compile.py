@@ -1,6 +1,6 @@
 """Compile the kernels for Hopper (sm_90) on the CPU and prove the shipped configs fit.
 
-`triton.compile(..., target=GPUTarget("cuda", 90, 32))` needs no GPU (DESIGN §6). An H100/H200
+`triton.compile(..., target=GPUTarget("cuda", 90, 32))` needs no GPU (docs/design.md §8). An H100/H200
 block may use at most 232,448 bytes of shared memory; every shipped config must fit, and the
 store's validation must reject one that does not.
 """

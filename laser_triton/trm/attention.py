@@ -1,4 +1,4 @@
-"""Self-attention that saves only its qkv projection, for LASER (DESIGN §2 "Attention internals").
+"""Self-attention that saves only its qkv projection, for LASER (docs/design.md §2.2).
 
 Plain autograd through RoPE + SDPA saves q and k after RoPE, v (a view keeping the whole qkv
 output alive), the attention output and its logsumexp. The softmax backward uses that exact

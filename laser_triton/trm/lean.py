@@ -1,6 +1,6 @@
-"""Lean saves: RMSNorm and the SwiGLU tail recomputed in backward (DESIGN §2, "recomputing cheap
-element-wise saves"). Mathematically the same functions as `layers.rms_norm` and
-`down(silu(gate) * up)`; only what autograd keeps for backward changes.
+"""Lean saves: RMSNorm and the SwiGLU tail recomputed in backward (docs/design.md §2.10).
+Mathematically the same functions as `layers.rms_norm` and `down(silu(gate) * up)`; only what
+autograd keeps for backward changes.
 
 Plain autograd keeps, per weightless RMSNorm, an fp32 copy of its input (twice the bytes of a
 bf16 activation) and, per SwiGLU, the fused gate/up output plus silu(gate) and the product
