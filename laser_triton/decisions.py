@@ -59,15 +59,20 @@ def close_batch(step: Step, sync: LocalSync) -> None:
         step.pending.append((batch, HostFuture([fails.float(), *sync.sum_many(shrink)])))
 
 
-def poll(step: Step, block: bool, lag: int) -> None:
+def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> None:
     """Finalize every batch whose decisions have reached the host (all, if block). Wait for
     the oldest while more than `lag` batches are outstanding: their tensors are held raw
     until decided, and a host far ahead of the GPU would otherwise hold the whole step's
-    activations."""
+    activations.
+
+    With a distributed sync, finalizing may start collectives (a reset's all-reduces), so
+    which batches finalize must not depend on when this rank's copy arrived: only the count
+    of outstanding batches decides (identical on every rank), never `ready()`."""
+    sync = LocalSync() if sync is None else sync
     while step.pending:
         batch, fut = step.pending[0]
         must = block or len(step.pending) > lag
-        if not must and not fut.ready():
+        if not must and (sync.active or not fut.ready()):
             return
         if must:
             launches.note_wait()  # on a GPU: a stall unless the event has completed
@@ -81,7 +86,8 @@ def poll(step: Step, block: bool, lag: int) -> None:
                 if d.shrink_gram is not None:
                     shrink = (next(extra), float(next(extra)))
                 passed = not failed
-                scale = 1.0 if passed else view_target_scale(entry)
+                # The scale feeds branches inside reset: every rank must use the same one.
+                scale = 1.0 if passed else sync.min_float(view_target_scale(entry), d.X.device)
                 st = entry.tracker.finalize(d, passed, shrink, scale)
                 if entry.views and not st.is_raw and not passed:
                     entry.stored = st  # verify the sub-views against the reset basis

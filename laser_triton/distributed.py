@@ -32,6 +32,9 @@ class LocalSync:
     def min_int(self, v: int, device: torch.device) -> int:
         return v
 
+    def min_float(self, v: float, device: torch.device) -> float:
+        return v
+
 
 class DistSync(LocalSync):
     """Sums and logical-ors over a torch.distributed process group."""
@@ -72,6 +75,11 @@ class DistSync(LocalSync):
         t = torch.tensor([v], dtype=torch.int64, device=device)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN, group=self.group)
         return int(t)
+
+    def min_float(self, v: float, device: torch.device) -> float:
+        t = torch.tensor([v], dtype=torch.float64, device=device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN, group=self.group)
+        return float(t)
 
 
 def make_sync(enabled: bool, group=None) -> LocalSync:

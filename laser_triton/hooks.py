@@ -318,7 +318,7 @@ class Laser:
     @_eager
     @launches.counted("decide")
     def _poll(self, step: Step, block: bool) -> None:
-        poll(step, block, self.cfg.decision_lag)
+        poll(step, block, self.cfg.decision_lag, self._sync)
 
     @_eager
     @launches.counted("finish")
