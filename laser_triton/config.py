@@ -106,41 +106,61 @@ def rounding_error(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class LaserConfig:
-    """Settings of LASER (docs/design.md §2). All sizes are per site.
+    """Settings of LASER (docs/design.md §2), validated on construction. Sizes are per site.
 
-    rank: starting rank. A site's first tensor builds its basis with a randomized sketch of
-        about this width (widened up to max_rank when it is not enough); rank selection then
-        picks the smallest rank that meets `tau`.
-    max_rank: ceiling; a tensor that needs more is stored raw.
-    min_rank: floor for rank selection and shrinking (default 1).
-    tau: relative Frobenius error bound per stored activation; 0 turns compression off.
-    power_iters: block power steps per tensor (1 = one fused pass per tensor).
-    mode: 'lagged' (compress with the current basis, then update it from the same pass) or
-        'refresh' (update the basis from X first, then compress: one more pass, better fit).
-    min_width: tensors whose contiguous row is narrower are stored raw.
-    coeff_dtype: dtype of the stored coefficients C.
-    oversample, reset_power_iters: randomized range finder used by resets.
-    reset_target: resets pick the rank for reset_target * tau, leaving room for drift.
-    shrink_target, shrink_every: every `shrink_every` tensors a site checks its Ritz values and
-        drops columns it does not need to reach shrink_target * tau.
-    exact_below: for tau below this, the error is measured from the residual directly, because
-        1 - e_C/e_X cannot resolve it in fp32.
-    batch_size: fidelity decisions are resolved per network call, or after this many tensors.
-    decision_lag: batches (network calls) whose decisions may still be on their way to the
-        host; with more outstanding, the host waits for the oldest (an event wait, not a device
-        synchronization). Undecided tensors are held raw, so this bounds them to about
-        decision_lag + 1 calls even when the host runs far ahead of the GPU.
-    include, exclude: fnmatch patterns on site names (exclude wins); excluded sites store raw.
-    site_overrides: {pattern: {field: value}} applied to matching sites (first match wins per
-        field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}. Every field may be overridden
-        except those acting on the whole step (batch_size, decision_lag, include, exclude,
-        seed, sync_basis), which are rejected; each pattern's values are validated here.
-        A site whose tau is 0 is stored raw, like an excluded one.
-    Integers and floats may be numpy scalars; coeff_dtype may be a name ("bfloat16", "bf16",
-    "float16", "fp16", "float32", ...), in site_overrides too.
-    seed: seeds the random sketches of resets, per site.
-    sync_basis: share bases across torch.distributed ranks: power products and Gram matrices
-        are summed over ranks and reset decisions all-reduced first (see laser_triton.distributed).
+    Attributes:
+        rank: starting rank (default 32). A site's first tensor builds its basis with a
+            randomized sketch of about this width (widened up to max_rank when it is not
+            enough); rank selection then picks the smallest rank that meets `tau`.
+        max_rank: ceiling (default 128); a tensor that needs more is stored raw. Regions with
+            fewer rows than max_rank are stored raw too.
+        min_rank: floor for rank selection and shrinking (default 1).
+        tau: relative Frobenius error bound per stored activation (default 0.05), in [0, 1);
+            0 turns compression off (bit-identical gradients).
+        power_iters: block power steps per tensor (default 1 = one fused pass per tensor).
+        mode: 'lagged' (default: compress with the current basis, then update it from the
+            same pass) or 'refresh' (update the basis from X first, then compress: one more
+            pass, better fit).
+        min_width: tensors whose contiguous row is narrower are stored raw (default 128).
+        coeff_dtype: dtype of the stored coefficients C (default torch.bfloat16); its rounding
+            is part of the error bound. Also accepts a name ("bfloat16", "bf16", "float16",
+            "fp16", "float32", ...).
+        oversample: extra sketch columns of the randomized range finder of resets (default 8).
+        reset_power_iters: power steps of that range finder (default 2).
+        reset_target: resets pick the rank for reset_target * tau (default 0.85), leaving room
+            for drift before the next reset.
+        shrink_target: every `shrink_every` tensors a site checks its Ritz values and drops
+            the columns it does not need to reach shrink_target * tau (default 0.6; at most
+            reset_target).
+        shrink_every: tensors between two shrink checks of a site (default 8).
+        exact_below: for tau below this (default 0.02) the error is measured from the
+            residual directly, because 1 - e_C/e_X cannot resolve it in fp32.
+        batch_size: fidelity decisions are resolved per network call, or after this many
+            tensors (default 64).
+        decision_lag: batches (network calls) whose decisions may still be on their way to
+            the host (default 1); with more outstanding, the host waits for the oldest (an
+            event wait, not a device synchronization). Undecided tensors are held raw, so
+            this bounds them to about decision_lag + 1 calls even when the host runs far
+            ahead of the GPU.
+        include: fnmatch patterns of the site names LASER may compress (default ("*",)).
+        exclude: fnmatch patterns of sites stored raw (default none); exclude wins.
+        site_overrides: {pattern: {field: value}} applied to matching sites (first match wins
+            per field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}. Every field may be
+            overridden except those acting on the whole step (batch_size, decision_lag,
+            include, exclude, seed, sync_basis), which are rejected; each pattern's values are
+            validated here. A site whose tau is 0 is stored raw, like an excluded one.
+        seed: seeds the random sketches of resets, per site (default 0).
+        sync_basis: share bases across torch.distributed ranks (default False): power
+            products and Gram matrices are summed over ranks and reset decisions all-reduced
+            first (see laser_triton.distributed).
+
+    Integers and floats may be numpy scalars, in site_overrides too.
+
+    Warning:
+        `tau` bounds the error of each stored activation, not of the gradients (in practice
+        a small multiple of tau). It must leave room for the rounding of `coeff_dtype`:
+        tau * reset_target must exceed twice its half-ulp, or construction raises
+        (e.g. fp16 or fp32 coefficients for very small tau).
     """
 
     rank: int = 32

@@ -54,10 +54,42 @@ def _eager(fn):
 
 
 class Laser:
-    """Per-site low-rank trackers that live across training steps.
+    """LASER for one model: per-site low-rank trackers that live across training steps.
 
-    One Laser serves one model in one thread at a time: `compress()` raises if it is already
-    active (nested, or from another thread). Different threads may use different Lasers.
+    Inside `compress()`, every activation autograd saves for backward is stored as
+    coefficients C = X U in a per-site orthonormal basis U and rebuilt as C U^T in backward,
+    with ||X - X_hat|| <= tau ||X|| for every rebuilt tensor (or X kept exactly). Weights,
+    integer tensors, narrow or short tensors and anything saved inside `raw()` are kept as
+    they are (docs/design.md §2, §3)::
+
+        laser = Laser(LaserConfig(tau=0.05))
+        laser.watch(model)                  # optional: module-path site names
+        with laser.compress():
+            for _ in range(n):
+                with laser.role("z"):       # one network call; sites are per role
+                    z = net(z, y + x)
+            with laser.role("y"):
+                y = net(y, z)
+            loss = head(y)
+        loss.backward()
+        laser.report()                      # bytes, ranks and errors per site
+
+    Warning:
+        - One thread per Laser: saved-tensor hooks are thread-local, and `compress()` raises
+          RuntimeError if this Laser is already active (nested, or in another thread).
+          Different threads may each use their own Laser.
+        - Run SDPA (and any op whose backward reuses exact saved statistics) inside `raw()`:
+          lossy q and k make the softmax inconsistent with its saved logsumexp.
+        - `tau` (LaserConfig) bounds each stored activation's relative error, not the
+          gradients' (those land at a small multiple of tau in the tests).
+        - Do not compile a function that contains `compress()` with `fullgraph=True`: LASER's
+          hooks run eagerly (torch.compiler.disable), so each decision point is a graph
+          break. Compile the network and call `watch(model)` first.
+        - In-place rule: a saved tensor modified in place must not feed backward. LASER raises
+          autograd's "modified by an inplace operation" error wherever it would serve the
+          modified values; a tensor already held compressed is rebuilt from the values as
+          saved.
+        - `state_dict()` / `load_state_dict()` only between steps.
     """
 
     def __init__(self, cfg: LaserConfig | None = None):
@@ -80,7 +112,23 @@ class Laser:
 
     @contextlib.contextmanager
     def compress(self) -> Iterator[Laser]:
-        """Compress what autograd saves inside this block (a no-op when tau == 0)."""
+        """Compress what autograd saves inside this block: one training step's forward.
+
+        Saved tensors are drafted on the device and their fidelity decisions read once per
+        network call (`role()` exit) or per `batch_size` tensors, without a host
+        synchronization per tensor; undecided tensors are held raw meanwhile. At exit every
+        decision is resolved, so backward after the block sees final values (inside it, still
+        undecided tensors are served exactly), and `report()` describes this step. With
+        tau == 0 (and no site override with tau > 0) no hooks are installed at all.
+        If the body raises, what can be settled is settled and the exception propagates.
+
+        Warning:
+            Raises RuntimeError when this Laser is already active (nested, or from another
+            thread): one `compress()` per step, one Laser per thread. Not for use inside a
+            `torch.compile(fullgraph=True)` function (its decision points are graph breaks).
+            A tensor saved here and then modified in place raises autograd's in-place error
+            in backward instead of feeding it.
+        """
         with self._lock:
             if self._step is not None:
                 raise RuntimeError(
@@ -110,7 +158,14 @@ class Laser:
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:
-        """Tag one network call: sites are (role, ordinal of the saved storage in the call)."""
+        """Tag one network call: its saves belong to sites "name/<label>#k", k being the
+        ordinal of the save within the call (label: the module path under `watch`).
+
+        Each entry restarts the ordinals of `name`, so the n applications of one network give
+        the same sites and their bases are tracked across recursion steps. At exit, the call's
+        fidelity decisions are sent to the host (a decision point). A no-op outside
+        `compress()` (or from another thread). `name` must be non-empty and contain no '/'.
+        """
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"role name must be a non-empty string without '/', got {name!r}")
         step = self._active_step()
@@ -129,7 +184,14 @@ class Laser:
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
-        """Innermost pass-through: tensors saved inside are kept exactly (e.g. attention)."""
+        """Innermost pass-through: tensors saved inside are kept exactly and counted under
+        "(raw: raw())" in `report()`.
+
+        Warning:
+            Run SDPA / attention here (or save only its input and recompute it, as the TRM
+            does): its backward uses the exact saved logsumexp, and rebuilt (lossy) q and k
+            make the softmax inconsistent with it, with dq errors several times tau.
+        """
         step = self._active_step()
         if step is None or not self.cfg.enabled:
             yield
@@ -143,6 +205,10 @@ class Laser:
 
     def watch(self, model: torch.nn.Module) -> list:
         """Tell LASER about the model. Returns removable hook handles.
+
+        Call it before compiling the model: activations saved inside torch.compile'd regions
+        carry no autograd history, and without watch() LASER cannot tell them from the
+        model's parameters, so it keeps them raw.
 
         - Sites are named by module path ("z/blocks.0.mlp.down_proj#0").
         - Its parameters and buffers are never compressed, and saved tensors without autograd
