@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import pandas as pd
@@ -105,6 +106,7 @@ class Laser:
         self.steps = 0
         self._warned_nonfinite = False
         self._sync = LocalSync()
+        self._watched: list[weakref.ref] = []  # models given to watch()
         self._model_state: set = set()  # storages of watched parameters and buffers
         self._weight_shapes: set = set()  # shapes (and transposes) of watched weights
 
@@ -139,6 +141,7 @@ class Laser:
                 for tr in self.trackers.values():  # restored before the first step
                     tr.sync = self._sync
             self._step = Step(thread=threading.get_ident())
+            self._refresh_model_state()
         try:
             if not self.cfg.enabled:
                 yield self
@@ -216,28 +219,46 @@ class Laser:
           compiled Function) become eligible, except those shaped like a watched weight
           (compiled weight casts). Without watch(), such tensors are kept raw ("leaf").
         """
-        for t in list(model.parameters()) + list(model.buffers()):
-            self._model_state.add(storage_key(t))
-            if t.dim() == 2:
-                self._weight_shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
+        self._watched.append(weakref.ref(model))
+        self._refresh_model_state()
         handles = []
         for path, module in model.named_modules():
             if not path:
                 continue
             handles.append(module.register_forward_pre_hook(self._enter_label(path)))
-            handles.append(module.register_forward_hook(self._exit_label()))
+            # always_call: the label is popped even when the module's forward raises
+            handles.append(module.register_forward_hook(self._exit_label(path), always_call=True))
         return handles
+
+    def _refresh_model_state(self) -> None:
+        """Re-read the watched models' parameters and buffers. model.to(dtype or device) gives
+        them new storages, so the storages seen at watch() time no longer identify them."""
+        state, shapes, live = set(), set(), []
+        for ref in self._watched:
+            model = ref()
+            if model is None:
+                continue
+            live.append(ref)
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.layout != torch.strided:
+                    continue
+                state.add(storage_key(t))
+                if t.dim() == 2:
+                    shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
+        self._watched, self._model_state, self._weight_shapes = live, state, shapes
 
     def _enter_label(self, path: str):
         def hook(module, args):
             self._label_stack().append(path)
         return hook
 
-    def _exit_label(self):
+    def _exit_label(self, path: str):
         def hook(module, args, output):
             stack = self._label_stack()
-            if stack:
-                stack.pop()
+            # pop this module's label and any left above it (a hook of another Laser or an
+            # older stack that missed its exit); never a label pushed by an enclosing module
+            if path in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(path):]
         return hook
 
     def _label_stack(self) -> list:
