@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import laser_triton.hooks as hooks_mod
 from laser_triton.storage import Packed, region_view
@@ -119,3 +123,31 @@ class UnpackTap:
                 assert res.stride() == orig.stride()
                 out.append((rel_err(res, orig), torch.equal(res, orig)))
         return out
+
+
+def live_tensor_bytes(exclude: list, device_type: str | None = None) -> int:
+    """Bytes of every live tensor storage (on `device_type` if given), minus those of
+    `exclude` (LASER's per-site state and caches): what a step's activations leave behind."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    skip = {StorageWeakRef(t.untyped_storage()) for t in exclude}
+    seen = {}
+    for t in objs:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if device_type is not None and st.device.type != device_type:
+            continue
+        key = StorageWeakRef(st)
+        if key not in skip:
+            seen[key] = st.nbytes()
+    return sum(seen.values())
+
+
+def fitted_slope(xs, ys) -> float:
+    """Least-squares slope of ys over xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)

@@ -1,39 +1,13 @@
 """Resource safety: LASER holds no growing state over many training steps (issue: hardening)."""
 
 import gc
-import warnings
 
 import pytest
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
+from helpers import fitted_slope, live_tensor_bytes
 
 from laser_triton import reference
 from laser_triton.train import Trainer
 from laser_triton.training import TrainConfig
-
-
-def _live_tensor_bytes(exclude: list) -> int:
-    """Bytes of every live tensor storage, minus those of `exclude` (LASER's per-site state)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    skip = {StorageWeakRef(t.untyped_storage()) for t in exclude}
-    seen = {}
-    for t in objs:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            continue
-        key = StorageWeakRef(st)
-        if key not in skip:
-            seen[key] = st.nbytes()
-    return sum(seen.values())
-
-
-def _slope(xs, ys) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 @pytest.mark.slow
@@ -52,13 +26,13 @@ def test_no_growth_over_150_tiny_trm_steps():
                           if t is not None]
             caches = list(reference._COMPLETION_CACHE.values())
             steps.append(step)
-            held.append(_live_tensor_bytes(site_state + caches))
+            held.append(live_tensor_bytes(site_state + caches))
             state.append(sum(t.numel() * t.element_size() for t in site_state))
             bound = sum(tr.width * tr.cfg.max_rank * 4 + 8 for tr in trs)
             assert state[-1] <= bound and len(caches) <= reference._COMPLETION_CACHE_SIZE
     # Everything but the per-site bases (whose ranks follow the spectra, bounded by max_rank,
     # checked above) must not trend upward: fitted growth over the window below 1% of the level.
     window = steps[-1] - steps[0]
-    assert _slope(steps, held) * window <= 0.01 * (sum(held) / len(held)), held
+    assert fitted_slope(steps, held) * window <= 0.01 * (sum(held) / len(held)), held
     assert len(trainer.laser.trackers) == len(trs)  # no new sites appear after warm-up
     assert trainer.laser._step is None
