@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .config import LaserConfig
+from .distributed import LocalSync
 from .tracker import SiteTracker
 
-if TYPE_CHECKING:
-    from .hooks import Laser
-
-__all__ = ["STATE_VERSION", "laser_state", "load_laser_state"]
+__all__ = ["STATE_VERSION", "RestoredState", "laser_state", "load_laser_state"]
 
 STATE_VERSION = 1
 
@@ -26,17 +25,31 @@ def config_fingerprint(cfg: LaserConfig) -> dict[str, str]:
     return {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
-def laser_state(laser: Laser) -> dict[str, object]:
-    return {"version": STATE_VERSION, "config": config_fingerprint(laser.cfg),
-            "steps": laser.steps, "warned_nonfinite": laser._warned_nonfinite,
-            "sites": [tr.state_dict() for tr in laser.trackers.values()]}
+@dataclass
+class RestoredState:
+    """What `load_laser_state` rebuilds, for the Laser to adopt."""
+
+    trackers: dict[str, SiteTracker]
+    steps: int
+    warned_nonfinite: bool
 
 
-def load_laser_state(laser: Laser, state: dict[str, object]) -> None:
+def laser_state(cfg: LaserConfig, trackers: Mapping[str, SiteTracker], steps: int,
+                warned_nonfinite: bool) -> dict[str, object]:
+    """The state dict of a Laser with config `cfg`, sites `trackers` and `steps` done."""
+    return {"version": STATE_VERSION, "config": config_fingerprint(cfg),
+            "steps": steps, "warned_nonfinite": warned_nonfinite,
+            "sites": [tr.state_dict() for tr in trackers.values()]}
+
+
+def load_laser_state(state: dict[str, object], cfg: LaserConfig,
+                     sync: LocalSync) -> RestoredState:
+    """Trackers rebuilt from `state` under `cfg` (warns when it differs from the saved one;
+    sites now excluded are dropped), joined to `sync`."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError("not a Laser state_dict (or from an incompatible version: "
                          f"{state.get('version') if isinstance(state, dict) else None!r})")
-    changed = sorted(k for k, v in config_fingerprint(laser.cfg).items()
+    changed = sorted(k for k, v in config_fingerprint(cfg).items()
                      if state["config"].get(k) != v)
     if changed:
         warnings.warn(f"LASER: state saved under a different LaserConfig ({', '.join(changed)} "
@@ -44,13 +57,10 @@ def load_laser_state(laser: Laser, state: dict[str, object]) -> None:
                       RuntimeWarning, stacklevel=3)
     trackers: dict[str, SiteTracker] = {}
     for st in state["sites"]:
-        cfg = laser.cfg.for_site(st["name"])
-        if cfg is None:  # excluded under the new config
+        site_cfg = cfg.for_site(st["name"])
+        if site_cfg is None:  # excluded under the new config
             continue
-        tr = SiteTracker(st["name"], int(st["width"]), cfg, laser._sync)
+        tr = SiteTracker(st["name"], int(st["width"]), site_cfg, sync)
         tr.load_state_dict(st)
         trackers[tr.name] = tr
-    laser.trackers = trackers
-    laser.steps = int(state["steps"])
-    laser._warned_nonfinite = bool(state["warned_nonfinite"])
-    laser._last_sites, laser._last_raw = {}, {}
+    return RestoredState(trackers, int(state["steps"]), bool(state["warned_nonfinite"]))

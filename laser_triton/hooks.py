@@ -432,7 +432,7 @@ class Laser:
         the same LASER trajectory. Call between steps; tensors are not copied."""
         if self._step is not None:
             raise RuntimeError("Laser.state_dict() inside compress(): call it between steps")
-        return checkpoint.laser_state(self)
+        return checkpoint.laser_state(self.cfg, self.trackers, self.steps, self._warned_nonfinite)
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore a state_dict(): replaces every tracker. Bases move to the activations' device
@@ -440,7 +440,11 @@ class Laser:
         excluded are dropped; bases above the new max_rank restart with a reset)."""
         if self._step is not None:
             raise RuntimeError("Laser.load_state_dict() inside compress(): call it between steps")
-        checkpoint.load_laser_state(self, state)
+        restored = checkpoint.load_laser_state(state, self.cfg, self._sync)
+        self.trackers = restored.trackers
+        self.steps = restored.steps
+        self._warned_nonfinite = restored.warned_nonfinite
+        self._last_sites, self._last_raw = {}, {}
 
     # ------------------------------------------------------------------ reporting
 

@@ -6,7 +6,7 @@ import json
 import os
 
 from . import stats
-from .study import RUN_COLUMNS, StudyProtocol
+from .study_protocol import RUN_COLUMNS, StudyProtocol
 
 __all__ = ["write_outputs", "verdict"]
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from .storage import storage_key
-from .study import RunFn, StudyProtocol
+from .study_protocol import RunFn, StudyProtocol
 
 __all__ = ["SavedBytesCounter", "trm_run_one", "make_trainer", "resolved_train_configs",
            "pin_train_config"]
