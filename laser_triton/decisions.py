@@ -50,6 +50,8 @@ def close_batch(step: Step, sync: LocalSync) -> None:
             Qs, ok = ops.orthonormalize_batched(Ys)
             for i, tr in enumerate(movers):
                 tr.apply_pending(Qs[i], ok[i])
+        for e in batch:
+            e.checked_views = len(e.views)  # views saved later are checked when decided
         fails = torch.stack([~(decision_error(e) <= e.tracker.cfg.tau) for e in batch])
         fails = sync.any(fails)  # with sync_basis, one rank's miss resets all ranks
         shrink = []
@@ -89,8 +91,12 @@ def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> No
                 # The scale feeds branches inside reset: every rank must use the same one.
                 scale = 1.0 if passed else sync.min_float(view_target_scale(entry), d.X.device)
                 st = entry.tracker.finalize(d, passed, shrink, scale)
-                if entry.views and not st.is_raw and not passed:
-                    entry.stored = st  # verify the sub-views against the reset basis
+                # Verify the sub-views against the reset basis, and against the tracked one
+                # when views arrived after the batch was closed (a later network call saved a
+                # part of this storage while its decision was pending).
+                late = len(entry.views) > entry.checked_views
+                if entry.views and not st.is_raw and (late or not passed):
+                    entry.stored = st
                     if not bool(view_error(entry, d.X) <= entry.tracker.cfg.tau):
                         st = entry.tracker.fallback_raw(d.X)
                 entry.stored = st

@@ -287,8 +287,13 @@ class Laser:
             c.tensors += 1
             c.nbytes += saved_nbytes(t)
         entry = step.entries.get(key)
-        if entry is not None and entry.pinned is None:
-            entry.pin(t)  # the storage stays alive raw anyway: serve exact values
+        if entry is not None:
+            if t._version != entry.version:
+                # The storage was modified in place after the entry's save: plain autograd
+                # raises for that save at backward, whatever LASER holds for it.
+                entry.overwritten = t.detach()
+            elif entry.pinned is None:
+                entry.pin(t)  # the storage stays alive raw anyway: serve exact values
         return RawSaved(t)
 
     @_eager
@@ -336,8 +341,9 @@ class Laser:
             return RawSaved(t)  # already held raw by another reference
         entry = step.entries.get(key)
         if entry is not None:
-            if entry.version != t._version or not entry.region.covers(t):
-                return self._count_raw(step, t, "aliased")  # new contents or layout: exact
+            if (entry.version != t._version or t.dtype != entry.dtype
+                    or not entry.region.covers(t)):
+                return self._count_raw(step, t, "aliased")  # new contents, dtype or layout
             return self._packed(entry, t)
         region = dense_region(t)
         if region is None:

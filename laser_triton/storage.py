@@ -140,9 +140,10 @@ def dense_region(t: torch.Tensor) -> Region | None:
     return region if region.covers(t) else None
 
 
-def region_view(t: torch.Tensor, region: Region) -> torch.Tensor:
-    """A (rows, width) tensor over `region` of t's storage, without autograd history."""
-    flat = torch.empty(0, dtype=t.dtype, device=t.device)
+def region_view(t: torch.Tensor, region: Region, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (rows, width) tensor over `region` of t's storage, without autograd history, read as
+    `dtype` (default t's; the region's offsets count elements of that dtype)."""
+    flat = torch.empty(0, dtype=t.dtype if dtype is None else dtype, device=t.device)
     flat.set_(t.untyped_storage(), region.start, (region.numel,), (1,))
     return flat.view(region.rows, region.width)
 
@@ -151,7 +152,8 @@ class Entry:
     """One compressed (or raw-held) storage region for one step."""
 
     __slots__ = ("region", "dtype", "version", "site", "tracker", "draft", "stored", "pinned",
-                 "views", "_cache", "live", "pin_src", "modified", "__weakref__")
+                 "views", "checked_views", "_cache", "live", "pin_src", "modified", "overwritten",
+                 "__weakref__")
 
     def __init__(self, region: Region, dtype: torch.dtype, t: torch.Tensor, site: str,
                  tracker: SiteTracker | None, draft: Draft | None):
@@ -163,17 +165,21 @@ class Entry:
         self.live: torch.Tensor | None = t.detach()
         self.pin_src: tuple[torch.Tensor, int] | None = None
         self.modified = False  # compressed from values changed in place after the save
+        # Set when the storage was saved again after an in-place change: shares its version
+        # counter, so unpacking this entry raises as plain autograd would.
+        self.overwritten: torch.Tensor | None = None
         self.site = site
         self.tracker = tracker
         self.draft = draft
         self.stored: Stored | None = None
         self.pinned: torch.Tensor | None = None  # raw region, when a raw reference holds it anyway
         self.views: list[Packed] = []  # undecided partial views that must meet tau on their own
+        self.checked_views = 0  # how many of them the batched decision measured
         self._cache: weakref.ref | None = None
 
     def pin(self, t: torch.Tensor) -> None:
         """Another, raw reference keeps this storage alive: serve exact values from it."""
-        self.pinned = region_view(t, self.region)
+        self.pinned = region_view(t, self.region, self.dtype)  # t may view it as another dtype
         self.pin_src = (t.detach(), t._version)
 
     def changed(self) -> bool:
@@ -182,6 +188,8 @@ class Entry:
 
     def matrix(self) -> torch.Tensor:
         """The (rows, width) values for unpacking: exact where held raw, else rebuilt."""
+        if self.overwritten is not None:
+            check_version(self.overwritten, self.version)
         if self.modified:
             check_version(self.live, self.version)
         if self.pinned is not None:
