@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["cli_main", "find_perf_dir", "load_script"]
+__all__ = ["cli_main", "find_perf_dir", "load_script", "load_module", "PACKAGE"]
 
 SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "report": "report.py"}
 USAGE = __doc__.split("\n\n")[1]
@@ -36,19 +36,33 @@ def find_perf_dir() -> Path | None:
     candidates.append(Path.cwd() / "perf")
     candidates.append(Path(__file__).resolve().parent.parent / "perf")
     for c in candidates:
-        if all((c / s).is_file() for s in SCRIPTS.values()):
+        if all((c / s).is_file() for s in ("__init__.py", *SCRIPTS.values())):
             return c.resolve()
     return None
 
 
+PACKAGE = "laser_triton_perf"  # the private name perf/ is imported under
+
+
 def load_script(perf: Path, name: str) -> ModuleType:
-    """Import perf/<script> for `name` in ("kernels", "trm", "report") under a private name."""
-    path = perf / SCRIPTS[name]
-    spec = importlib.util.spec_from_file_location(f"laser_triton_perf_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import perf/<script> for `name` in ("kernels", "trm", "report")."""
+    return load_module(perf, SCRIPTS[name].removesuffix(".py"))
+
+
+def load_module(perf: Path, module: str) -> ModuleType:
+    """Import perf/<module>.py as a module of the perf package, itself imported from `perf`
+    under the private name PACKAGE (no sys.path edit, and no clash with an unrelated
+    top-level `perf`)."""
+    package = sys.modules.get(PACKAGE)
+    if package is None or list(package.__path__) != [str(perf)]:
+        for key in [k for k in sys.modules if k == PACKAGE or k.startswith(PACKAGE + ".")]:
+            del sys.modules[key]  # another checkout's perf/ was loaded before
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, perf / "__init__.py", submodule_search_locations=[str(perf)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{PACKAGE}.{module}")
 
 
 def _set_name() -> str:

@@ -1,7 +1,7 @@
 """Kernel benchmarks: each LASER op against the best torch composition and its roofline.
 
-    python perf/bench_kernels.py --out perf/results/kernels.csv          # GPU: TRM grid
-    python perf/bench_kernels.py --out /tmp/k.csv --quick                # CPU: tiny, no claims
+    python -m perf.bench_kernels --out perf/results/kernels.csv          # GPU: TRM grid
+    python -m perf.bench_kernels --out /tmp/k.csv --quick                # CPU: tiny, no claims
 
 Copy bandwidth and the bf16 matrix rate are measured in the same run, so every ratio in the
 CSV compares numbers taken side by side. Providers: `torch` (the best plain composition:
@@ -29,7 +29,6 @@ Grid (GPU default, most important shapes first so a time budget cuts the least u
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import math
 import os
@@ -44,8 +43,7 @@ import torch
 
 from laser_triton import ops
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
-from trm_variants import backend_env  # noqa: E402
+from .harness import backend_env, run_meta
 
 COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype", "ms_median",
            "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms", "frac_of_roofline",
@@ -307,18 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     rates = machine_rates(device)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    meta = dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                dtype=str(dtype).replace("torch.", ""), copy_gbps=rates[0],
-                matmul_tflops=rates[1], valid_timing=device.type == "cuda",
-                torch_version=torch.__version__, triton_version=triton_version,
-                date=dt.date.today().isoformat())
+    meta = dict(**run_meta(device), dtype=str(dtype).replace("torch.", ""), copy_gbps=rates[0],
+                matmul_tflops=rates[1], valid_timing=device.type == "cuda")
     print(f"bench_kernels: {meta['gpu']}, copy {rates[0]:.0f} GB/s, matmul {rates[1]:.1f} "
-          f"TFLOP/s, torch {torch.__version__}, triton {triton_version}", flush=True)
+          f"TFLOP/s, torch {meta['torch_version']}, triton {meta['triton_version']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start, rows, skipped = time.time(), [], 0
 

@@ -1,7 +1,7 @@
 """TRM training memory and time: plain, checkpointing, selective checkpointing and LASER.
 
-    python perf/bench_trm.py --out perf/results/trm.csv              # GPU: the paper presets
-    python perf/bench_trm.py --out /tmp/trm.csv                      # CPU: tiny, bytes only
+    python -m perf.bench_trm --out perf/results/trm.csv              # GPU: the paper presets
+    python -m perf.bench_trm --out /tmp/trm.csv                      # CPU: tiny, bytes only
 
 Scopes:
 - `step`: the full training step, as the trainer runs it: one deep-supervision step (all
@@ -45,7 +45,6 @@ state dict: ranks on trained activations differ (see the demo and the study).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import statistics
 import sys
@@ -55,9 +54,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # trm_variants, however we are loaded
+import laser_triton as lt
+from laser_triton.launches import LaunchCounter
+from laser_triton.trm import TRMConfig
+from laser_triton.trm.savecount import SavedTensorCounter
 
-from trm_run import (  # noqa: E402
+from .harness import Timeout, backend_env, cleanup, compile_stats, parse_value, run_meta, time_limit
+from .trm_run import (
     CPU_BATCH,
     CPU_PRESETS,
     CPU_VARIANTS,
@@ -69,22 +72,7 @@ from trm_run import (  # noqa: E402
     measure_step,
     preset_config,
 )
-from trm_variants import (  # noqa: E402
-    BASE_VARIANTS,
-    Timeout,
-    backend_env,
-    cleanup,
-    compile_stats,
-    install_variant,
-    parse_value,
-    parse_variant,
-    time_limit,
-)
-
-import laser_triton as lt  # noqa: E402
-from laser_triton.launches import LaunchCounter  # noqa: E402
-from laser_triton.trm import TRMConfig  # noqa: E402
-from laser_triton.trm.savecount import SavedTensorCounter  # noqa: E402
+from .trm_variants import BASE_VARIANTS, install_variant, parse_variant
 
 MiB = 1 << 20
 COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_mib",
@@ -292,17 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     args.weights_name = args.weights.name if args.weights else "initialised (untrained)"
     args.weights = torch.load(args.weights, map_location="cpu") if args.weights else None
     batches_override = dict(kv.split("=", 1) for kv in args.batch)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    meta = dict(gpu=torch.cuda.get_device_name() if cuda else "cpu",
-                weights=args.weights_name, laser_config=" ".join(args.laser) or "defaults",
+    meta = dict(**run_meta(device), weights=args.weights_name, laser_config=" ".join(args.laser) or "defaults",
                 forward_dtype=str(TRMConfig(forward_dtype=args.forward_dtype).resolve_dtype(
-                    device)).removeprefix("torch."),
-                torch_version=torch.__version__, triton_version=triton_version,
-                date=dt.date.today().isoformat())
+                    device)).removeprefix("torch."))
     sites_path = args.out.with_name(args.out.stem + "_sites.csv")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

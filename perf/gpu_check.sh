@@ -107,19 +107,19 @@ install  # not under timeout: it may export PYTHONPATH for the sections below
 # sm_90 compiles on CPU): most of their time. The benches after them take what is left.
 section gpu_tests $([ "$GPU" = 1 ] && echo 180 || echo 60) bash -c gpu_tests
 if [ "$GPU" = 1 ]; then
-  section trm_bench 200 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --steps 3 --warmup 1 \
+  section trm_bench 200 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --steps 3 --warmup 1 \
     --time-budget 185 --variant-timeout 90 --batch paper_maze=auto
-  section kernel_bench 90 "$PY" perf/bench_kernels.py --out "$OUT/kernels.csv" \
+  section kernel_bench 90 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" \
     --time-budget 75 --rep-ms 40
 elif [ "${QUICK:-0}" = 1 ]; then  # smallest CPU versions (the test suite's dry run)
-  section trm_bench 60 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --presets tiny \
+  section trm_bench 60 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --presets tiny \
     --batch tiny=2 --scopes cycle --variants plain sac laser_torch plain+compile
-  section kernel_bench 60 "$PY" perf/bench_kernels.py --out "$OUT/kernels.csv" --quick \
+  section kernel_bench 60 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" --quick \
     --rows 100 --hidden 64 --rank 4 --providers torch reference --no-orth
 else
-  section trm_bench 150 "$PY" perf/bench_trm.py --out "$OUT/trm.csv" --presets tiny tiny_att \
+  section trm_bench 150 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --presets tiny tiny_att \
     --batch tiny=2 tiny_att=2 --variants plain ckpt sac laser_torch plain+compile
-  section kernel_bench 90 "$PY" perf/bench_kernels.py --out "$OUT/kernels.csv" --quick \
+  section kernel_bench 90 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" --quick \
     --rows 100 --hidden 64 --rank 4 8
 fi
 # The sweep writes its JSON after every entry; it runs when asked or when time is left.

@@ -7,10 +7,11 @@ import math
 import time
 
 import torch
-from trm_variants import LiveBytes, state_bytes
 
 from laser_triton.training import EMA
 from laser_triton.trm import TRM, SparseSignSGD, TRMConfig, act_loss
+
+from .trm_variants import LiveBytes, state_bytes
 
 __all__ = ["CPU_BATCH", "CPU_PRESETS", "CPU_VARIANTS", "DEFAULT_BATCH", "GPU_PRESETS", "GPU_VARIANTS", "Run",
            "make_batches", "measure_step", "preset_config"]

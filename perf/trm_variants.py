@@ -13,19 +13,13 @@ or `model.laser`, so the model's own code path (laser_triton/trm) runs unchanged
 - `+compile`: the network (or its checkpointing wrapper) under `torch.compile`, with LASER's
   hooks outside it (README "torch.compile").
 
-Also the harness's helpers: `time_limit` (a per-run timeout), `cleanup`, `parse_value`.
 `LiveBytes` is the CPU stand-in for the CUDA allocator's statistics: it counts the bytes of
 tensor storages created while it is active and still alive, by storage, with their peak.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
-import os
-import signal
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -35,9 +29,8 @@ from torch.utils._pytree import tree_leaves
 
 import laser_triton as lt
 
-__all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Timeout", "Variant", "backend_env",
-           "cleanup", "compile_stats", "install_variant", "parse_value", "parse_variant", "sac_policy",
-           "state_bytes", "time_limit"]
+__all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Variant", "install_variant",
+           "parse_variant", "sac_policy", "state_bytes"]
 
 BASE_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_triton")
 _aten = torch.ops.aten
@@ -104,23 +97,6 @@ class CheckpointedNet(nn.Module):
                 torch.utils.checkpoint.create_selective_checkpoint_contexts, sac_policy)
         return torch.utils.checkpoint.checkpoint(self.net, h, injection, cos_sin,
                                                  use_reentrant=False, **kwargs)
-
-
-@contextlib.contextmanager
-def backend_env(name: str | None) -> Iterator[None]:
-    """LASER_TRITON_BACKEND=name for the duration (None: leave it as it is)."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get("LASER_TRITON_BACKEND")
-    os.environ["LASER_TRITON_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LASER_TRITON_BACKEND", None)
-        else:
-            os.environ["LASER_TRITON_BACKEND"] = old
 
 
 def install_variant(model: nn.Module, variant: Variant, laser_cfg: lt.LaserConfig | None = None,
@@ -207,57 +183,3 @@ def state_bytes(*objs: object) -> int:
                 if isinstance(t, torch.Tensor):
                     visit(t)
     return total
-
-
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise Timeout in the main thread after `seconds` (between Python bytecodes)."""
-    def fire(signum, frame):
-        raise Timeout(f"variant exceeded {seconds:.0f} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def parse_value(v: str) -> object:
-    """A command-line value: int, float, bool, torch dtype name, else the string."""
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v in ("true", "false"):
-        return v == "true"
-    if v in ("bfloat16", "float16", "float32"):
-        return getattr(torch, v)
-    return v
-
-
-def compile_stats() -> str:
-    """Dynamo's counters since the last cleanup(): graphs built and graph breaks (a compiled
-    variant that breaks into many graphs, or hits the recompile limit, runs partly eager)."""
-    from torch._dynamo.utils import counters
-
-    graphs = counters["stats"].get("unique_graphs", 0)
-    breaks = sum(counters["graph_break"].values())
-    return f"graphs={graphs} breaks={breaks} recompile_limit={'recompile_limit' in str(counters)}"
-
-
-def cleanup(cuda: bool) -> None:
-    """Free what a finished run left: Python garbage, cached CUDA blocks, compiled graphs."""
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    with contextlib.suppress(Exception):
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters
-
-        counters.clear()

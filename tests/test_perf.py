@@ -28,9 +28,7 @@ ISSUE_TRM_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "peak_mem_mib
 @pytest.fixture(scope="module")
 def scripts():
     mods = {name: bench.load_script(PERF, name) for name in ("kernels", "trm", "report")}
-    import trm_variants  # on sys.path once bench_trm is loaded
-
-    mods["variants"] = trm_variants
+    mods["variants"] = bench.load_module(PERF, "trm_variants")
     return mods
 
 
@@ -235,8 +233,7 @@ def test_auto_batch_failure_falls_back(scripts, monkeypatch, capsys):
 def test_orthonormalization_comparison(tmp_path):
     """perf/orth_compare.py: CholeskyQR2 orthonormalizes in 2 rounds where Newton-Schulz needs
     many steps, and Muon's quintic does not orthonormalize (the recorded verdict)."""
-    sys.path.insert(0, str(PERF))
-    import orth_compare
+    orth_compare = bench.load_module(PERF, "orth_compare")
 
     out = tmp_path / "orth.csv"
     assert orth_compare.main(["--out", str(out), "--D", "96", "--r", "5", "16",
