@@ -16,9 +16,11 @@ decision is resolved, so backward always sees final values.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import pandas as pd
@@ -43,7 +45,10 @@ from .storage import (
 from .tracker import SiteTracker
 from .util import own_math
 
-__all__ = ["Laser"]
+__all__ = ["Laser", "WIDTHS_PER_SITE"]
+
+# Trackers kept per site slot (role, module, ordinal) across row widths; see _note_width.
+WIDTHS_PER_SITE = 4
 
 
 
@@ -106,6 +111,8 @@ class Laser:
         self.steps = 0
         self._warned_nonfinite = False
         self._sync = LocalSync()
+        self._widths: dict[str, OrderedDict] = {}  # slot -> its trackers' names, LRU order
+        self.dropped_sites = 0  # trackers dropped by the per-slot width bound
         self._watched: list[weakref.ref] = []  # models given to watch()
         self._model_state: set = set()  # storages of watched parameters and buffers
         self._weight_shapes: set = set()  # shapes (and transposes) of watched weights
@@ -358,6 +365,7 @@ class Laser:
         tracker = self.trackers.get(site)
         if tracker is None:
             tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
+        self._note_width(slot, site)
         if tracker.take_skip():
             return self._count_raw(step, t, "backoff", site=site)
         with torch.no_grad():
@@ -391,6 +399,19 @@ class Laser:
         k = step.ordinals.get((role, label), 0)
         step.ordinals[(role, label)] = k + 1
         return f"{role}/{label}#{k}"
+
+    def _note_width(self, slot: str, site: str) -> None:
+        """Bound the trackers of one slot: a site whose row width changes from step to step
+        (e.g. attention scores over varying sequence lengths) gets one tracker per width
+        ("slot@width"); past WIDTHS_PER_SITE the least recently used one is dropped (its
+        entries of this step keep their own reference) and counted in `dropped_sites`."""
+        used = self._widths.setdefault(slot, OrderedDict())
+        used[site] = None
+        used.move_to_end(site)
+        while len(used) > WIDTHS_PER_SITE:
+            old, _ = used.popitem(last=False)
+            if self.trackers.pop(old, None) is not None:
+                self.dropped_sites += 1
 
     def _site_for(self, site: str, width: int) -> tuple[str, LaserConfig | None]:
         tracker = self.trackers.get(site)
@@ -448,6 +469,9 @@ class Laser:
             raise RuntimeError("Laser.load_state_dict() inside compress(): call it between steps")
         restored = checkpoint.load_laser_state(state, self.cfg, self._sync)
         self.trackers = restored.trackers
+        self._widths = {}
+        for name in self.trackers:  # "slot@width" names belong to their slot's bound
+            self._widths.setdefault(re.sub(r"@\d+$", "", name), OrderedDict())[name] = None
         self.steps = restored.steps
         self._warned_nonfinite = restored.warned_nonfinite
         self._last_sites, self._last_raw = {}, {}
@@ -468,7 +492,8 @@ class Laser:
         df = self.report()
         raw, stored = int(df.raw_bytes.sum()), int(df.stored_bytes.sum())
         return {"raw_bytes": raw, "stored_bytes": stored,
-                "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum())}
+                "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum()),
+                "dropped_sites": self.dropped_sites}
 
 
 @_eager
