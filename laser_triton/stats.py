@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["regularized_incomplete_beta", "student_t_cdf", "student_t_sf", "student_t_ppf",
            "PairedTTest", "paired_t_test", "TOSTResult", "paired_tost", "relative_margin",
-           "seeds_for_tost", "tost_power"]
+           "seeds_for_tost", "tost_power", "NonInferiorityResult", "paired_noninferiority"]
 
 _EPS = 3e-16
 _TINY = 1e-300
@@ -277,3 +277,47 @@ def tost_power(sd_diff: float, margin: float, n: int, alpha: float = 0.05) -> fl
         return 1.0
     x = margin / (sd_diff / math.sqrt(n)) - student_t_ppf(1 - alpha, n - 1)
     return max(0.0, 1.0 - 2.0 * student_t_sf(x, n - 1))
+
+
+@dataclass(frozen=True)
+class NonInferiorityResult:
+    """One-sided paired test of H0 "mean(a - b) <= margin" against H1 "mean(a - b) > margin"
+    (margin < 0: how much worse a may be). Non-inferiority holds at level alpha exactly when
+    the one-sided (1 - alpha) lower confidence bound of the mean difference exceeds margin."""
+
+    n: int
+    mean_diff: float
+    sd_diff: float
+    se: float
+    df: int
+    margin: float
+    t: float
+    p_value: float
+    lower_bound: float
+    alpha: float
+    non_inferior: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def paired_noninferiority(a: Sequence[float], b: Sequence[float], margin: float,
+                          alpha: float = 0.05) -> NonInferiorityResult:
+    """Paired one-sided t-test of mean(a - b) > margin (non-inferiority of a to b)."""
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got {margin}")
+    d = _differences(a, b)
+    n = len(d)
+    mean, sd = _mean_sd(d)
+    se = sd / math.sqrt(n)
+    df = n - 1
+    if se > 0:
+        t = (mean - margin) / se
+    else:
+        t = math.copysign(math.inf, mean - margin) if mean != margin else 0.0
+    p = student_t_sf(t, df)
+    lower = mean - student_t_ppf(1.0 - alpha, df) * se
+    return NonInferiorityResult(n, mean, sd, se, df, margin, t, p, lower, alpha,
+                                bool(p < alpha))

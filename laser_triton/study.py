@@ -216,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--memory-every", type=int, default=d.memory_every)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--protocol", default=None,
+                   help="a declared non-inferiority protocol file (perf/results/"
+                        "study_ni_protocol.json): runs study_ni instead; the options above "
+                        "that it declares are ignored")
+    p.add_argument("--stages", nargs="+", default=["trunk", "select", "forks", "report"],
+                   choices=["trunk", "select", "forks", "report"], help="with --protocol")
+    p.add_argument("--smoke", default=None,
+                   help="with --protocol: JSON shrinking it to a labelled smoke run, e.g. "
+                        '\'{"trunk_steps": 4, "fork_steps": 2, "fork_seeds": [1, 2]}\'')
+    p.add_argument("--estimate", action="store_true",
+                   help="with --protocol: time a few steps per arm, print the projected cost")
     return p
 
 
@@ -227,6 +238,18 @@ def cli_main(argv: list[str] | None = None) -> int:
     from .study_trm import trm_run_one
 
     torch.set_num_threads(args.threads)
+    if args.protocol:
+        from . import study_ni
+
+        if args.estimate:
+            study_ni.estimate(args.protocol, args.work)
+            return 0
+        name = args.name if args.name != "study" else "study_ni"
+        paths = study_ni.run_protocol(args.protocol, args.work, args.results,
+                                      name + ("_smoke" if args.smoke else ""), args.stages,
+                                      json.loads(args.smoke) if args.smoke else None)
+        print("[study_ni] wrote " + ", ".join(paths))
+        return 0
     protocol = StudyProtocol(
         preset=args.preset, steps=args.steps, train=json.loads(args.train),
         laser=json.loads(args.laser), primary=args.primary,

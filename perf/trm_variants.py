@@ -24,10 +24,10 @@ import functools
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import laser_triton as lt
+from laser_triton.livebytes import LiveBytes  # noqa: F401 - re-exported for trm_run
 
 __all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Variant", "install_variant",
            "parse_variant", "sac_policy", "state_bytes"]
@@ -115,47 +115,6 @@ def install_variant(model: nn.Module, variant: Variant, laser_cfg: lt.LaserConfi
         wrapped = torch.compile(wrapped, backend=compile_backend)
     model.net = wrapped
     return laser
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of storages allocated while active that are still alive, and their peak.
-
-    A storage counts once however many views of it exist; outputs that alias an input (views,
-    in-place ops) are not new. Frees are noticed lazily: the running total is an upper bound,
-    pruned whenever it would set a new peak, so `peak` is exact at every allocation.
-    Intended for CPU accounting (the CUDA allocator's statistics are used on GPU).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[StorageWeakRef, int] = {}
-        self._total = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                key = StorageWeakRef(t.untyped_storage())
-                if key not in inputs and key not in self._live:
-                    n = t.untyped_storage().nbytes()
-                    self._live[key] = n
-                    self._total += n
-        if self._total > self.peak:
-            self.peak = max(self.peak, self.live())
-        return out
-
-    def live(self) -> int:
-        """Bytes alive now (prunes freed storages)."""
-        dead = [k for k in self._live if k.expired()]
-        for k in dead:
-            self._total -= self._live.pop(k)
-        return self._total
-
-    def reset_peak(self) -> None:
-        self.peak = self.live()
 
 
 def state_bytes(*objs: object) -> int:

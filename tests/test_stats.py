@@ -181,3 +181,24 @@ def test_tost_power_inverts_seeds_for_tost_and_matches_simulation():
         stats.tost_power(1.0, 0.0, 5)
     with pytest.raises(ValueError):
         stats.tost_power(1.0, 1.0, 1)
+
+
+def test_noninferiority_is_one_sided_and_dual_to_the_lower_bound():
+    # Sleep data (Student 1908) as a generic paired sample: mean difference 1.58, se 0.389.
+    a = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    b = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    r = stats.paired_noninferiority(a, b, margin=-0.5)
+    t = stats.paired_t_test(a, b)
+    assert r.t == pytest.approx((t.mean_diff + 0.5) / t.se)
+    assert r.p_value == pytest.approx(stats.student_t_sf(r.t, 9))
+    assert r.lower_bound == pytest.approx(t.mean_diff - stats.student_t_ppf(0.95, 9) * t.se)
+    assert r.non_inferior and r.lower_bound > -0.5
+    # Being better never hurts (unlike a two-sided equivalence test) ...
+    better = stats.paired_noninferiority([x + 10 for x in a], b, margin=-0.5)
+    assert better.non_inferior and better.p_value < r.p_value
+    # ... and the decision flips exactly where the lower bound crosses the margin.
+    assert not stats.paired_noninferiority(a, b, margin=r.lower_bound + 1e-9).non_inferior
+    assert stats.paired_noninferiority(a, b, margin=r.lower_bound - 1e-9).non_inferior
+    assert stats.paired_noninferiority([0.0] * 3, [0.0] * 3, margin=-0.01).non_inferior
+    with pytest.raises(ValueError):
+        stats.paired_noninferiority(a, b, margin=-0.5, alpha=0.6)
