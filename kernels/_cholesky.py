@@ -16,12 +16,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..numerics import DEGENERATE_REL as _DEGENERATE_REL
+from ..numerics import ORTH_TOL as _ORTH_TOL
 from ._common import nan_max
 
 EPS64 = tl.constexpr(2.220446049250313e-16)  # float64 machine epsilon (shift of the Gram)
 TINY32 = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: zero-column cutoff
-DEGENERATE_REL = tl.constexpr(1e-6)  # same as reference._DEGENERATE_REL
-ORTH_TOL = tl.constexpr(1e-4)  # `ok` threshold on max |Q^T Q - I|, as in the reference
+DEGENERATE_REL = tl.constexpr(_DEGENERATE_REL)  # shared with the reference (numerics)
+ORTH_TOL = tl.constexpr(_ORTH_TOL)  # `ok` threshold on max |Q^T Q - I|, likewise
 
 
 @triton.jit

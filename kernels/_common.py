@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..util import to_device_async
+
 log = logging.getLogger("laser_triton")
 T = TypeVar("T")
 
@@ -62,12 +64,8 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor to `device` without a synchronizing copy (pinned and non-blocking on CUDA;
-    a plain pageable copy would synchronize the stream)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+# Host tensor to a device without a synchronizing copy: the torch side's helper, one copy.
+to_device = to_device_async
 
 
 def launch(name: str, run: Callable[[dict], T], config: dict,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..numerics import completion_matrix
 from ._cholesky import _orth_factor_kernel
 from ._common import launch, new_buffer, pow2, shrink_config, to_device
 from .configs import get_store
@@ -130,29 +131,6 @@ def _orth_apply_kernel(
 
 
 # ----------------------------------------------------------------------------- launcher
-
-_COMPLETION_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_CACHE_SIZE = 16  # bounded: resets ask for many (D, r) shapes over a training run
-
-
-def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
-    """The fixed D x r fp64 completion directions; identical to reference.completion_matrix.
-
-    Kept as a copy so that kernels import nothing from the torch side; a test checks the two.
-    """
-    key = (D, r, str(device))
-    Z = _COMPLETION_CACHE.get(key)
-    if Z is not None:
-        _COMPLETION_CACHE.move_to_end(key)
-    else:
-        gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
-        Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
-        Z = to_device(Z / Z.norm(dim=0, keepdim=True), torch.device(device))
-        _COMPLETION_CACHE[key] = Z
-        while len(_COMPLETION_CACHE) > _CACHE_SIZE:
-            _COMPLETION_CACHE.popitem(last=False)
-    return Z
-
 
 class _Plan:
     """Per shape set: the site table, packed Z and padded Z^T Z, on the device (cached)."""

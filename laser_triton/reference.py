@@ -12,13 +12,13 @@ Conventions
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
+from .numerics import DEGENERATE_REL, ORTH_TOL, completion_matrix
 from .results import CompressOut
-from .util import mm_fp32, to_device_async
+from .util import mm_fp32
 
 __all__ = [
     "compress_pass",
@@ -71,33 +71,6 @@ _mm_fp32 = mm_fp32
 
 # ----------------------------------------------------------------------------- orthonormalize
 
-_COMPLETION_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_COMPLETION_CACHE_SIZE = 16  # bounded: resets ask for many (D, r) shapes over a run
-
-
-def completion_matrix(D: int, r: int, device: torch.device) -> torch.Tensor:
-    """A fixed, deterministic Gaussian D x r matrix used to complete degenerate columns.
-
-    Seeded independently of the global RNG so results do not depend on user randomness.
-    """
-    key = (D, r, str(device))
-    Z = _COMPLETION_CACHE.get(key)
-    if Z is not None:
-        _COMPLETION_CACHE.move_to_end(key)
-    else:
-        gen = torch.Generator().manual_seed(0x1A5E2 + 7919 * D + r)
-        Z = torch.randn(D, r, generator=gen, dtype=torch.float64)
-        Z = to_device_async(Z / Z.norm(dim=0, keepdim=True), device)
-        _COMPLETION_CACHE[key] = Z
-        while len(_COMPLETION_CACHE) > _COMPLETION_CACHE_SIZE:
-            _COMPLETION_CACHE.popitem(last=False)
-    return Z
-
-
-# Column j of the (column-scaled) input is degenerate when its component orthogonal to the
-# earlier columns is below this fraction of its norm. fp32 data cannot resolve directions much
-# below ~1e-6 relative, so replacing them by completion directions loses nothing measurable.
-_DEGENERATE_REL = 1e-6
 
 
 def _chol_factor(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +94,10 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     CholeskyQR2 with column scaling, the Gram and its r x r Cholesky in fp64. Steps:
       1. scale columns to unit norm (power-iteration columns have norms ~ sigma_j^2, so this
          removes most of kappa(Y)); zero or non-finite columns count as degenerate;
-      2. one Cholesky pass flags columns whose new direction is below _DEGENERATE_REL and
+      2. one Cholesky pass flags columns whose new direction is below DEGENERATE_REL and
          replaces them by fixed random directions (completion), never NaN;
       3. CholeskyQR2 on the repaired matrix.
-    `ok` is False when the result is not orthonormal to 1e-4 or not finite; callers keep their
+    `ok` is False when the result is not orthonormal to ORTH_TOL (1e-4) or not finite; callers keep their
     previous basis with torch.where(ok, Q, U_prev), on the device.
     """
     Q, ok = _orthonormalize_stacked(Y.unsqueeze(0))
@@ -167,7 +140,7 @@ def _orthonormalize_stacked(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     # Pass 0: detect numerically dependent columns from the Cholesky diagonal.
     R0, _ = _chol_factor(A)
     new_dir = R0.diagonal(dim1=-2, dim2=-1).abs()  # relative, since columns have unit norm
-    degenerate = ~(new_dir > _DEGENERATE_REL)  # NaN-safe
+    degenerate = ~(new_dir > DEGENERATE_REL)  # NaN-safe
     A = torch.where(degenerate[:, None, :], Z, A)
 
     # CholeskyQR2 on the repaired matrix.
@@ -178,7 +151,7 @@ def _orthonormalize_stacked(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     eye = torch.eye(r, dtype=torch.float64, device=Y.device)
     orth_err = (Q.transpose(-2, -1) @ Q - eye).abs().amax(dim=(-2, -1))
-    ok = (info1 == 0) & (info2 == 0) & (orth_err <= 1e-4) & torch.isfinite(Q).all(dim=(-2, -1))
+    ok = (info1 == 0) & (info2 == 0) & (orth_err <= ORTH_TOL) & torch.isfinite(Q).all(dim=(-2, -1))
     return Q.float(), ok
 
 

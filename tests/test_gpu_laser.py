@@ -98,15 +98,14 @@ def _laser_state_and_caches(laser) -> list[torch.Tensor]:
     the fit, as on CPU; their size is bounded separately."""
     import sys
 
-    from laser_triton import reference
+    from laser_triton import numerics
 
     trs = list(laser.trackers.values())
     out = [t for tr in trs for t in (tr.U, tr.max_err, tr.max_row_err, tr.pending_shrink)
            if t is not None]
-    out += list(reference._COMPLETION_CACHE.values())
+    out += list(numerics._COMPLETION_CACHE.values())
     orth = sys.modules.get("laser_triton.kernels.orthonormalize")
     if orth is not None:
-        out += list(orth._COMPLETION_CACHE.values())
         out += [t for plan in orth._PLANS.values() for t in (plan.meta, plan.Z, plan.ZZ)]
     return out
 

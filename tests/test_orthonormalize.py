@@ -63,9 +63,18 @@ def test_orthonormalize_batched_mixed_shapes():
     assert Qs == [] and ok.numel() == 0
 
 
-def test_completion_matrix_matches_reference():
+def test_completion_directions_are_one_shared_definition():
+    """Kernels and reference complete degenerate columns with the same directions: one
+    definition (laser_triton.numerics), unit columns, independent of the global RNG."""
     from laser_triton.kernels import completion_matrix
 
-    for D, r in [(64, 1), (520, 33)]:
-        assert torch.equal(completion_matrix(D, r, torch.device("cpu")),
-                           reference.completion_matrix(D, r, torch.device("cpu")))
+    from laser_triton import numerics
+
+    assert completion_matrix is numerics.completion_matrix is reference.completion_matrix
+    torch.manual_seed(99)
+    Z = completion_matrix(520, 33, torch.device("cpu"))
+    torch.manual_seed(7)
+    numerics._COMPLETION_CACHE.clear()
+    assert torch.equal(Z, completion_matrix(520, 33, torch.device("cpu")))
+    assert Z.dtype == torch.float64 and Z.shape == (520, 33)
+    assert_close(Z.norm(dim=0), torch.ones(33, dtype=torch.float64), atol=1e-12)

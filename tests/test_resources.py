@@ -5,7 +5,7 @@ import gc
 import pytest
 from helpers import fitted_slope, live_tensor_bytes
 
-from laser_triton import reference
+from laser_triton import numerics
 from laser_triton.train import Trainer
 from laser_triton.training import TrainConfig
 
@@ -24,12 +24,12 @@ def test_no_growth_over_150_tiny_trm_steps():
             trs = list(trainer.laser.trackers.values())
             site_state = [t for tr in trs for t in (tr.U, tr.max_err, tr.max_row_err)
                           if t is not None]
-            caches = list(reference._COMPLETION_CACHE.values())
+            caches = list(numerics._COMPLETION_CACHE.values())
             steps.append(step)
             held.append(live_tensor_bytes(site_state + caches))
             state.append(sum(t.numel() * t.element_size() for t in site_state))
             bound = sum(tr.width * tr.cfg.max_rank * 4 + 8 for tr in trs)
-            assert state[-1] <= bound and len(caches) <= reference._COMPLETION_CACHE_SIZE
+            assert state[-1] <= bound and len(caches) <= numerics.COMPLETION_CACHE_SIZE
     # Everything but the per-site bases (whose ranks follow the spectra, bounded by max_rank,
     # checked above) must not trend upward: fitted growth over the window below 1% of the level.
     window = steps[-1] - steps[0]
