@@ -34,19 +34,21 @@ MAX_RANK = 256  # largest basis rank of compress_pass / reconstruct
 # a GPU, so `auto` dispatch sends larger ranks to the torch reference (the kernels still work).
 MAX_ORTH_RANK = 64
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def supports(op: str, *tensors: torch.Tensor) -> bool:
-    """True when the Triton kernels handle `op` on these tensors (metadata only, no sync)."""
-    if not tensors or any(t.dtype not in _FLOATS or t.dim() != 2 for t in tensors):
+    """True when the Triton kernels handle `op` on these tensors (metadata only, no sync).
+
+    The inputs are those `laser_triton.ops` validated (dtypes, ranks, shapes, devices); this
+    decides only whether the kernels cover their sizes.
+    """
+    if not tensors:
         return False
     if op == "compress_pass":
         X, U = tensors[0], tensors[1]
-        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK and U.dtype == torch.float32
+        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK
     if op == "reconstruct":
-        C, U = tensors[0], tensors[1]
-        return C.shape[1] <= MAX_RANK and U.dtype == torch.float32
+        C = tensors[0]
+        return C.shape[1] <= MAX_RANK
     if op == "orthonormalize":
         return all(Y.shape[0] <= MAX_D and Y.shape[1] <= MAX_ORTH_RANK for Y in tensors)
     return False

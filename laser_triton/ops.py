@@ -45,9 +45,13 @@ _BACKENDS = ("auto", "torch", "triton")
 
 
 # ----------------------------------------------------------------------------- validation
+# The authoritative validation of every op's inputs (docs/design.md §6.5): types, dtypes,
+# shapes, ranks, devices, with errors that name the problem. `kernels.supports` and the
+# launchers receive only inputs that passed here.
 
 
 def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """A non-empty `ndim`-D tensor of one of `dtypes`; TypeError / ValueError naming `name`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -60,16 +64,38 @@ def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ..
     return t
 
 
-def _check_basis(U: object, width: int, device: torch.device, what: str = "U") -> torch.Tensor:
+def _check_basis(U: object, device: torch.device, *, width: int | None = None,
+                 rank: int | None = None, what: str = "U",
+                 other: str = "the activation") -> torch.Tensor:
+    """An fp32 (D, r) basis with r <= D on `device` (and D == width, r == rank when given)."""
     U = _check_tensor(what, U, 2, (torch.float32,))
     D, r = U.shape
-    if D != width:
+    if width is not None and D != width:
         raise ValueError(f"{what} has {D} rows but the activation width is {width}")
+    if rank is not None and r != rank:
+        raise ValueError(f"C has rank {rank} but {what} has rank {r}")
     if r > D:
         raise ValueError(f"rank {r} of {what} exceeds its width {D}")
     if U.device != device:
-        raise ValueError(f"{what} is on {U.device} but the activation is on {device}")
+        raise ValueError(f"{what} is on {U.device} but {other} is on {device}")
     return U
+
+
+def _check_orth_inputs(Ys: list, names: list[str]) -> None:
+    """Floating (D, r) matrices with r <= D, all on the first one's device."""
+    for name, Y in zip(names, Ys):
+        _check_tensor(name, Y, 2, FLOAT_DTYPES)
+        if Y.shape[1] > Y.shape[0]:
+            raise ValueError(f"{name}: rank {Y.shape[1]} exceeds width {Y.shape[0]}: "
+                             "cannot orthonormalize")
+        if Y.device != Ys[0].device:
+            raise ValueError(f"{name} is on {Y.device} but {names[0]} is on {Ys[0].device}")
+
+
+def _check_out_dtype(what: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} {dtype} is not one of float32, bfloat16, float16")
+    return dtype
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -149,10 +175,8 @@ def compress_pass(
     `CompressOut`). C has `coeff_dtype` (default X.dtype); the rest is fp32.
     """
     X = _check_tensor("X", X, 2, FLOAT_DTYPES)
-    _check_basis(U, X.shape[1], X.device)
-    coeff_dtype = X.dtype if coeff_dtype is None else coeff_dtype
-    if coeff_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"coeff_dtype {coeff_dtype} is not one of float32, bfloat16, float16")
+    _check_basis(U, X.device, width=X.shape[1])
+    coeff_dtype = _check_out_dtype("coeff_dtype", X.dtype if coeff_dtype is None else coeff_dtype)
     with _book("compress_pass", X, U, need_y=need_y):
         if backend_for("compress_pass", X, U) == "triton":
             with device_guard(X.device):
@@ -162,9 +186,7 @@ def compress_pass(
 
 def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal fp32 basis of span(Y) (D x r, r <= D) and a device bool `ok`."""
-    Y = _check_tensor("Y", Y, 2, FLOAT_DTYPES)
-    if Y.shape[1] > Y.shape[0]:
-        raise ValueError(f"rank {Y.shape[1]} exceeds width {Y.shape[0]}: cannot orthonormalize")
+    _check_orth_inputs([Y], ["Y"])
     with _book("orthonormalize", Y):
         if backend_for("orthonormalize", Y) == "triton":
             with device_guard(Y.device):
@@ -175,12 +197,7 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Orthonormalize the bases of many sites in one call; `ok` is a bool tensor per input."""
     Ys = list(Ys)
-    for i, Y in enumerate(Ys):
-        _check_tensor(f"Ys[{i}]", Y, 2, FLOAT_DTYPES)
-        if Y.shape[1] > Y.shape[0]:
-            raise ValueError(f"Ys[{i}]: rank {Y.shape[1]} exceeds width {Y.shape[0]}")
-        if Y.device != Ys[0].device:
-            raise ValueError(f"Ys[{i}] is on {Y.device} but Ys[0] is on {Ys[0].device}")
+    _check_orth_inputs(Ys, [f"Ys[{i}]" for i in range(len(Ys))])
     if not Ys:
         return reference.orthonormalize_batched(Ys)
     with _book("orthonormalize", *Ys):
@@ -193,16 +210,8 @@ def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tenso
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """X_hat = C U^T (N x D), computed in fp32 and returned in `dtype` (default C.dtype)."""
     C = _check_tensor("C", C, 2, FLOAT_DTYPES)
-    U = _check_tensor("U", U, 2, (torch.float32,))
-    if U.shape[1] != C.shape[1]:
-        raise ValueError(f"C has rank {C.shape[1]} but U has rank {U.shape[1]}")
-    if U.shape[1] > U.shape[0]:
-        raise ValueError(f"rank {U.shape[1]} of U exceeds its width {U.shape[0]}")
-    if U.device != C.device:
-        raise ValueError(f"U is on {U.device} but C is on {C.device}")
-    dtype = C.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"output dtype {dtype} is not one of float32, bfloat16, float16")
+    _check_basis(U, C.device, rank=C.shape[1], other="C")
+    dtype = _check_out_dtype("output dtype", C.dtype if dtype is None else dtype)
     with _book("reconstruct", C, U):
         if backend_for("reconstruct", C, U) == "triton":
             with device_guard(C.device):
