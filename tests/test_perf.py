@@ -245,3 +245,22 @@ def test_orthonormalization_comparison(tmp_path):
     assert ns.converged.all() and (ns.steps >= 10).all()
     assert not df[df.method == "muon_quintic_bf16"].converged.any()
     assert "Verdict" in out.with_suffix(".md").read_text()
+
+
+def test_learned_structural_ratios_are_against_plain_tiny_of_the_same_weights():
+    ls = bench.load_module(PERF, "learned_structural")
+    rows = []
+    for kind, scale in (("untrained", 1.0), ("trained", 2.0)):
+        for preset, variant, act, peak in (("tiny", "plain", 10, 20), ("tiny", "laser_torch", 8, 22),
+                                           ("tiny+lean", "plain", 5, 12),
+                                           ("tiny+lean", "laser_torch", 2, 11)):
+            rows.append(dict(weights_kind=kind, tau=0.05, preset=preset, variant=variant,
+                             activation_mib=act * scale, peak_mem_mib=peak * scale,
+                             forward_dtype="bfloat16", status="ok"))
+    t = ls.table(pd.DataFrame(rows)).set_index(["weights", "preset", "variant"])
+    for kind in ("untrained", "trained"):
+        assert t.loc[(kind, "tiny", "plain"), "held_vs_plain"] == 1.0
+        assert t.loc[(kind, "tiny+lean", "plain"), "held_vs_plain"] == pytest.approx(0.5)
+        assert t.loc[(kind, "tiny+lean", "laser_torch"), "peak_vs_plain"] == pytest.approx(0.55)
+    assert "| trained | 0.05 | tiny | laser_torch | 0.80x | 1.10x |" in ls.markdown(
+        t.reset_index(), "ckpt")
