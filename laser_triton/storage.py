@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import launches, ops
+from . import launches, magnitude
 from .tracker import Draft, SiteTracker, Stored
 
 __all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "saved_key",
@@ -203,7 +203,7 @@ class Entry:
         X_hat = self._cache() if self._cache is not None else None
         if X_hat is None:
             launches.note("rebuild", self)
-            X_hat = ops.reconstruct(self.stored.C, self.stored.U, self.dtype)
+            X_hat = magnitude.rebuild(self.stored.C, self.stored.U, self.dtype, self.stored.scale)
             self._cache = weakref.ref(X_hat)
         return X_hat
 
@@ -243,15 +243,15 @@ def decision_error(entry: Entry) -> torch.Tensor:
 
 def view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
     """Largest relative error over the entry's partial views, measured on what unpack returns."""
-    if entry.stored is not None:
-        C, U = entry.stored.C, entry.stored.U
-    else:
-        C, U = entry.draft.C, entry.draft.U
-    X_hat = ops.reconstruct(C, U, X.dtype)
+    src = entry.stored if entry.stored is not None else entry.draft
+    C, U, scale = src.C, src.U, src.scale
+    X_hat = magnitude.rebuild(C, U, X.dtype, scale)
+    s = 1.0 if scale is None else scale  # norms of scale * X stay inside fp32's range
     worst = torch.zeros((), device=X.device)
     for p in entry.views:
-        v = X.as_strided(p.size, p.stride, X.storage_offset() + p.offset).float()
-        v_hat = X_hat.as_strided(p.size, p.stride, p.offset).float()
+        v = magnitude.scaled(X.as_strided(p.size, p.stride, X.storage_offset() + p.offset)
+                             .float(), s)
+        v_hat = magnitude.scaled(X_hat.as_strided(p.size, p.stride, p.offset).float(), s)
         num = torch.linalg.vector_norm(v - v_hat)
         den = torch.linalg.vector_norm(v)
         e = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
@@ -263,11 +263,11 @@ def view_target_scale(entry: Entry) -> float:
     """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
     if not entry.views:
         return 1.0
-    X = entry.draft.X
-    total = float(torch.linalg.vector_norm(X, dtype=torch.float32).square())
+    X = entry.draft.X  # energies in fp64: fp32 squares under/overflow at extreme magnitudes
+    total = float(torch.linalg.vector_norm(X, dtype=torch.float64).square())
     shares = [float(torch.linalg.vector_norm(
-        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float32
-    ).square()) / total for p in entry.views] if total > 0 else [1.0]
+        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float64
+    ).square()) / total for p in entry.views] if total > 0 and math.isfinite(total) else [1.0]
     return max(math.sqrt(max(min(shares), 0.0)), 1e-3)
 
 def _itemsize(dtype: torch.dtype) -> int:

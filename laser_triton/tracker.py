@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import launches, ops, reference
+from . import launches, magnitude, ops, reference
 from .config import LaserConfig, rounding_error
 from .distributed import LocalSync
 from .results import CompressOut
@@ -40,6 +40,7 @@ class Draft:
     row_err: torch.Tensor
     e_X: torch.Tensor
     shrink_gram: torch.Tensor | None = None  # U^T Y (r x r) when a shrink check is due
+    scale: float | None = None  # C = round(scale * X U) (see magnitude.py); None: unscaled
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Stored:
     raw: torch.Tensor | None = None
     err: torch.Tensor | None = None  # estimated relative error (device scalar), 0 for raw
     row_err: torch.Tensor | None = None
+    scale: float | None = None  # C was computed from scale * X; rebuild with magnitude.rebuild
 
     @property
     def is_raw(self) -> bool:
@@ -62,27 +64,39 @@ class Stored:
         return self.C.numel() * self.C.element_size()  # U is counted once per basis by callers
 
 
-def relative_error(out: CompressOut, cfg: LaserConfig, X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """Relative error of what unpack will return, ||X - cast(round(C) U^T)|| / ||X||.
+def relative_error(out: CompressOut, cfg: LaserConfig, X: torch.Tensor, U: torch.Tensor,
+                   out_dtype: torch.dtype | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """Relative error of what unpack will return, ||X - rebuild(round(C), U)|| / ||X||.
 
-    Estimated from one pass: the projection residual (1 - e_C/e_X) is orthogonal to span(U),
-    where the coefficient rounding error (at most rho_c relative) lives, so they add in
-    quadrature; casting the rebuilt tensor back to X's dtype adds at most rho_x ||X_hat||
-    (triangle inequality). Below `exact_below` the residual is measured directly instead,
-    because 1 - e_C/e_X cannot resolve such errors in fp32. e_X == 0 gives 0; non-finite X or
-    coefficients that overflow coeff_dtype give inf, so NaN-safe predicates reject them.
+    X is what the pass read (scale * X for a scaled site, see magnitude.py), out_dtype the
+    dtype unpack returns (default X's). Estimated from one pass: the projection residual
+    (1 - e_C/e_X) is orthogonal to span(U), where the coefficient rounding error (at most
+    rho_c relative, plus the absolute rounding of subnormal coefficients) lives, so they add
+    in quadrature; casting the rebuilt tensor back adds at most rho_x ||X_hat|| plus the
+    absolute rounding of subnormal outputs (triangle inequality). Below `exact_below` the
+    residual is measured directly instead, because 1 - e_C/e_X cannot resolve such errors in
+    fp32. Statistics outside the range where the fp32 pass is exact enough (underflowing or
+    overflowing ||X||^2, which includes X == 0 and non-finite X; coefficients overflowing
+    coeff_dtype; a rebuild that could round past out_dtype's largest value) give inf, so
+    NaN-safe predicates reject them and a reset decides (it can scale).
     """
+    out_dtype = X.dtype if out_dtype is None else out_dtype
     e_X = out.e_X
+    N, D = X.shape
+    r = U.shape[1]
+    coeff2, out_sub = magnitude.subnormal_terms(e_X, N, D, r, cfg.coeff_dtype, out_dtype, scale)
     if cfg.tau < cfg.exact_below:
-        X_hat = ops.reconstruct(out.C, U, X.dtype)
+        X_hat = magnitude.scaled(magnitude.rebuild(out.C, U, out_dtype, scale), scale)
         err = torch.linalg.vector_norm(X.float() - X_hat.float()) / e_X.sqrt()
     else:
-        rho_c, rho_x = rounding_error(cfg.coeff_dtype), _output_rounding(X.dtype)
+        rho_c, rho_x = rounding_error(cfg.coeff_dtype), _output_rounding(out_dtype)
         frac = out.e_C / e_X
-        err = ((1.0 - frac).clamp_min(0.0) + rho_c * rho_c * frac).sqrt() + rho_x * frac.sqrt()
-    err = torch.where(e_X > 0, err, torch.zeros_like(err))
-    bad = ~(out.c_amax <= torch.finfo(cfg.coeff_dtype).max) | ~torch.isfinite(e_X)  # NaN-safe
-    return torch.where(bad, torch.full_like(err, math.inf), err)
+        err = (((1.0 - frac).clamp_min(0.0) + rho_c * rho_c * frac + coeff2).sqrt()
+               + rho_x * frac.sqrt() + out_sub)
+    ok = magnitude.in_range(e_X, out.c_amax, N * D, cfg.coeff_dtype, out_dtype, r,
+                            clamped=scale is not None)
+    return torch.where(ok, err, torch.full_like(err, math.inf))
 
 
 def _output_rounding(dtype: torch.dtype) -> float:
@@ -108,6 +122,7 @@ class SiteTracker:
         self.raw_fallbacks = 0
         self.shrinks = 0
         self.nonfinite = 0  # tensors with NaN/Inf, stored raw
+        self.scale: float | None = None  # power-of-two input scale chosen by the last reset
         # After a reset finds that even max_rank misses tau, the next `_skip` tensors are stored
         # raw without trying (the gap doubles on each such reset, up to 64): a site that does
         # not compress should not pay a range finder per tensor.
@@ -134,7 +149,7 @@ class SiteTracker:
         return {"name": self.name, "width": self.width, "U": self.U,
                 "pending_shrink": self.pending_shrink, "gen": self.gen.get_state(),
                 "max_err": self.max_err, "max_row_err": self.max_row_err,
-                **{k: getattr(self, k) for k in self._COUNTERS}}
+                "scale": self.scale, **{k: getattr(self, k) for k in self._COUNTERS}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore a state_dict(). Tensors move to the activations' device on first use."""
@@ -155,6 +170,8 @@ class SiteTracker:
         self.max_err, self.max_row_err = state["max_err"], state["max_row_err"]
         for k in self._COUNTERS:
             setattr(self, k, int(state[k]))
+        scale = state.get("scale")  # absent in states saved before scales existed
+        self.scale = None if scale is None else float(scale)
 
     def _to_device(self, device: torch.device) -> None:
         """Move restored state to the activations' device (a no-op once there)."""
@@ -168,8 +185,9 @@ class SiteTracker:
     def _compress(self, X: torch.Tensor, U: torch.Tensor, need_y: bool) -> CompressOut:
         return ops.compress_pass(X, U, need_y, self.cfg.coeff_dtype)
 
-    def _err(self, out: CompressOut, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        return relative_error(out, self.cfg, X, U)
+    def _err(self, out: CompressOut, U: torch.Tensor, X: torch.Tensor,
+             out_dtype: torch.dtype | None = None, scale: float | None = None) -> torch.Tensor:
+        return relative_error(out, self.cfg, X, U, out_dtype, scale)
 
     def take_skip(self) -> bool:
         """True when this tensor is to be stored raw without trying (reset back-off)."""
@@ -191,6 +209,8 @@ class SiteTracker:
             inf = torch.full((), math.inf, device=X.device)
             return Draft(X, None, None, inf, inf, e_X)
         cfg = self.cfg
+        X_raw, scale = X, self.scale
+        X = magnitude.scaled(X, scale)  # the site's scale from its last reset (no host read)
         if cfg.mode == "refresh":
             # Refine U on X first (power_iters steps), then compress with the refined basis.
             for _ in range(cfg.power_iters):
@@ -204,8 +224,8 @@ class SiteTracker:
                 Q, ok = ops.orthonormalize(Y)
                 Y = self._compress(X, torch.where(ok, Q, U), True).Y
             out = CompressOut(out.C, out.e_X, out.e_C, Y, out.row_err_max, out.c_amax)
-        err = self._err(out, U, X)
-        d = Draft(X, out.C, U, err, out.row_err_max, out.e_X)
+        err = self._err(out, U, X, X_raw.dtype, scale)
+        d = Draft(X_raw, out.C, U, err, out.row_err_max, out.e_X, scale=scale)
         self.since_shrink_check += 1
         if self.since_shrink_check >= cfg.shrink_every and U.shape[1] > cfg.min_rank:
             self.since_shrink_check = 0
@@ -238,7 +258,7 @@ class SiteTracker:
         if passed:
             if shrink is not None:
                 self._plan_shrink(*shrink, device=d.X.device, dtype=d.X.dtype)
-            st = Stored(C=d.C, U=d.U, err=d.err, row_err=d.row_err)
+            st = Stored(C=d.C, U=d.U, err=d.err, row_err=d.row_err, scale=d.scale)
         else:
             st = self.reset(d.X, d.e_X, target_scale)
         self._note(st)
@@ -293,15 +313,25 @@ class SiteTracker:
         launches.note("reset")
         self.pending_Y = None
         self.pending_shrink = None
-        e_loc = torch.linalg.vector_norm(X, dtype=torch.float32).square() if e_X is None else e_X
-        finite = bool(torch.isfinite(e_loc))
+        # max|X| tells non-finite X (NaN/Inf) from finite X whose ||X||^2 overflows fp32, and
+        # picks the site's scale (magnitude.py): one host read, resets synchronize anyway.
+        # (e_X, the draft's ||X||^2, may be of another scale: recomputed below.)
+        amax = float(X.abs().amax())
+        finite = math.isfinite(amax)
         if not finite:
             self.nonfinite += 1
             if not sync.active:
                 return self._raw(X, count=True)
-        X_work = X if finite else torch.zeros_like(X)  # a faulty rank adds nothing to the basis
-        e_glob = float(sync.sum(e_loc if finite else torch.zeros_like(e_loc)))
         N, D = X.shape
+        scale = None
+        if finite:
+            scale = magnitude.choose_scale(amax, N, D, self._rank_cap(N, D, X.element_size()),
+                                           cfg.tau, cfg.coeff_dtype, X.dtype)
+            self.scale = scale  # later tensors at this site are read at this scale
+        # a faulty rank adds nothing to the basis
+        X_work = magnitude.scaled(X, scale) if finite else torch.zeros_like(X)
+        e_loc = torch.linalg.vector_norm(X_work, dtype=torch.float32).square()
+        e_glob = float(sync.sum(e_loc))
         r_cap = sync.min_int(self._rank_cap(N, D, X.element_size()), X.device)
         target = self._projection_target(cfg.reset_target * target_scale, X.dtype)
         if e_glob == 0.0 and finite:  # all-zero X: any basis is exact
@@ -337,18 +367,18 @@ class SiteTracker:
         self.backoff = 0
         U = V[:, : max(r_new, min(cfg.min_rank, r_cap))].contiguous()
         out = power(X_work, U, True)
-        err = self._err(out, U, X_work)
+        err = self._err(out, U, X_work, X.dtype, scale)
         if bool(sync.any(~(err <= cfg.tau))) and U.shape[1] < r_cap:
             # Ritz energies are exact, so this is rare (rounding, or another rank's data).
             U = V[:, : min(r_cap, U.shape[1] + max(1, U.shape[1] // 4))].contiguous()
             out = power(X_work, U, True)
-            err = self._err(out, U, X_work)
+            err = self._err(out, U, X_work, X.dtype, scale)
         Q, ok = ops.orthonormalize(out.Y)
         self.U = torch.where(ok, Q, U)
         self.since_shrink_check = 0
         if not (finite and bool(err <= cfg.tau)):
             return self._raw(X, count=True)
-        return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max)
+        return Stored(C=out.C, U=U, err=err, row_err=out.row_err_max, scale=scale)
 
     def _rank_cap(self, N: int, D: int, itemsize: int) -> int:
         """Largest rank allowed: max_rank, D, N, and strictly fewer bytes than storing X raw."""

@@ -28,8 +28,8 @@ def _run(autocast: bool, monkeypatch, dtype=torch.float32):
     estimates = []
     orig_err = SiteTracker._err
 
-    def err(self, out, U, X):
-        e = orig_err(self, out, U, X)
+    def err(self, out, U, X, *args):
+        e = orig_err(self, out, U, X, *args)
         estimates.append(float(e))
         return e
 

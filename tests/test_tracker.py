@@ -7,7 +7,7 @@ import torch
 from helpers import random_orthonormal, rel_err
 
 import laser_triton as lt
-from laser_triton import ops
+from laser_triton import magnitude
 from laser_triton.tracker import SiteTracker
 
 
@@ -27,7 +27,7 @@ def _run(tr, X):
     tr.apply_pending()
     shrink = None if d.shrink_gram is None else (d.shrink_gram, float(d.e_X))
     st = tr.finalize(d, passed, shrink)
-    X_hat = X if st.is_raw else ops.reconstruct(st.C, st.U, X.dtype)
+    X_hat = X if st.is_raw else magnitude.rebuild(st.C, st.U, X.dtype, st.scale)
     return st, rel_err(X_hat, X)
 
 
@@ -130,11 +130,15 @@ def test_zero_activation_is_exact_and_basis_stays_finite():
     assert e <= 0.1
 
 
-def test_fp16_coefficient_overflow_falls_back_to_raw():
-    X = (torch.randn(400, 3) @ torch.randn(3, 128)) * 3e4  # coefficients beyond fp16 max
+def test_fp16_coefficient_overflow_is_scaled_not_inf():
+    """Coefficients beyond fp16's max: the reset scales X by a power of two (magnitude.py)
+    and stores it within tau; before scaling this fell back to raw."""
+    X = (torch.randn(400, 3) @ torch.randn(3, 128)) * 3e4
     tr = SiteTracker("s", 128, lt.LaserConfig(tau=0.1, coeff_dtype=torch.float16))
-    st, e = _run(tr, X)
-    assert st.is_raw and e == 0.0
+    for _ in range(2):  # the reset, then the tracked path at the site's scale
+        st, e = _run(tr, X)
+        assert not st.is_raw and st.scale is not None and e <= 0.1
+        assert bool(st.C.isfinite().all())
 
 
 def test_bases_are_fresh_tensors_never_written_in_place():
