@@ -411,14 +411,18 @@ def estimate(protocol_path: str, work: str, steps: int = 3, log=print) -> dict:
     for arm, laser in (("plain", None), ("laser", arm_laser(p, "laser_default", None))):
         tr = _trainer({**cfg, "use_laser": laser is not None, "laser": laser or {}})
         tr.train_step()  # warm-up (first bases)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         for _ in range(steps):
             tr.train_step()
         out[f"{arm}_s_per_step"] = (time.time() - t0) / steps
+        # CPU seconds too: on a shared machine wall time is mostly waiting for a core.
+        out[f"{arm}_cpu_s_per_step"] = (time.process_time() - c0) / steps
     n_seeds, fork = len(p["fork"]["seeds"]), int(p["fork"]["steps"])
     laser_runs = n_seeds * (len(p["fork"]["arms"]) - 1) + len(pareto_taus(p)) - 2
     out["projected_s"] = (cfg["steps"] * out["plain_s_per_step"]
                           + n_seeds * fork * out["plain_s_per_step"]
                           + laser_runs * fork * out["laser_s_per_step"])
-    log(f"[study_ni] estimate: {out}")
+    out["projected_cpu_s"] = out["projected_s"] * (
+        out["laser_cpu_s_per_step"] / out["laser_s_per_step"])
+    log(f"[study_ni] estimate (wall; cpu scales the wall projection by LASER's cpu/wall): {out}")
     return out
