@@ -19,15 +19,17 @@ process without TRITON_INTERPRET (`run_check` does that).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import itertools
 import pkgutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
@@ -194,8 +196,8 @@ class _Binder:
             binder = self.binders[id(fn)] = create_function_from_signature(
                 fn.signature, fn.params, self.backend)
         kwargs = dict(launch.kwargs)  # as JITFunction.run adds them
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or False
-        kwargs["instrumentation_mode"] = ""
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         bound, spec, options = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound,
                                                               spec, options)
@@ -261,30 +263,46 @@ def default_cases(shapes: Iterable[tuple[int, int]] = ((70, 20), (512, 64), (100
     return out
 
 
+@contextlib.contextmanager
+def recording(sink: list) -> Iterator[list]:
+    """Every `@triton.jit` object in the package's module globals replaced by a recorder that
+    appends launches to `sink` (nothing runs); the CPU device's config store is restored after
+    (callers pin their own store in `configs._STORES`)."""
+    if INTERPRET:
+        raise RuntimeError("launch contract: kernels are interpreter objects here; run it in a "
+                           "process without TRITON_INTERPRET (run_check does)")
+    saved = []
+    for mod in _kernel_modules():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                saved.append((mod, name, value))
+                setattr(mod, name, _Recorder(value, sink))
+    cpu_name = configs.gpu_name(torch.device("cpu"))
+    old_store = configs._STORES.get(cpu_name)
+    try:
+        yield sink
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+        if old_store is None:
+            configs._STORES.pop(cpu_name, None)
+        else:
+            configs._STORES[cpu_name] = old_store
+
+
 def check(cases: Iterable[Case], front_end: bool = True) -> tuple[list[Problem], dict]:
     """Run every scenario that uses each case's table with that config pinned; bind every
     launch. Returns (problems, coverage) where coverage maps kernel -> number of launches,
     with kernels no scenario launched and tables no scenario looked up under 'unlaunched'
     and 'unused_tables'."""
-    if INTERPRET:
-        raise RuntimeError("launch contract: kernels are interpreter objects here; run it in a "
-                           "process without TRITON_INTERPRET (run_check does)")
-    modules = _kernel_modules()
     sink: list[_Launch] = []
-    saved = []
-    for mod in modules:
-        for name, value in list(vars(mod).items()):
-            if isinstance(value, JITFunction):
-                saved.append((mod, name, value))
-                setattr(mod, name, _Recorder(value, sink))
     binder = _Binder()
     first_use: dict[tuple, str] = {}  # front-end key -> the first case that bound it
     problems: list[Problem] = []
     launched: dict[str, int] = {}
     tables_asked: set[str] = set()
     cpu_name = configs.gpu_name(torch.device("cpu"))
-    old_store = configs._STORES.get(cpu_name)
-    try:
+    with recording(sink):
         by_shape: dict[tuple, list[Case]] = {}
         for case in cases:
             by_shape.setdefault((case.D, case.r, case.dtype), []).append(case)
@@ -311,13 +329,6 @@ def check(cases: Iterable[Case], front_end: bool = True) -> tuple[list[Problem],
                             first_use.setdefault(binder.bind(launch), where)
                         except Exception as exc:
                             problems.append(Problem(where, kname, f"{type(exc).__name__}: {exc}"))
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-        if old_store is None:
-            configs._STORES.pop(cpu_name, None)
-        else:
-            configs._STORES[cpu_name] = old_store
     for key, spec in binder.front_ends.items() if front_end else ():
         try:
             binder.front_end(*spec)

@@ -27,13 +27,34 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .data.sudoku import PuzzleStream, encode
 from .training import EMA, TrainConfig, load_data, lr_at, make_laser, resolve_device
 from .trm import TRM, SparseSignSGD, act_loss
 
 __all__ = ["Trainer", "cli_main"]
+
+
+class _NoBar:
+    """Stands in for tqdm when it is not installed (it is optional at import)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar, or a silent stand-in without tqdm (a bare GPU machine may lack it)."""
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 class Trainer:
@@ -122,8 +143,7 @@ class Trainer:
         configured; returns the evaluation rows."""
         cfg, target = self.cfg, self.cfg.steps if steps is None else steps
         evals = []
-        bar = tqdm(total=target, initial=self.step, desc=desc, disable=not progress,
-                   dynamic_ncols=True)
+        bar = _progress_bar(target, self.step, desc, progress)
         while self.step < target:
             row = self.train_step()
             bar.update(1)

@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# One script for a lent GPU: GPU tests, TRM and kernel benchmarks, an optional autotune sweep
-# over the TRM's shapes. Writes flat files under $OUT as it goes (at most 8 come back):
-#   gpu_check.log  everything printed, with per-section times
+# One script for a lent GPU: GPU tests, TRM and kernel benchmarks, an autotune sweep over the
+# TRM's shapes (with the bf16x3 tensor-core precision allowed). Writes flat files under $OUT as
+# it goes (at most 8 come back):
+#   gpu_check.log  everything printed, with per-section times and rc
 #   tests_gpu.txt  pytest output of the GPU tests (bitwise repeat, sync-debug LASER step, ...)
+#   compile_times.csv  sm_90 compile seconds of each kernel variant the TRM shapes launch
 #   trm.csv, trm_sites.csv, kernels.csv   benchmark CSVs, rewritten after every row
-#   <GPU name>.json   autotune sweep (only if time is left, or AUTOTUNE=1)
+#   <GPU name>.json   autotune sweep
 #   SUMMARY.md     perf/report.py over the CSVs above
-# Every section runs under `timeout`, sized from what is left of TOTAL_S (default 420 s); the
-# summary (a few seconds, 30 at most) runs last in any case, so the script ends inside 8 minutes. Without a GPU it runs tiny CPU versions of each
-# section (a dry run that proves the script works):  OUT=/tmp/x bash perf/gpu_check.sh
-# QUICK=1 makes the CPU dry run smaller still (tests/test_perf.py). AUTOTUNE=1|0|auto.
-# No network and no pip downloads are needed: the package is installed editable with
-# --no-deps, or put on the path through a symlink tree if pip cannot.
+# Budgets: every section runs under `timeout`, its limit min(cap, what is left of TOTAL_S
+# (default 400 s) after reserving the caps of the sections after it), so each later section
+# keeps its share; the summary (30 s at most) runs last in any case: the whole script ends
+# inside 8 minutes. The Triton cache is warmed (kernels/_warm.py, all cores but two) beside
+# the GPU tests, for the TRM shapes, so the first TRM steps do not stall on 20-30 s compiles.
+# Without a GPU it runs tiny CPU versions of each section (a dry run that proves the script
+# works):  OUT=/tmp/x bash perf/gpu_check.sh   QUICK=1 makes it smaller still. AUTOTUNE=1|0|auto.
+# PLAN=1 prints each section's worst-case limit without running anything (PLAN_GPU=1: the GPU
+# path); SECTIONS="gpu_tests ..." runs only those sections; GPU_TEST_FILES overrides the test
+# files (tests/test_gpu_check.py uses both). No network and no pip downloads are needed: the
+# package is installed editable with --no-deps, or put on the path through a symlink tree.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
 mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-420}
+TOTAL_S=${TOTAL_S:-400}
 START=$(date +%s)
-LOG="$OUT/gpu_check.log"
-: >"$LOG"
+PLAN=${PLAN:-0}
+SIMULATED=0  # PLAN=1: seconds the skipped sections would have taken at worst
+if [ "$PLAN" = 1 ]; then LOG=/dev/null; else LOG="$OUT/gpu_check.log"; : >"$LOG"; fi
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 RESULTS=()
@@ -28,24 +36,37 @@ RESULTS=()
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif ! (nvidia-smi -L >/dev/null 2>&1) && [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
-if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
+if [ "$PLAN" = 1 ]; then GPU=${PLAN_GPU:-0}
+elif "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
 then GPU=1; else GPU=0; fi
 if [ "$GPU" = 0 ]; then
   export TRITON_INTERPRET=1  # kernels run under the interpreter on CPU (set before import)
 fi
 
-elapsed() { echo $(( $(date +%s) - START )); }
+elapsed() { echo $(( $(date +%s) - START + SIMULATED )); }
+want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
 
-# section NAME CAP_SECONDS CMD...: run CMD under a timeout of min(CAP, time left - 15 s).
+# section_limit CAP RESERVE: min(CAP, time left - 15 s - RESERVE), RESERVE being the caps of
+# the sections still to come, so that a slow section cannot eat a later one's share.
+section_limit() {
+  local cap=$1 reserve=$2
+  local left=$(( TOTAL_S - $(elapsed) - 15 - reserve ))
+  echo $(( cap < left ? cap : left ))
+}
+
+# section NAME CAP RESERVE CMD...: run CMD under `timeout` with section_limit's limit.
 section() {
-  local name=$1 cap=$2; shift 2
-  local left=$(( TOTAL_S - $(elapsed) - 15 ))
-  local limit=$(( cap < left ? cap : left ))
+  local name=$1 cap=$2 reserve=$3; shift 3
+  want "$name" || return 0
+  local limit; limit=$(section_limit "$cap" "$reserve")
+  if [ "$PLAN" = 1 ]; then
+    echo "## $name: plan limit ${limit}s"; SIMULATED=$(( SIMULATED + limit )); return 0
+  fi
   if [ "$limit" -lt 20 ]; then
-    echo "## $name: skipped (${left}s left)"; RESULTS+=("$name: skipped"); return 0
+    echo "## $name: skipped ($limit s left for it)"; RESULTS+=("$name: skipped"); return 0
   fi
   echo "## $name: start at $(elapsed)s, limit ${limit}s"
-  local t0=$(date +%s) rc=0
+  local t0; t0=$(date +%s); local rc=0
   timeout -k 5 "$limit" "$@" || rc=$?
   local took=$(( $(date +%s) - t0 ))
   [ "$rc" = 124 ] && echo "## $name: TIMED OUT after ${limit}s (partial results kept)"
@@ -94,46 +115,92 @@ install() {
 }
 
 gpu_tests() {  # the end-to-end LASER checks first: the kernel suite compiles many variants
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_laser.py \
-    tests/test_kernels_gpu.py 2>&1 | tee "$OUT/tests_gpu.txt"
+  set -o pipefail  # `bash -c` starts a new shell: without this, tee's rc 0 hid failures
+  local files=${GPU_TEST_FILES:-tests/test_gpu_laser.py tests/test_kernels_gpu.py}
+  local marks=(-m gpu); [ -n "${GPU_TEST_FILES:-}" ] && marks=()
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q "${marks[@]}" -p no:cacheprovider $files 2>&1 | tee "$OUT/tests_gpu.txt"
 }
 
-echo "gpu_check: OUT=$OUT GPU=$GPU PY=$PY TOTAL_S=$TOTAL_S $(date -u +%FT%TZ)"
+# Compile, for the GPU in use, every kernel variant the TRM shapes launch, into Triton's cache
+# (compile seconds per variant in compile_times.csv). Runs in the background beside the tests.
+warm() {
+  local limit=$1
+  if [ "$GPU" = 1 ]; then
+    set -- --hidden 512 1536 1024 3072 128 256 --rank 16 15 32 31 64 63 128 127 136 \
+      --rows 1552 776 --jobs "$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))"
+  else
+    set -- --hidden 128 --rank 16 15 --rows 100 --jobs 1
+  fi
+  timeout -k 5 "$limit" env -u TRITON_INTERPRET "$PY" -m laser_triton.kernels._warm "$@" \
+    --time-budget $(( limit - 10 )) --csv "$OUT/compile_times.csv"
+}
+
+echo "gpu_check: OUT=$OUT GPU=$GPU PY=$PY TOTAL_S=$TOTAL_S PLAN=$PLAN $(date -u +%FT%TZ)"
 export -f env_info gpu_tests  # `timeout` runs commands, so functions go through bash -c
-export PY OUT
-section env 30 bash -c env_info
-install  # not under timeout: it may export PYTHONPATH for the sections below
-# The GPU tests JIT-compile ~40 kernel variants on a fresh machine (1-16 s each, measured as
-# sm_90 compiles on CPU): most of their time. The benches after them take what is left.
-section gpu_tests $([ "$GPU" = 1 ] && echo 180 || echo 60) bash -c gpu_tests
-if [ "$GPU" = 1 ]; then
-  section trm_bench 200 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --steps 3 --warmup 1 \
-    --time-budget 185 --variant-timeout 90 --batch paper_maze=auto
-  section kernel_bench 90 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" \
-    --time-budget 75 --rep-ms 40
-elif [ "${QUICK:-0}" = 1 ]; then  # smallest CPU versions (the test suite's dry run)
-  section trm_bench 60 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --presets tiny \
-    --batch tiny=2 --scopes cycle --variants plain sac laser_torch plain+compile
-  section kernel_bench 60 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" --quick \
-    --rows 100 --hidden 64 --rank 4 --providers torch reference --no-orth
-else
-  section trm_bench 150 "$PY" -m perf.bench_trm --out "$OUT/trm.csv" --presets tiny tiny_att \
-    --batch tiny=2 tiny_att=2 --variants plain ckpt sac laser_torch plain+compile
-  section kernel_bench 90 "$PY" -m perf.bench_kernels --out "$OUT/kernels.csv" --quick \
-    --rows 100 --hidden 64 --rank 4 8
+export PY OUT GPU_TEST_FILES
+# Caps (GPU / CPU dry run). Their sum stays under TOTAL_S, so every section gets its cap.
+if [ "$GPU" = 1 ]; then T_TESTS=130 T_TRM=110 T_KBENCH=50 T_TUNE=60
+else T_TESTS=60 T_TRM=60 T_KBENCH=45 T_TUNE=40; fi
+section env 30 $(( T_TESTS + T_TRM + T_KBENCH + T_TUNE )) bash -c env_info
+[ "$PLAN" = 1 ] || install  # not under timeout: it may export PYTHONPATH for the sections
+WARM_PID=
+if want warm; then
+  # Warming ends before the TRM bench starts (it is what the bench's first steps need).
+  W_LIMIT=$(section_limit "$T_TESTS" $(( T_TRM + T_KBENCH + T_TUNE )))
+  if [ "$PLAN" = 1 ]; then echo "## warm: plan limit ${W_LIMIT}s (beside gpu_tests)"
+  elif [ "$W_LIMIT" -ge 20 ]; then
+    echo "## warm: start at $(elapsed)s, limit ${W_LIMIT}s, in the background"
+    WARM_RC=$(mktemp)
+    ( t0=$(date +%s); rc=0; warm "$W_LIMIT" 2>&1 | sed -u 's/^/[warm] /' || rc=$?
+      echo "$rc $(( $(date +%s) - t0 ))" >"$WARM_RC" ) &
+    WARM_PID=$!
+  fi
 fi
-# The sweep writes its JSON after every entry; it runs when asked or when time is left.
-if [ "${AUTOTUNE:-auto}" = 1 ] || { [ "${AUTOTUNE:-auto}" = auto ] &&
-    [ $(( TOTAL_S - $(elapsed) )) -gt 90 ]; }; then
-  section autotune 300 "$PY" -m laser_triton.cli autotune \
-    --hidden ${AUTOTUNE_HIDDEN:-512 1536 1024 3072} --rank ${AUTOTUNE_RANK:-32 64 16 128} \
-    --dtype bf16 --max-candidates ${AUTOTUNE_CANDIDATES:-4} --out "$OUT"
+section gpu_tests "$T_TESTS" $(( T_TRM + T_KBENCH + T_TUNE )) bash -c gpu_tests
+if [ -n "$WARM_PID" ]; then
+  wait "$WARM_PID"
+  read -r w_rc w_took <"$WARM_RC" || true
+  echo "## warm: rc=${w_rc:-?} in ${w_took:-?}s"
+  RESULTS+=("warm: rc=${w_rc:-?} ${w_took:-?}s")
+fi
+if [ "$GPU" = 1 ]; then
+  section trm_bench "$T_TRM" $(( T_KBENCH + T_TUNE )) "$PY" -m perf.bench_trm \
+    --out "$OUT/trm.csv" --steps 3 --warmup 1 --time-budget $(( T_TRM - 15 )) \
+    --variant-timeout 60 --batch paper_maze=auto
+  section kernel_bench "$T_KBENCH" "$T_TUNE" "$PY" -m perf.bench_kernels \
+    --out "$OUT/kernels.csv" --time-budget $(( T_KBENCH - 10 )) --rep-ms 40
+elif [ "${QUICK:-0}" = 1 ]; then  # smallest CPU versions (the test suite's dry run)
+  section trm_bench "$T_TRM" $(( T_KBENCH + T_TUNE )) "$PY" -m perf.bench_trm \
+    --out "$OUT/trm.csv" --presets tiny --batch tiny=2 --scopes cycle \
+    --variants plain sac laser_torch plain+compile
+  section kernel_bench "$T_KBENCH" "$T_TUNE" "$PY" -m perf.bench_kernels \
+    --out "$OUT/kernels.csv" --quick --rows 100 --hidden 64 --rank 4 \
+    --providers torch reference --no-orth
+else
+  section trm_bench "$T_TRM" $(( T_KBENCH + T_TUNE )) "$PY" -m perf.bench_trm \
+    --out "$OUT/trm.csv" --presets tiny tiny_att --batch tiny=2 tiny_att=2 \
+    --variants plain ckpt sac laser_torch plain+compile
+  section kernel_bench "$T_KBENCH" "$T_TUNE" "$PY" -m perf.bench_kernels \
+    --out "$OUT/kernels.csv" --quick --rows 100 --hidden 64 --rank 4 8
+fi
+# The sweep (bf16x3 allowed: the tensor-core precision) writes its JSON after every entry.
+if [ "${AUTOTUNE:-auto}" != 0 ]; then
+  section autotune "$T_TUNE" 0 "$PY" -m laser_triton.cli autotune \
+    --hidden ${AUTOTUNE_HIDDEN:-512 1536} --rank ${AUTOTUNE_RANK:-32 64} --allow-split \
+    --dtype bf16 --max-candidates ${AUTOTUNE_CANDIDATES:-3} --out "$OUT"
 else
   RESULTS+=("autotune: skipped")
 fi
-echo "## report: start at $(elapsed)s"  # always, even when the budget is spent
-timeout -k 5 30 "$PY" perf/report.py --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
-RESULTS+=("report: rc=$?")
+if [ "$PLAN" = 1 ]; then
+  echo "## report: plan limit 30s"
+  exit 0
+fi
+if want report; then
+  echo "## report: start at $(elapsed)s"  # always, even when the budget is spent
+  timeout -k 5 30 "$PY" perf/report.py --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
+  RESULTS+=("report: rc=$?")
+fi
 
 echo
 echo "== gpu_check done in $(elapsed)s (GPU=$GPU) =="
