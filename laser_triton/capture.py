@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import ops
+from .sites import ModuleLabels, SiteOrdinals
 from .storage import dense_region, region_view, saved_key, storage_key, weight_leaf
 
 __all__ = ["ActivationRecorder", "MatrixCallback"]
@@ -39,14 +40,13 @@ class ActivationRecorder:
         self.on_matrix = on_matrix
         self.min_width = min_width
         self.min_rows = min_rows
-        self.labels: list[str] = []
+        self.labels = ModuleLabels()
         self.model_state: set = set()
         self.weight_shapes: set = set()
         self.skipped: dict[str, int] = {}  # reason -> storages not reported
         self._active = False
         self._raw_depth = 0
-        self._roles: list[str] = ["main"]
-        self._ordinals: dict[tuple[str, str], int] = {}
+        self._names = SiteOrdinals()
         self._calls: dict[str, int] = {}
         self._seen: set = set()
         self._site_width: dict[str, int] = {}
@@ -57,24 +57,13 @@ class ActivationRecorder:
             self.model_state.add(storage_key(t))
             if t.dim() == 2:
                 self.weight_shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
-        handles = []
-        for path, module in model.named_modules():
-            if path:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, p=path: self.labels.append(p)))
-                handles.append(module.register_forward_hook(self._exit_label))
-        return handles
-
-    def _exit_label(self, module: torch.nn.Module, args: object, output: object) -> None:
-        # Returns None: a forward hook's return value would replace the module's output.
-        if self.labels:
-            self.labels.pop()
+        return self.labels.watch(model)
 
     @contextlib.contextmanager
     def compress(self) -> Iterator[ActivationRecorder]:
         if self._active:
             raise RuntimeError("ActivationRecorder.compress() is already active")
-        self._active, self._roles, self._ordinals = True, ["main"], {}
+        self._active, self._names = True, SiteOrdinals()
         self._calls, self._seen = {}, set()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
@@ -87,14 +76,12 @@ class ActivationRecorder:
         if not self._active:
             yield
             return
-        self._roles.append(name)
+        self._names.enter_role(name)
         self._calls[name] = self._calls.get(name, -1) + 1
-        for key in [k for k in self._ordinals if k[0] == name]:
-            del self._ordinals[key]
         try:
             yield
         finally:
-            self._roles.pop()
+            self._names.exit_role()
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
@@ -130,11 +117,8 @@ class ActivationRecorder:
         return "weight copy" if weight_leaf(t) is not None else None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        role = self._roles[-1]
-        label = self.labels[-1] if self.labels else ""
-        k = self._ordinals.get((role, label), 0)
-        self._ordinals[(role, label)] = k + 1  # every save takes a slot, as in the hooks
-        site = f"{role}/{label}#{k}"
+        role = self._names.role
+        site = self._names.next_site(self.labels.current())  # every save takes a slot
         reason = "layout" if t.layout != torch.strided else self._ineligible(t)
         if reason is not None:
             self._skip(t, reason)

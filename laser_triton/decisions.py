@@ -15,6 +15,7 @@ import torch
 
 from . import launches, ops
 from .distributed import LocalSync
+from .sites import SiteOrdinals
 from .storage import decision_error, view_error, view_target_scale
 from .util import HostFuture
 
@@ -32,8 +33,7 @@ class Step:
     site_raw: dict = field(default_factory=dict)  # site -> RawCount kept raw in reset back-off
     batch: list = field(default_factory=list)  # entries drafted since the last decision point
     pending: list = field(default_factory=list)  # (entries, HostFuture) awaiting decisions
-    roles: list = field(default_factory=lambda: ["main"])
-    ordinals: dict = field(default_factory=dict)  # (role, label) -> next ordinal
+    sites: SiteOrdinals = field(default_factory=SiteOrdinals)  # roles and save ordinals
     raw_depth: int = 0
 
 

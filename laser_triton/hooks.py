@@ -31,6 +31,7 @@ from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
 from .distributed import LocalSync, make_sync
+from .sites import ModuleLabels
 from .storage import (
     Entry,
     Packed,
@@ -105,7 +106,7 @@ class Laser:
         self.trackers: dict[str, SiteTracker] = {}
         self._step: Step | None = None
         self._lock = threading.Lock()
-        self._labels = threading.local()
+        self._labels = ModuleLabels()
         self._last_sites: dict[str, dict] = {}
         self._last_raw: dict[str, RawCount] = {}
         self.steps = 0
@@ -182,13 +183,11 @@ class Laser:
         if step is None:
             yield
             return
-        step.roles.append(name)
-        for key in [k for k in step.ordinals if k[0] == name]:
-            del step.ordinals[key]
+        step.sites.enter_role(name)
         try:
             yield
         finally:
-            step.roles.pop()
+            step.sites.exit_role()
             self._close_batch(step)
             self._poll(step, block=False)
 
@@ -228,14 +227,7 @@ class Laser:
         """
         self._watched.append(weakref.ref(model))
         self._refresh_model_state()
-        handles = []
-        for path, module in model.named_modules():
-            if not path:
-                continue
-            handles.append(module.register_forward_pre_hook(self._enter_label(path)))
-            # always_call: the label is popped even when the module's forward raises
-            handles.append(module.register_forward_hook(self._exit_label(path), always_call=True))
-        return handles
+        return self._labels.watch(model)
 
     def _refresh_model_state(self) -> None:
         """Re-read the watched models' parameters and buffers. model.to(dtype or device) gives
@@ -253,26 +245,6 @@ class Laser:
                 if t.dim() == 2:
                     shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
         self._watched, self._model_state, self._weight_shapes = live, state, shapes
-
-    def _enter_label(self, path: str):
-        def hook(module, args):
-            self._label_stack().append(path)
-        return hook
-
-    def _exit_label(self, path: str):
-        def hook(module, args, output):
-            stack = self._label_stack()
-            # pop this module's label and any left above it (a hook of another Laser or an
-            # older stack that missed its exit); never a label pushed by an enclosing module
-            if path in stack:
-                del stack[len(stack) - 1 - stack[::-1].index(path):]
-        return hook
-
-    def _label_stack(self) -> list:
-        stack = getattr(self._labels, "stack", None)
-        if stack is None:
-            stack = self._labels.stack = []
-        return stack
 
     def _active_step(self) -> Step | None:
         step = self._step
@@ -393,12 +365,7 @@ class Laser:
         return packed
 
     def _next_slot(self, step: Step) -> str:
-        role = step.roles[-1]
-        stack = self._label_stack()
-        label = stack[-1] if stack else ""
-        k = step.ordinals.get((role, label), 0)
-        step.ordinals[(role, label)] = k + 1
-        return f"{role}/{label}#{k}"
+        return step.sites.next_site(self._labels.current())
 
     def _note_width(self, slot: str, site: str) -> None:
         """Bound the trackers of one slot: a site whose row width changes from step to step

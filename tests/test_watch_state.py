@@ -53,7 +53,7 @@ def test_exception_in_watched_submodule_leaves_no_labels():
             model(x)  # outside compress() too
     laser.trackers.clear()
     assert sites_of_one_call(laser, net) == reference  # no phantom labels in the names
-    assert laser._label_stack() == []
+    assert laser._labels.stack() == []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from ..sites import ModuleLabels, SiteOrdinals
 from ..storage import saved_key, saved_nbytes, storage_key, weight_leaf
 
 __all__ = ["SavedTensorCounter"]
@@ -36,8 +37,7 @@ class _Site:
 class _Scope:
     sites: dict[str, _Site] = field(default_factory=dict)
     seen: set = field(default_factory=set)
-    roles: list[str] = field(default_factory=lambda: ["main"])
-    ordinals: dict = field(default_factory=dict)
+    names: SiteOrdinals = field(default_factory=SiteOrdinals)
     saves: int = 0  # every save, parameters included
 
 
@@ -57,7 +57,7 @@ class SavedTensorCounter:
 
     def __init__(self) -> None:
         self._scope: _Scope | None = None
-        self._labels: list[str] = []
+        self._labels = ModuleLabels()
         self.last: dict[str, _Site] = {}
         self.steps = 0
         self.total_saves = 0  # saves (parameters included) in every finished scope
@@ -82,13 +82,11 @@ class SavedTensorCounter:
         if scope is None:
             yield
             return
-        scope.roles.append(name)
-        for key in [k for k in scope.ordinals if k[0] == name]:
-            del scope.ordinals[key]
+        scope.names.enter_role(name)
         try:
             yield
         finally:
-            scope.roles.pop()
+            scope.names.exit_role()
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
@@ -96,29 +94,15 @@ class SavedTensorCounter:
 
     def watch(self, model: torch.nn.Module) -> list:
         """Name sites by module path, as `Laser.watch` does."""
-        def leave(module, args, output) -> None:  # must return None: a value replaces output
-            if self._labels:
-                self._labels.pop()
-
-        handles = []
-        for path, module in model.named_modules():
-            if not path:
-                continue
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, path=path: self._labels.append(path) and None))
-            handles.append(module.register_forward_hook(leave))
-        return handles
+        return self._labels.watch(model)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         scope = self._scope
-        role = scope.roles[-1]
-        label = self._labels[-1] if self._labels else ""
-        k = scope.ordinals.get((role, label), 0)
-        scope.ordinals[(role, label)] = k + 1
+        name = scope.names.next_site(self._labels.current())  # every save takes a slot
         scope.saves += 1
         if _is_parameter(t):
             return t
-        site = scope.sites.setdefault(f"{role}/{label}#{k}", _Site())
+        site = scope.sites.setdefault(name, _Site())
         site.saves += 1
         key = saved_key(t)
         if key not in scope.seen:

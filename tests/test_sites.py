@@ -1,0 +1,86 @@
+"""Site names come from one definition (laser_triton.sites) shared by Laser and the tools that
+must name the same sites: the saved-tensor counter and the activation recorder name a step's
+saves exactly as Laser does, also after a watched submodule raised (its label must not leak
+into later names)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import laser_triton as lt
+from laser_triton.capture import ActivationRecorder
+from laser_triton.trm.savecount import SavedTensorCounter
+
+
+class Boom(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(160, 160)
+        self.armed = False
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.armed:
+            raise ValueError("boom")
+        return torch.nn.functional.gelu(h)
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(160, 160)
+        self.boom = Boom()
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h * torch.sigmoid(h)  # saved outside any submodule: label ""
+        return self.boom(h)
+
+
+def _names(tool, net: Net, x: torch.Tensor, collected: list[str]) -> list[str]:
+    collected.clear()
+    with tool.compress():
+        with tool.role("z"):
+            net(x).square().sum().backward()
+    if isinstance(tool, SavedTensorCounter):
+        return sorted(tool.last)
+    if isinstance(tool, lt.Laser):
+        return sorted(tool.trackers)
+    return sorted(collected)
+
+
+@pytest.mark.parametrize("kind", ["laser", "counter", "recorder"])
+def test_names_survive_a_raising_submodule_and_match_laser(kind):
+    torch.manual_seed(0)
+    x = torch.randn(300, 160)
+    collected: list[str] = []
+
+    def make():
+        if kind == "laser":
+            return lt.Laser(lt.LaserConfig(tau=0.05, rank=8, max_rank=32))
+        if kind == "counter":
+            return SavedTensorCounter()
+        return ActivationRecorder(lambda site, role, call, X: collected.append(site),
+                                  min_width=128, min_rows=32)
+
+    net = Net()
+    fresh = make()
+    fresh.watch(net)
+    clean = _names(fresh, net, x, collected)
+    assert any(n.startswith("z/#") for n in clean)  # the top-level save has label ""
+
+    tool = make()
+    tool.watch(net)
+    net.boom.armed = True
+    with pytest.raises(ValueError), tool.compress(), tool.role("z"):
+        net(x)
+    net.boom.armed = False
+    if kind == "laser":
+        tool.trackers.clear()
+    assert _names(tool, net, x, collected) == clean  # no leaked "boom" label in the names
+
+    laser = lt.Laser(lt.LaserConfig(tau=0.05, rank=8, max_rank=32))
+    laser.watch(net)
+    laser_sites = _names(laser, net, x, [])
+    assert set(laser_sites) <= set(clean)  # Laser's sites are among the tool's names
