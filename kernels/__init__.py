@@ -4,6 +4,8 @@ One module per primitive, each with its kernels and launcher:
 - `compress_pass(X, U, need_y, coeff_dtype)` -> CompressOut (C, e_X, e_C, Y; row_err_max, c_amax)
 - `orthonormalize(Y)` -> (Q, ok) and `orthonormalize_batched(Ys)` -> ([Q], ok)
 - `reconstruct(C, U, dtype)` -> X_hat
+- `grad_coeff(G, C)` -> fp32 G^T C per batch (a linear layer's weight gradient in LASER's
+  coefficient space)
 - `supports(op, *tensors)`: whether the kernels are the better choice for these shapes.
 - `launch_count(op, *tensors, need_y=True)`: how many kernels that launcher launches (the
   launch budget of issue 13 books every op call by it; a test checks it against the launches).
@@ -22,10 +24,11 @@ except Exception as exc:  # not installed, or an install that fails on import
 import torch
 
 from .compress_pass import compress_pass
+from .grad_coeff import grad_coeff
 from .orthonormalize import completion_matrix, orthonormalize, orthonormalize_batched
 from .reconstruct import reconstruct
 
-__all__ = ["compress_pass", "orthonormalize", "orthonormalize_batched", "reconstruct",
+__all__ = ["compress_pass", "orthonormalize", "orthonormalize_batched", "reconstruct", "grad_coeff",
            "supports", "launch_count", "completion_matrix", "MAX_D", "MAX_RANK", "MAX_ORTH_RANK"]
 
 MAX_D = 8192  # widest activation the compress pass is built and tested for
@@ -43,6 +46,8 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
     """
     if not tensors:
         return False
+    if op == "grad_coeff":  # G (B, N, O), C (B, N, R): any strides, any float dtypes
+        return tensors[1].shape[2] <= MAX_RANK
     if op == "compress_pass":
         X, U = tensors[0], tensors[1]
         return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK
@@ -75,4 +80,8 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True) -> int:
         return 6 if packed else 7
     if op == "reconstruct":
         return 1
+    if op == "grad_coeff":  # the kernel, plus the sum of its row splits' partials if split
+        from .grad_coeff import row_splits  # noqa: PLC0415
+
+        return 1 if row_splits(*tensors) == 1 else 2
     raise ValueError(f"launch_count: unknown op {op!r}")

@@ -25,7 +25,7 @@ __all__ = ["SM90", "kernel_spec", "compile_info", "shared_bytes", "KERNEL_NAMES"
 
 SM90 = GPUTarget("cuda", 90, 32)
 KERNEL_NAMES = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
-                "orth_factor", "orth_apply")
+                "orth_factor", "orth_apply", "grad_coeff")
 # Also compilable here, with fixed launch options: the compress pass's partial-sum reduction.
 EXTRA_KERNELS = ("compress_reduce",)
 # Mode flags a config may override (every value is a separate compiled variant on a GPU).
@@ -43,6 +43,7 @@ def kernel_spec(kernel: str, D: int, r: int, dtype: str, cfg: dict):
         _compress_y_kernel,
         _reduce_kernel,
     )
+    from .grad_coeff import _grad_coeff_kernel  # noqa: PLC0415
     from .orthonormalize import _orth_apply_kernel, _orth_gram_kernel  # noqa: PLC0415
     from .reconstruct import _reconstruct_kernel  # noqa: PLC0415
 
@@ -78,6 +79,14 @@ def kernel_spec(kernel: str, D: int, r: int, dtype: str, cfg: dict):
                      stride_ud=i32)
         consts = dict(stride_cr=1, stride_ur=1, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                       BLOCK_R=min(cfg["BLOCK_R"], R_PAD), C_IS_BF16=dtype == "bf16", **prec)
+    elif kernel == "grad_coeff":  # G and C in `dtype`, row-major; D stands for O (out features)
+        fn = _grad_coeff_kernel
+        types = dict(g_ptr=x, c_ptr=x, part_ptr="*fp32", N=i32, O=i32, R=i32, B=i32,
+                     rows_per_split=i32, stride_gb=i32, stride_gn=i32, stride_cb=i32,
+                     stride_cn=i32)
+        consts = dict(stride_go=1, stride_cr=1, BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_O=cfg["BLOCK_O"], BLOCK_R=min(cfg["BLOCK_R"], R_PAD),
+                      BOTH_BF16=dtype == "bf16", G_IS_BF16=dtype == "bf16", **prec)
     elif kernel == "orth_gram":
         fn = _orth_gram_kernel
         types = dict(a_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", g_ptr="*fp64",

@@ -49,6 +49,8 @@ DEFAULTS: dict[str, dict] = {
                     "num_warps": 4, "num_stages": 2},
     "orth_gram": {"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 64,
                   "num_warps": 4, "num_stages": 1},
+    "grad_coeff": {"BLOCK_N": 64, "BLOCK_O": 64, "BLOCK_R": 32, "PRECISION": "ieee",
+                   "num_warps": 4, "num_stages": 2},
     "orth_factor": {"num_warps": 8, "num_stages": 1},
     "orth_apply": {"BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
 }
@@ -60,13 +62,14 @@ INTERPRETER_DEFAULTS: dict[str, dict] = {
     "compress_y": {**DEFAULTS["compress_y"], "BLOCK_N": 256, "BLOCK_D": 256},
     "reconstruct": {**DEFAULTS["reconstruct"], "BLOCK_N": 256, "BLOCK_D": 256, "BLOCK_R": 64},
     "orth_gram": {**DEFAULTS["orth_gram"], "BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
+    "grad_coeff": {**DEFAULTS["grad_coeff"], "BLOCK_N": 256, "BLOCK_O": 128, "BLOCK_R": 64},
     "orth_factor": dict(DEFAULTS["orth_factor"]),
     "orth_apply": {**DEFAULTS["orth_apply"], "BLOCK_D": 128},
 }
 # compress_pass has two designs; this table picks one per key ("fused" or "split"). Without an
 # entry: fused while the D x r fp32 accumulator is small (see compress_pass.FUSED_MAX_ELEMS).
 PATH_TABLE = "compress_path"
-_BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_R", "ROWS_PER_CHUNK", "GRAM_TILE"}
+_BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_R", "ROWS_PER_CHUNK", "GRAM_TILE"}
 _KEY_RE = re.compile(r"^D=(\d+),r=(\d+),dtype=(fp32|bf16|fp16)(?:,N=(\d+))?$")
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "orthonormalize",
     "orthonormalize_batched",
     "reconstruct",
+    "grad_coeff",
     "backend_for",
     "FLOAT_DTYPES",
 ]
@@ -217,3 +218,30 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
             with device_guard(C.device):
                 return _triton_kernels().reconstruct(C, U, dtype)
         return reference.reconstruct(C, U, dtype)
+
+
+def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """T = G^T C in fp32: (O, R) for G (N, O) and C (N, R); (B, O, R) for G (B, N, O) and C
+    (B, N, R), where C may be expanded along B (stride 0). Any float dtypes; the products and
+    their sums are fp32 (a linear layer's weight gradient in LASER's coefficient space)."""
+    if not isinstance(G, torch.Tensor) or not isinstance(C, torch.Tensor):
+        raise TypeError("grad_coeff: G and C must be torch.Tensors")
+    if G.dim() != C.dim() or G.dim() not in (2, 3):
+        raise ValueError(f"grad_coeff: G and C must both be 2-D or both 3-D, got shapes "
+                         f"{tuple(G.shape)} and {tuple(C.shape)}")
+    G = _check_tensor("G", G, G.dim(), FLOAT_DTYPES)
+    C = _check_tensor("C", C, C.dim(), FLOAT_DTYPES)
+    if G.shape[:-1] != C.shape[:-1]:
+        raise ValueError(f"grad_coeff: G {tuple(G.shape)} and C {tuple(C.shape)} must agree in "
+                         "every dimension but the last (the rows of the same activation)")
+    if G.device != C.device:
+        raise ValueError(f"C is on {C.device} but G is on {G.device}")
+    flat = G.dim() == 2
+    G3, C3 = (G.unsqueeze(0), C.unsqueeze(0)) if flat else (G, C)
+    with _book("grad_coeff", G3, C3):
+        if backend_for("grad_coeff", G3, C3) == "triton":
+            with device_guard(G.device):
+                T = _triton_kernels().grad_coeff(G3, C3)
+        else:
+            T = reference.grad_coeff(G3, C3)
+    return T[0] if flat else T

@@ -25,6 +25,7 @@ __all__ = [
     "orthonormalize",
     "orthonormalize_batched",
     "reconstruct",
+    "grad_coeff",
     "range_finder",
     "ritz",
     "completion_matrix",
@@ -69,8 +70,27 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
 _mm_fp32 = mm_fp32
 
 
-# ----------------------------------------------------------------------------- orthonormalize
+# Rows of G widened to fp32 at a time by grad_coeff: bounds its transient to ~4 MiB instead of
+# an fp32 copy of the whole gradient (torch has no bf16 x bf16 -> fp32 matmul on CPU).
+_GRAD_COEFF_ELEMS = 1 << 20
 
+
+def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """T[b] = G[b]^T C[b] in fp32 for G (B, N, O) and C (B, N, R): fp32 (B, O, R).
+
+    A linear layer's weight gradient in coefficient space (dW = G^T C U^T). Rows are widened to
+    fp32 in chunks, so the transient stays small whatever N is.
+    """
+    B, N, O = G.shape
+    step = max(1, _GRAD_COEFF_ELEMS // max(B * O, 1))
+    T = None
+    for i in range(0, N, step):
+        part = _mm_fp32(G[:, i:i + step].float().transpose(1, 2), C[:, i:i + step].float())
+        T = part if T is None else T.add_(part)
+    return T
+
+
+# ----------------------------------------------------------------------------- orthonormalize
 
 
 def _chol_factor(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
