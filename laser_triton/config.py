@@ -24,7 +24,7 @@ _INT_FIELDS = ("rank", "max_rank", "min_rank", "power_iters", "min_width", "over
 _FLOAT_FIELDS = ("tau", "reset_target", "shrink_target", "exact_below")
 # Fields that act on the whole step (or the whole Laser), never per site.
 _GLOBAL_ONLY = frozenset({"batch_size", "decision_lag", "include", "exclude", "site_overrides",
-                          "seed", "sync_basis"})
+                          "seed", "sync_basis", "lowrank_backward"})
 
 
 def _as_int(name: str, v: object) -> int:
@@ -147,12 +147,17 @@ class LaserConfig:
         site_overrides: {pattern: {field: value}} applied to matching sites (first match wins
             per field), e.g. {"y/*": {"tau": 0.03, "max_rank": 64}}. Every field may be
             overridden except those acting on the whole step (batch_size, decision_lag,
-            include, exclude, seed, sync_basis), which are rejected; each pattern's values are
+            include, exclude, seed, sync_basis, lowrank_backward), which are rejected; each
+            pattern's values are
             validated here. A site whose tau is 0 is stored raw, like an excluded one.
         seed: seeds the random sketches of resets, per site (default 0).
         sync_basis: share bases across torch.distributed ranks (default False): power
             products and Gram matrices are summed over ranks and reset decisions all-reduced
             first (see laser_triton.distributed).
+        lowrank_backward: linear layers that support it (`laser_triton.lowrank.linear`, the
+            TRM's projections) take their weight gradient from a compressed input's (C, U) as
+            (G^T C) U^T, without rebuilding the input, where that costs fewer flops (default
+            True); False rebuilds every input in backward (laser_triton/lowrank.py).
 
     Integers and floats may be numpy scalars, in site_overrides too.
 
@@ -184,6 +189,7 @@ class LaserConfig:
     site_overrides: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     seed: int = 0
     sync_basis: bool = False
+    lowrank_backward: bool = True
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -198,6 +204,10 @@ class LaserConfig:
         if not isinstance(self.sync_basis, (bool, np.bool_)):
             raise TypeError(f"LaserConfig: sync_basis must be a bool, got {self.sync_basis!r}")
         object.__setattr__(self, "sync_basis", bool(self.sync_basis))
+        if not isinstance(self.lowrank_backward, (bool, np.bool_)):
+            raise TypeError(f"LaserConfig: lowrank_backward must be a bool, got "
+                            f"{self.lowrank_backward!r}")
+        object.__setattr__(self, "lowrank_backward", bool(self.lowrank_backward))
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         need(self.min_rank >= 1, f"min_rank must be >= 1, got {self.min_rank}")
         need(self.max_rank >= self.rank, f"max_rank ({self.max_rank}) must be >= rank ({self.rank})")

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from . import checkpoint, launches, ops
+from . import checkpoint, launches, lowrank, ops
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
@@ -154,7 +154,8 @@ class Laser:
             if not self.cfg.enabled:
                 yield self
             else:
-                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
+                        lowrank.serving(self.cfg.lowrank_backward):
                     yield self
         except BaseException:
             step, self._step = self._step, None
@@ -466,6 +467,9 @@ class Laser:
 @_eager
 @launches.counted(launches.BACKWARD)
 def _unpack(p):
+    served = lowrank.serve(p)  # (C, U) for a lowrank.linear backward that asked for it
+    if served is not None:
+        return served
     if isinstance(p, Packed):
         with torch.no_grad():
             return p.unpack()

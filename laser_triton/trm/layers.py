@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import lowrank
 from .attention import attention_core
 from .config import TRMConfig, swiglu_width
 from .lean import linear_lean, rms_norm_lean, swiglu_down
@@ -43,7 +44,9 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2.0,
 class CastedLinear(nn.Module):
     """Linear layer with truncated LeCun-normal init (std 1/sqrt(fan_in)), fp32 weights cast to
     the input's dtype at use, and an optional zero-initialized bias. `lean` (no bias): saves
-    the input as given and the fp32 weight, not copies of them (trm/lean.py)."""
+    the input as given and the fp32 weight, not copies of them (trm/lean.py). While a Laser
+    compresses (lowrank_backward on), the same saves go through `lowrank.linear`, whose weight
+    gradient comes from a compressed input's coefficients without rebuilding it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  lean: bool = False) -> None:
@@ -56,6 +59,8 @@ class CastedLinear(nn.Module):
         self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and lowrank.active():  # LASER compressing: backward from (C, U)
+            return lowrank.linear(x, self.weight, self.lean)
         if self.lean:
             return linear_lean(x, self.weight)
         bias = None if self.bias is None else self.bias.to(x.dtype)

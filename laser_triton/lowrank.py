@@ -1,0 +1,224 @@
+"""Linear layers whose backward works on LASER's compressed input, never rebuilding it (issue 17).
+
+A linear layer y = x W^T needs its saved input only for the weight gradient dW = G^T X
+(G = dL/dy and X = x as (rows, K) matrices); the input gradient dX = G W needs no X at all.
+When LASER holds X as coefficients C (N x r) in a basis U (K x r), X_hat = C U^T and
+
+    dW = G^T X_hat = (G^T C) U^T,
+
+which costs 2 N out r + 2 out r K flops instead of 2 N K r (the rebuild) + 2 N out K, and never
+materializes the N x K X_hat. `ops.grad_coeff` computes G^T C with fp32 accumulation (a Triton
+kernel on GPUs); the rest is one small matmul.
+
+Error bound. LASER stores X only if ||X - X_hat||_F <= tau ||X||_F (every stored view meets it
+on its own), so, in exact arithmetic,
+
+    ||dW - G^T X||_F = ||G^T (X - X_hat)||_F <= ||G||_2 ||X - X_hat||_F <= ||G||_2 tau ||X||_F.
+
+This path computes in fp32 from C and U and skips the rebuild's rounding of X_hat to the
+activation dtype, so its arithmetic adds less than the rebuild path's does.
+
+Layouts handled (`lowrank_input`), both read from the stored (rows, width) region as views of C:
+- "rows": x's last axis is the stored row (K = width) and its other axes pick whole rows, as
+  for every projection of a (B, L, D) activation: X = C_x U^T with C_x the picked rows of C.
+- "cols": x is a transposed (B, D, L) view of (B, L, D) rows, as the mlp_t token mixer reads
+  them (lean saves): x[b] = U C_b^T, so dW = sum_b (G_b^T U) C_b^T, which costs
+  2 B D out r + 2 B L out r instead of 2 B D L out.
+Anything else (raw, pinned, undecided or modified values, other layouts) takes the ordinary
+path through the rebuilt (or raw) tensor, and so does a compressed input whose rank is too high
+for the factored product to cost fewer flops than rebuilding and multiplying (`pays`).
+
+How the backward gets (C, U): `_Linear.backward` opens `request(index)` around
+`ctx.saved_tensors`; LASER's unpack hook asks `serve(packed)` first, which for that one saved
+tensor, when held compressed in a handled layout, records a `LowRankInput` and returns a
+zero-stride placeholder of the right shape and dtype instead of rebuilding. Every other unpack,
+including other consumers of the same storage, is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .storage import Packed
+
+__all__ = ["LowRankInput", "linear", "active", "serving", "request", "serve", "lowrank_input",
+           "pays", "weight_grad"]
+
+_tls = threading.local()
+
+
+@contextlib.contextmanager
+def serving(enabled: bool) -> Iterator[None]:
+    """Set by `Laser.compress()` for its duration: linear layers may use `linear` (if enabled)."""
+    prev = getattr(_tls, "serving", False)
+    _tls.serving = enabled
+    try:
+        yield
+    finally:
+        _tls.serving = prev
+
+
+def active() -> bool:
+    """Should a linear layer use `linear` now? Only while a Laser with lowrank_backward
+    compresses in this thread, with grad on, and outside compiled code: a compiled graph saves
+    its activations through its own Function, whose backward this cannot change."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() and getattr(_tls, "serving", False)
+
+
+@dataclass(frozen=True)
+class LowRankInput:
+    """A saved linear input x as coefficients and basis (see the module docstring).
+
+    "rows": x.reshape(-1, K) == C @ U.T, C (n, r). "cols": x (B, D, L), x[b] == U @ C[b].T,
+    C (B, L, r). U is the (width, r) fp32 basis; C has the coefficient dtype.
+    """
+
+    C: torch.Tensor
+    U: torch.Tensor
+    layout: str
+    shape: tuple[int, ...]
+
+
+def lowrank_input(p: Packed) -> LowRankInput | None:
+    """x's (C, U) when its entry is held compressed and x is a layout handled here, else None."""
+    e = p.entry
+    st = e.stored
+    if (st is None or st.raw is not None or e.pinned is not None or e.modified
+            or e.overwritten is not None):  # unpack serves exact values, or raises
+        return None
+    if not e.tracker.cfg.lowrank_backward:  # the flag also binds direct calls of `linear`
+        return None
+    size, stride, w = p.size, p.stride, e.region.width
+    if not size or 0 in size or p.offset % w:
+        return None
+    C, U = st.C, st.U
+    r, (cs0, cs1), row0 = C.shape[1], C.stride(), p.offset // w
+    # size-1 axes have no meaningful stride; count them as 0 rows apart
+    rows_step = [0 if s == 1 else (st_ // w if st_ % w == 0 else None)
+                 for s, st_ in zip(size, stride)]
+    if size[-1] == w and stride[-1] == 1 and None not in rows_step[:-1]:
+        Cx = C.as_strided(tuple(size[:-1]) + (r,), tuple(k * cs0 for k in rows_step[:-1]) + (cs1,),
+                          C.storage_offset() + row0 * cs0)
+        return LowRankInput(Cx.reshape(-1, r), U, "rows", size)
+    if (len(size) == 3 and size[1] == w and stride[1] == 1 and rows_step[0] is not None
+            and rows_step[2] is not None):
+        Cb = C.as_strided((size[0], size[2], r), (rows_step[0] * cs0, rows_step[2] * cs0, cs1),
+                          C.storage_offset() + row0 * cs0)
+        return LowRankInput(Cb, U, "cols", size)
+    return None
+
+
+def pays(x: LowRankInput, out: int) -> bool:
+    """Does dW from (C, U) cost fewer flops than the rebuild path (X_hat = C U^T, then G^T X_hat)
+    for a layer with `out` outputs? rows: r out (n + K) < n K (r + out); cols: r out (D + L) <
+    D L (r + out), K (or L) being the contracted axis. Rows nearly always pay; the column layout
+    loses once r nears D L / (D + L)."""
+    r = x.U.shape[1]
+    if x.layout == "rows":
+        n, K = x.C.shape[0], x.shape[-1]
+        return r * out * (n + K) < n * K * (r + out)
+    _, D, L = x.shape
+    return r * out * (D + L) < D * L * (r + out)
+
+
+class _Request:
+    __slots__ = ("index", "out", "seen", "handle")
+
+    def __init__(self, index: int, out: int) -> None:
+        self.index, self.out, self.seen, self.handle = index, out, 0, None
+
+
+@contextlib.contextmanager
+def request(index: int, out: int) -> Iterator[_Request]:
+    """Around `ctx.saved_tensors` of a linear layer with `out` outputs: the index-th saved
+    tensor may come back as a placeholder, its (C, U) in `.handle` (None when it was unpacked
+    as usual)."""
+    prev = getattr(_tls, "request", None)
+    req = _tls.request = _Request(index, out)
+    try:
+        yield req
+    finally:
+        _tls.request = prev
+
+
+def serve(p: object) -> torch.Tensor | None:
+    """Called by LASER's unpack hook for every saved tensor: a placeholder for the requested
+    one when it is held compressed in a handled layout, else None (unpack as usual)."""
+    req = getattr(_tls, "request", None)
+    if req is None:
+        return None
+    i, req.seen = req.seen, req.seen + 1
+    if i != req.index or not isinstance(p, Packed):
+        return None
+    lr = lowrank_input(p)
+    if lr is None or not pays(lr, req.out):
+        return None
+    req.handle = lr
+    # Zero strides: the shape and dtype autograd expects, one element of memory.
+    return torch.empty((), dtype=p.entry.dtype, device=lr.C.device).expand(p.size)
+
+
+def weight_grad(grad_out: torch.Tensor, x: LowRankInput) -> torch.Tensor:
+    """dW = G^T X_hat (fp32, out x K) from x's coefficients, without rebuilding X_hat."""
+    O = grad_out.shape[-1]
+    if x.layout == "rows":
+        T = ops.grad_coeff(grad_out.reshape(-1, O), x.C)  # (O, r)
+        return T @ x.U.t()
+    B, D, L = x.shape
+    r = x.U.shape[1]
+    T = ops.grad_coeff(grad_out.reshape(B, D, O), x.U.expand(B, D, r))  # T[b] = G_b^T U
+    # dW[o, l] = sum over (b, k) of T[b, o, k] C[b, l, k]
+    return T.transpose(0, 1).reshape(O, B * r) @ x.C.float().transpose(1, 2).reshape(B * r, L)
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear(x, w) with no bias. `cast_saved`: w is the caller's cast copy, saved with x in
+    F.linear's order (w, x); else w is the parameter, saved after x (as `trm.lean` does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, cast_saved: bool) -> torch.Tensor:
+        ctx.x_index = 1 if cast_saved else 0
+        ctx.save_for_backward(*((w, x) if cast_saved else (x, w)))
+        return F.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        i = ctx.x_index
+        with request(i, dout.shape[-1]) as req:
+            saved = ctx.saved_tensors
+        x, w = saved[i], saved[1 - i]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dout @ w.to(dout.dtype)
+        if ctx.needs_input_grad[1]:
+            if req.handle is not None:
+                dw = weight_grad(dout, req.handle)
+            else:  # raw or rebuilt x: the ops plain autograd runs
+                dw = dout.reshape(-1, dout.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            dw = dw.to(w.dtype)
+        return dx, dw, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    """F.linear(x, weight.to(x.dtype)) (no bias) whose weight gradient comes from LASER's
+    (C, U) when x is held compressed (see the module docstring).
+
+    Saves what the layer would save without it: lean=False what F.linear saves (the cast
+    weight, then x; a non-contiguous x, which F.linear saves as a 2-D copy, takes F.linear
+    itself); lean=True x as given and the weight itself (`trm.lean.linear_lean`).
+    """
+    if lean:
+        return _Linear.apply(x, weight, False)
+    w = weight.to(x.dtype)
+    if not x.is_contiguous():
+        return F.linear(x, w)
+    return _Linear.apply(x, w, True)
