@@ -97,6 +97,10 @@ class Laser:
           modified values; a tensor already held compressed is rebuilt from the values as
           saved.
         - `state_dict()` / `load_state_dict()` only between steps.
+        - Saved-tensor hooks do not stack (the innermost context takes every save):
+          `compress()` raises inside `torch.autograd.graph.save_on_cpu` or any other such
+          context, and raises when it finds one active inside it (checked at `role()` entry
+          and exit and at the end of `compress()`).
     """
 
     def __init__(self, cfg: LaserConfig | None = None):
@@ -144,6 +148,13 @@ class Laser:
                 raise RuntimeError(
                     "Laser.compress() is already active (nested, or in another thread); "
                     "use one compress() per step and one Laser per thread")
+            outer = _top_hooks()
+            if outer is not None and self.cfg.enabled:
+                raise RuntimeError(
+                    f"Laser.compress() entered inside another saved-tensor hook context "
+                    f"({_hook_name(outer[0])}, e.g. torch.autograd.graph.save_on_cpu): "
+                    "LASER's hooks would silently take every save from it. Saved-tensor "
+                    "hooks do not stack; use one of them for this forward")
             if self.cfg.sync_basis and not self._sync.active:
                 self._sync = make_sync(True)
                 for tr in self.trackers.values():  # restored before the first step
@@ -157,6 +168,7 @@ class Laser:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
                         lowrank.serving(self.cfg.lowrank_backward):
                     yield self
+                    self._check_no_inner_hooks(self._step)
         except BaseException:
             step, self._step = self._step, None
             try:  # settle what can be settled, but never mask the body's exception
@@ -184,6 +196,7 @@ class Laser:
         if step is None:
             yield
             return
+        self._check_no_inner_hooks(step)
         step.sites.enter_role(name)
         try:
             yield
@@ -191,6 +204,25 @@ class Laser:
             step.sites.exit_role()
             self._close_batch(step)
             self._poll(step, block=False)
+        self._check_no_inner_hooks(step)
+
+    @_eager
+    def _check_no_inner_hooks(self, step: Step) -> None:
+        """Raise when another saved-tensor hook context (e.g. save_on_cpu) is active inside
+        compress(): it takes the saves of its block from LASER. Checked at role() entry and
+        exit and at the end of compress(), so a context opened and closed between two of
+        these points (inside one network call) is not seen."""
+        if not self.cfg.enabled:
+            return
+        top = _top_hooks()
+        ours = top is not None and (top[0] == self._pack
+                                    or (step.raw_depth > 0 and top[0] == self._pack_raw))
+        if not ours:
+            raise RuntimeError(
+                f"a saved-tensor hook context ({_hook_name(top[0]) if top else 'none'}, e.g. "
+                "torch.autograd.graph.save_on_cpu) is active inside Laser.compress(): it "
+                "takes the saves of its block from LASER. Saved-tensor hooks do not stack; "
+                "use laser.raw() for a block to keep exact")
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
@@ -462,6 +494,15 @@ class Laser:
         return {"raw_bytes": raw, "stored_bytes": stored,
                 "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum()),
                 "dropped_sites": self.dropped_sites}
+
+
+def _top_hooks() -> tuple | None:
+    """The innermost active saved-tensor hooks (pack, unpack) of this thread, or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def _hook_name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 @_eager
