@@ -36,48 +36,66 @@ __all__ = ["laser_variants", "compile_variants", "main"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _gpu_target() -> tuple[GPUTarget, str]:
-    """The current GPU's target and name, else sm_90 with the shipped H200 configs."""
+H200_SMS = 132
+
+
+def _gpu_target() -> tuple[GPUTarget, str, int]:
+    """The current GPU's target, name and SM count, else sm_90 and an H200's."""
     if torch.cuda.is_available():
         from triton.runtime import driver  # noqa: PLC0415
 
-        return driver.active.get_current_target(), torch.cuda.get_device_name()
-    return GPUTarget("cuda", 90, 32), "NVIDIA H200"
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (driver.active.get_current_target(), torch.cuda.get_device_name(),
+                props.multi_processor_count)
+    return GPUTarget("cuda", 90, 32), "NVIDIA H200", H200_SMS
 
 
 def laser_variants(hidden: list[int], ranks: list[int], rows: list[int], dtype: str,
-                   coeff_dtype: str, gpu: str, target: GPUTarget) -> list[tuple]:
+                   coeff_dtype: str, gpu: str, target: GPUTarget, sms: int) -> list[tuple]:
     """(module, kernel name, signature, constexprs, attrs, options) of every distinct variant
     LASER launches at these shapes with `gpu`'s configs: compress_pass with Y (tracking and
     resets), reconstruct (unpack) and the batched orthonormalization (basis updates)."""
-    from . import compress_pass, orthonormalize_batched, reconstruct, supports  # noqa: PLC0415
-
     store = configs.ConfigStore(gpu, os.environ.get("LASER_TRITON_CONFIG_DIR"),
                                 interpreter=False)
-    dt, ct = _DTYPES[dtype], _DTYPES[coeff_dtype]
     sink: list = []
     binder = _contract._Binder(target)
+    # Grids follow the SM count, and so do some int arguments (slab counts) that Triton
+    # specializes on: the launchers must see the GPU's, not the CPU's stand-in.
+    patched = [(m, m.num_sms) for m in _contract._kernel_modules() if hasattr(m, "num_sms")]
     with _contract.recording(sink):
         configs._STORES[configs.gpu_name(torch.device("cpu"))] = store
-        for D in hidden:
-            for r in (r for r in ranks if r <= D):
-                # Row-major U, as the hooks' bases are (Triton orthonormalize, reset slices).
-                # Only what `ops` sends to the kernels (`supports`, e.g. ranks <= 64 for the
-                # orthonormalization; larger ones run in torch).
-                U = torch.linalg.qr(torch.randn(D, r))[0].contiguous()
-                Y = torch.randn(D, r)
-                if supports("orthonormalize", Y):
-                    orthonormalize_batched([Y])
-                for N in rows:
-                    X, C = torch.randn(N, D).to(dt), torch.randn(N, r).to(ct)
-                    if supports("compress_pass", X, U):
-                        compress_pass(X, U, True, ct)
-                    if supports("reconstruct", C, U):
-                        reconstruct(C, U, dt)
+        try:
+            for mod, _ in patched:
+                mod.num_sms = lambda device: sms
+            _record_laser_calls(hidden, ranks, rows, _DTYPES[dtype], _DTYPES[coeff_dtype])
+        finally:
+            for mod, orig in patched:
+                mod.num_sms = orig
         for launch in sink:
             binder.bind(launch)
     return [(fn.__module__, fn.__name__, sig, consts, attrs, opts.__dict__)
             for fn, sig, consts, attrs, opts in binder.front_ends.values()]
+
+
+def _record_laser_calls(hidden: list[int], ranks: list[int], rows: list[int],
+                        dt: torch.dtype, ct: torch.dtype) -> None:
+    from . import compress_pass, orthonormalize_batched, reconstruct, supports  # noqa: PLC0415
+
+    for D in hidden:
+        for r in (r for r in ranks if r <= D):
+            # Row-major U, as the hooks' bases are (Triton orthonormalize, reset slices). Only
+            # what `ops` sends to the kernels (`supports`: e.g. ranks <= 64 for the
+            # orthonormalization; larger ones run in torch).
+            U = torch.linalg.qr(torch.randn(D, r))[0].contiguous()
+            Y = torch.randn(D, r)
+            if supports("orthonormalize", Y):
+                orthonormalize_batched([Y])
+            for N in rows:
+                X, C = torch.randn(N, D).to(dt), torch.randn(N, r).to(ct)
+                if supports("compress_pass", X, U):
+                    compress_pass(X, U, True, ct)
+                if supports("reconstruct", C, U):
+                    reconstruct(C, U, dt)
 
 
 def _compile_one(module: str, name: str, signature: dict, constexprs: dict, attrs: dict,
@@ -169,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="one variant per kernel and constexpr set (to time compiles, not to "
                          "warm: which ints are divisible by 16 changes the variant)")
     args = ap.parse_args(argv)
-    target, gpu = _gpu_target()
+    target, gpu, sms = _gpu_target()
     variants = laser_variants(args.hidden, args.rank, args.rows, args.dtype, args.coeff_dtype,
-                              gpu, target)
+                              gpu, target, sms)
     if args.representative:
         seen: dict[tuple, tuple] = {}
         for v in variants:
