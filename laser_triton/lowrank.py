@@ -95,6 +95,8 @@ def lowrank_input(p: Packed) -> LowRankInput | None:
     if (st is None or st.raw is not None or e.pinned is not None or e.modified
             or e.overwritten is not None):  # unpack serves exact values, or raises
         return None
+    if st.scale is not None:  # C = round(s X U) of an extreme-magnitude site: rebuild instead
+        return None
     if not e.tracker.cfg.lowrank_backward:  # the flag also binds direct calls of `linear`
         return None
     size, stride, w = p.size, p.stride, e.region.width

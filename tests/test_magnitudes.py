@@ -96,3 +96,25 @@ def test_large_finite_values_are_compressed_not_raw():
     errs, laser = run_site(cfg, tensors(3, 300, 192, 1e18, torch.float32))
     assert 0 < max(errs) <= TAU  # compressed (not exact), within tau
     assert laser.trackers["z/#0"].raw_fallbacks == 0
+
+
+@pytest.mark.parametrize("amax", [1e18, 1e-24])
+def test_linear_weight_gradient_at_extreme_magnitudes(amax):
+    """The TRM's projections may take dW from a compressed input's (C, U) (lowrank.py); at a
+    scaled site C holds s * X U, so dW must still be G^T X within ||G||_2 tau ||X||."""
+    from laser_triton import lowrank
+
+    x0 = next(tensors(1, 300, 160, amax, torch.float64)).view(2, 150, 160)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(37, 160, generator=g, dtype=torch.float64) / 160 ** 0.5
+    G = torch.randn(2, 150, 37, generator=g, dtype=torch.float64)
+    x = x0.float().requires_grad_()
+    wp = w.float().requires_grad_()
+    with lt.Laser(lt.LaserConfig(tau=TAU, rank=8, max_rank=32)).compress():
+        y = lowrank.linear(x * 1.0, wp, False)
+    y.backward(G.float())
+    X = x0.float().double().reshape(-1, 160)
+    exact = G.reshape(-1, 37).t() @ X
+    err = float((wp.grad.double() - exact).norm())
+    bound = float(torch.linalg.matrix_norm(G.reshape(-1, 37), ord=2)) * TAU * float(X.norm())
+    assert err <= bound + 1e-5 * float(exact.norm())
