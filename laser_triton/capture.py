@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import ops
 from .sites import ModuleLabels, SiteOrdinals
-from .storage import dense_region, region_view, saved_key, storage_key, weight_leaf
+from .storage import dense_region, ineligible, region_view, saved_key, storage_key
 
 __all__ = ["ActivationRecorder", "MatrixCallback"]
 
@@ -105,21 +104,10 @@ class ActivationRecorder:
             self._seen.add(key)
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-    def _ineligible(self, t: torch.Tensor) -> str | None:
-        if t.dtype not in ops.FLOAT_DTYPES:
-            return "dtype"
-        if t.grad_fn is None:
-            if t.requires_grad or storage_key(t) in self.model_state:
-                return "parameter"
-            if t.dim() == 2 and tuple(t.shape) in self.weight_shapes:
-                return "weight copy"
-            return None
-        return "weight copy" if weight_leaf(t) is not None else None
-
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         role = self._names.role
         site = self._names.next_site(self.labels.current())  # every save takes a slot
-        reason = "layout" if t.layout != torch.strided else self._ineligible(t)
+        reason = "layout" if t.layout != torch.strided else ineligible(t, self.model_state, self.weight_shapes)
         if reason is not None:
             self._skip(t, reason)
             return t

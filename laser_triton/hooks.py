@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from . import checkpoint, launches, lowrank, ops
+from . import checkpoint, launches, lowrank
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
@@ -37,11 +37,11 @@ from .storage import (
     Packed,
     RawSaved,
     dense_region,
+    ineligible,
     region_view,
     saved_key,
     saved_nbytes,
     storage_key,
-    weight_leaf,
 )
 from .tracker import SiteTracker
 from .util import own_math
@@ -315,23 +315,6 @@ class Laser:
             return t
         return self._count_raw(step, t, "raw()")
 
-    def _ineligible(self, t: torch.Tensor) -> str | None:
-        if t.dtype not in ops.FLOAT_DTYPES:
-            return "dtype"
-        if t.grad_fn is None:
-            if t.requires_grad or storage_key(t) in self._model_state:
-                return "parameter"
-            if not self._model_state:
-                return "leaf"
-            if t.dim() == 2 and tuple(t.shape) in self._weight_shapes:
-                return "weight copy"
-            return None
-        leaf = weight_leaf(t)
-        if leaf is not None:
-            # A view of the parameter itself costs nothing; a cast copy (w.to(bf16)) does.
-            return "parameter" if storage_key(leaf) == storage_key(t) else "weight copy"
-        return None
-
     @_eager
     @launches.counted("pack")
     def _pack(self, t: torch.Tensor):
@@ -343,7 +326,7 @@ class Laser:
         slot = self._next_slot(step)
         if t.layout != torch.strided:  # sparse and other layouts: no dense rows to compress
             return self._count_raw(step, t, "layout")
-        reason = self._ineligible(t)
+        reason = ineligible(t, self._model_state, self._weight_shapes)
         if reason == "parameter":
             return RawSaved(t)  # the model owns it: no extra memory, nothing to count
         if reason is not None:

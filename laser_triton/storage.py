@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import launches, magnitude
+from . import launches, magnitude, ops
 from .tracker import Draft, SiteTracker, Stored
 
-__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "storage_key", "saved_key",
+__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "ineligible", "storage_key", "saved_key",
            "saved_nbytes", "weight_leaf",
            "decision_error", "view_error", "view_target_scale", "check_version"]
 
@@ -73,6 +73,33 @@ def weight_leaf(t: torch.Tensor, max_depth: int = 12) -> torch.Tensor | None:
         if len(nxt) != 1:
             return None
         node = nxt[0]
+    return None
+
+
+def ineligible(t: torch.Tensor, model_state: set, weight_shapes: set) -> str | None:
+    """Why a saved tensor is kept as it is, or None when LASER may compress it (docs/design.md
+    §2.2). `model_state`, `weight_shapes`: the storages and (transposable) 2-D shapes of the
+    watched models' parameters and buffers, empty without `watch()`.
+
+    "dtype": not floating; "parameter": a parameter or a view of one (no extra memory);
+    "leaf": no autograd history and nothing watched, so it cannot be told from a parameter;
+    "weight copy": a cast or shaped copy of a weight (history reaching a leaf through views
+    and casts only, or, history-less under watch, shaped like a watched weight).
+    """
+    if t.dtype not in ops.FLOAT_DTYPES:
+        return "dtype"
+    if t.grad_fn is None:
+        if t.requires_grad or storage_key(t) in model_state:
+            return "parameter"
+        if not model_state:
+            return "leaf"
+        if t.dim() == 2 and tuple(t.shape) in weight_shapes:
+            return "weight copy"
+        return None
+    leaf = weight_leaf(t)
+    if leaf is not None:
+        # A view of the parameter itself costs nothing; a cast copy (w.to(bf16)) does.
+        return "parameter" if storage_key(leaf) == storage_key(t) else "weight copy"
     return None
 
 

@@ -84,3 +84,22 @@ def test_names_survive_a_raising_submodule_and_match_laser(kind):
     laser.watch(net)
     laser_sites = _names(laser, net, x, [])
     assert set(laser_sites) <= set(clean)  # Laser's sites are among the tool's names
+
+
+def test_recorder_applies_laser_exclusion_rules():
+    """The recorder keeps out what Laser keeps raw, under the same reasons (one definition,
+    storage.ineligible): a saved view of a parameter is a "parameter" (no extra memory), a
+    cast copy of it a "weight copy"; the activation itself is reported."""
+    lin = torch.nn.Linear(160, 160, bias=False)
+    x = torch.randn(300, 160)
+    seen: list[str] = []
+    rec = ActivationRecorder(lambda site, role, call, X: seen.append(site), min_rows=32)
+    rec.watch(lin)
+    with rec.compress():
+        h = torch.relu(lin(x))
+        out = (h @ lin.weight.t()).sum()  # saves h and a view of the weight
+        out = out + (h @ lin.weight.t().to(torch.bfloat16).float()).sum()  # and a cast copy
+        out.backward()
+    assert rec.skipped.get("parameter", 0) >= 1
+    assert rec.skipped.get("weight copy", 0) >= 1
+    assert seen  # the activations themselves are reported
