@@ -86,10 +86,8 @@ def rebuild(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype,
     if scale is None:
         return ops.reconstruct(C, U, dtype)
     Xf = _times(ops.reconstruct(C, U, torch.float32), 1.0 / scale)
-    if dtype != torch.float32:
-        big = torch.finfo(dtype).max
-        Xf = Xf.clamp_(-big, big)
-    return Xf.to(dtype)
+    big = torch.finfo(dtype).max  # also fp32's: near it, C U^T / s can round to inf
+    return Xf.clamp_(-big, big).to(dtype)
 
 
 def _times(X: torch.Tensor, s: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ CASES = [  # (amax, activation dtype, coeff_dtype)
     (1e-36, torch.float32, torch.bfloat16),   # coefficients near bf16's subnormals
     (1e18, torch.float32, torch.bfloat16),    # finite, ||X||^2 overflows fp32
     (1e30, torch.float32, torch.float32),
+    (3e38, torch.float32, torch.bfloat16),    # near fp32's max
     (1e-20, torch.bfloat16, torch.bfloat16),
     (1e30, torch.bfloat16, torch.bfloat16),
     (65504.0, torch.float16, torch.bfloat16),  # rebuild may round past fp16's max
@@ -118,3 +119,19 @@ def test_linear_weight_gradient_at_extreme_magnitudes(amax):
     err = float((wp.grad.double() - exact).norm())
     bound = float(torch.linalg.matrix_norm(G.reshape(-1, 37), ord=2)) * TAU * float(X.norm())
     assert err <= bound + 1e-5 * float(exact.norm())
+
+
+@pytest.mark.parametrize("amax", [1e18, 1e-24])
+def test_partial_views_at_extreme_magnitudes(amax):
+    """Both halves of a fused gate_up-like storage, saved as views, each within tau."""
+    cfg = lt.LaserConfig(tau=TAU, rank=8, max_rank=32)
+    laser = lt.Laser(cfg)
+    for x in tensors(3, 300, 256, amax, torch.float32, seed=5):
+        x[:, 128:] *= 1e-3  # the second half carries little of the energy
+        h, record = with_history(x), []
+        with laser.compress(), laser.role("z"):
+            out = save(record, h[:, :128], h[:, 128:])
+        out.backward()
+        first, second = record[0]
+        assert rel(first, x[:, :128]) <= TAU and rel(second, x[:, 128:]) <= TAU
+        assert bool(torch.isfinite(first).all() and torch.isfinite(second).all())
