@@ -123,6 +123,14 @@ def _mean_sd(d: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[int, float, float, float, int]:
+    """n, mean, sd, standard error and degrees of freedom of the differences a_i - b_i."""
+    d = _differences(a, b)
+    n = len(d)
+    mean, sd = _mean_sd(d)
+    return n, mean, sd, sd / math.sqrt(n), n - 1
+
+
 @dataclass(frozen=True)
 class PairedTTest:
     """Paired t-test of mean(a - b) = 0. p_value follows `alternative`."""
@@ -151,11 +159,7 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], alternative: str = "tw
     """
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
-    d = _differences(a, b)
-    n = len(d)
-    mean, sd = _mean_sd(d)
-    se = sd / math.sqrt(n)
-    df = n - 1
+    n, mean, sd, se, df = _paired(a, b)
     if se == 0.0:
         t = math.nan if mean == 0.0 else math.copysign(math.inf, mean)
     else:
@@ -208,11 +212,7 @@ def paired_tost(a: Sequence[float], b: Sequence[float], low: float, high: float,
         raise ValueError(f"need low < high, got low={low}, high={high}")
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
-    d = _differences(a, b)
-    n = len(d)
-    mean, sd = _mean_sd(d)
-    se = sd / math.sqrt(n)
-    df = n - 1
+    n, mean, sd, se, df = _paired(a, b)
 
     def ratio(num: float) -> float:
         if se > 0:
@@ -308,11 +308,7 @@ def paired_noninferiority(a: Sequence[float], b: Sequence[float], margin: float,
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
     if not math.isfinite(margin):
         raise ValueError(f"margin must be finite, got {margin}")
-    d = _differences(a, b)
-    n = len(d)
-    mean, sd = _mean_sd(d)
-    se = sd / math.sqrt(n)
-    df = n - 1
+    n, mean, sd, se, df = _paired(a, b)
     if se > 0:
         t = (mean - margin) / se
     else:
