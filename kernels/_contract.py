@@ -24,6 +24,7 @@ import importlib
 import inspect
 import itertools
 import pkgutil
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def top_level_kernels() -> set[str]:
     fns = list(_jit_objects(_kernel_modules()).values())
     srcs = {id(f): inspect.getsource(f.fn) for f in fns}
     return {_full_name(f) for f in fns
-            if not any(f.__name__ in s for i, s in srcs.items() if i != id(f))}
+            if not any(re.search(rf"\b{f.__name__}\b", s) for i, s in srcs.items() if i != id(f))}
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -141,7 +142,7 @@ def top_level_kernels() -> set[str]:
 
 def scenarios(D: int, r: int, dtype: str) -> list[tuple[str, dict, Callable[[], object]]]:
     """(name, path pin, call) for every launched mode of the public launchers at (D, r)."""
-    from . import compress_pass, orthonormalize_batched, reconstruct  # noqa: PLC0415
+    from . import compress_pass, grad_coeff, orthonormalize_batched, reconstruct  # noqa: PLC0415
     from .orthonormalize import orthonormalize  # noqa: PLC0415
 
     dt = _DTYPES[dtype]
@@ -166,6 +167,14 @@ def scenarios(D: int, r: int, dtype: str) -> list[tuple[str, dict, Callable[[], 
         out.append((f"reconstruct(out={out_dt})", {},
                     lambda out_dt=out_dt: reconstruct(C, U, out_dt)))
     out.append(("reconstruct(C^T view)", {}, lambda: reconstruct(C.t().contiguous().t(), U)))
+    G = torch.randn(2, N, D, generator=gen)
+    for g_dt, c_dt in sorted({(dt, dt), (dt, torch.float32), (torch.bfloat16, dt)}, key=str):
+        out.append((f"grad_coeff(G {g_dt}, C {c_dt})", {},
+                    lambda g_dt=g_dt, c_dt=c_dt: grad_coeff(
+                        G.to(g_dt), torch.randn(2, N, r, generator=gen).to(c_dt))))
+    C1 = torch.randn(1, N, r, generator=gen).to(dt)
+    out.append(("grad_coeff(C shared across the batch)", {},
+                lambda: grad_coeff(G.to(dt), C1.expand(2, N, r))))
     Y = torch.randn(D, r, generator=gen)
     out.append(("orthonormalize", {}, lambda: orthonormalize(Y)))
     Y2 = torch.randn(max(r, D // 2 + 3), max(1, r // 2 + 1), generator=gen)
