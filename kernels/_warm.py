@@ -54,7 +54,8 @@ def laser_variants(hidden: list[int], ranks: list[int], rows: list[int], dtype: 
                    coeff_dtype: str, gpu: str, target: GPUTarget, sms: int) -> list[tuple]:
     """(module, kernel name, signature, constexprs, attrs, options) of every distinct variant
     LASER launches at these shapes with `gpu`'s configs: compress_pass with Y (tracking and
-    resets), reconstruct (unpack) and the batched orthonormalization (basis updates)."""
+    resets), reconstruct (unpack), grad_coeff (weight gradients from (C, U)) and the batched
+    orthonormalization (basis updates). Output widths of grad_coeff are taken from `hidden`."""
     store = configs.ConfigStore(gpu, os.environ.get("LASER_TRITON_CONFIG_DIR"),
                                 interpreter=False)
     sink: list = []
@@ -79,7 +80,13 @@ def laser_variants(hidden: list[int], ranks: list[int], rows: list[int], dtype: 
 
 def _record_laser_calls(hidden: list[int], ranks: list[int], rows: list[int],
                         dt: torch.dtype, ct: torch.dtype) -> None:
-    from . import compress_pass, orthonormalize_batched, reconstruct, supports  # noqa: PLC0415
+    from . import (  # noqa: PLC0415
+        compress_pass,
+        grad_coeff,
+        orthonormalize_batched,
+        reconstruct,
+        supports,
+    )
 
     for D in hidden:
         for r in (r for r in ranks if r <= D):
@@ -96,6 +103,14 @@ def _record_laser_calls(hidden: list[int], ranks: list[int], rows: list[int],
                     compress_pass(X, U, True, ct)
                 if supports("reconstruct", C, U):
                     reconstruct(C, U, dt)
+                # Weight gradients from (C, U) (lowrank_backward, on by default): G^T C for
+                # row-compressed inputs, G_b^T U for column-compressed ones (U shared).
+                G = torch.randn(1, N, D).to(dt)
+                if supports("grad_coeff", G, C[None]):
+                    grad_coeff(G, C[None])
+                G2 = torch.randn(2, D, D).to(dt)
+                if supports("grad_coeff", G2, U.expand(2, D, r)):
+                    grad_coeff(G2, U.expand(2, D, r))
 
 
 def _compile_one(module: str, name: str, signature: dict, constexprs: dict, attrs: dict,
