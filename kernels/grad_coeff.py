@@ -46,6 +46,8 @@ def _grad_coeff_kernel(
     PRECISION: tl.constexpr, BOTH_BF16: tl.constexpr, G_IS_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    """part[split, b, o_blk, r_blk] = G[b, rows, o_blk]^T C[b, rows, r_blk] over the rows of one
+    split, accumulated in fp32 for one (BLOCK_O, BLOCK_R) tile of T = G^T C."""
     n_ob = tl.cdiv(O, BLOCK_O)
     pid_o = tl.program_id(0) % n_ob
     pid_r = tl.program_id(0) // n_ob
@@ -59,7 +61,7 @@ def _grad_coeff_kernel(
     n_hi = tl.minimum(n_lo + rows_per_split, N)
     g_base = g_ptr + b * stride_gb
     c_base = c_ptr + b * stride_cb
-    acc = tl.zeros((BLOCK_O, BLOCK_R), tl.float32)
+    acc = tl.zeros((BLOCK_O, BLOCK_R), tl.float32)  # acc: (BLOCK_O, BLOCK_R), this tile of T
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = rows < n_hi
