@@ -107,6 +107,7 @@ install() {
   cp -rs "$PWD/laser_triton" "$shim/laser_triton"
   ln -s "$PWD/kernels" "$shim/laser_triton/kernels"
   ln -s "$PWD/autotune_configs" "$shim/laser_triton/autotune_configs"
+  ln -s "$PWD/perf" "$shim/perf"  # `-m perf.bench_*` with the working directory off the path
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
   # `python -c`/`-m` put the working directory first on sys.path, where ./laser_triton (no
   # kernels/ inside) would shadow the shim: keep it off the path (Python >= 3.11).
