@@ -131,6 +131,7 @@ def _split_bf16(v):
 
 @triton.jit
 def _bf16_dot(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for bf16 tiles on tensor cores with an fp32 accumulator."""
     if INTERPRET:  # exact same values, computed in fp32 (bf16 arithmetic is broken there)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
