@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import laser_triton as lt
+from laser_triton.cliutil import apply_threads, choose_threads, nonnegative_int, positive_int
 from laser_triton.data.sudoku import PuzzleStream, generate
 from laser_triton.trm import TRM, TRMConfig
 from laser_triton.trm.losses import act_loss
@@ -23,9 +24,12 @@ from laser_triton.trm.losses import act_loss
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=8, help="per rank")
+    ap.add_argument("--steps", type=positive_int, default=5)
+    ap.add_argument("--batch", type=positive_int, default=8, help="per rank")
     ap.add_argument("--sync-basis", action="store_true")
+    ap.add_argument("--threads", type=nonnegative_int, default=0,
+                    help="intra-op CPU threads per rank; 0 (auto): the cores shared among the "
+                    "ranks, 1 when the load average shows them busy")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -35,8 +39,11 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if not cuda:
-        torch.set_num_threads(1)
+    if not cuda:  # the ranks share the cores: auto gives each its share (the shared policy
+        # of laser_triton.cliutil caps it at 1 on a busy machine)
+        share = max(1, (os.cpu_count() or 1) // world)
+        threads, _ = choose_threads(args.threads)
+        apply_threads(args.threads or min(threads or share, share))
 
     torch.manual_seed(0)  # identical initialization on every rank
     model = TRM(TRMConfig.tiny()).to(device)

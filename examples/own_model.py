@@ -1,7 +1,7 @@
 """LASER around your own recursive model: a weight-tied transformer block applied n times.
 
-    python examples/own_model.py                # CPU, ~20 s
-    python examples/own_model.py --steps 50 --tau 0.1 --device cuda
+    .venv/bin/python examples/own_model.py      # CPU: about 20 s of one core (README)
+    .venv/bin/python examples/own_model.py --steps 50 --tau 0.1 --device cuda
 
 What it shows, on a model that is not the TRM:
 - the three calls a model needs: `laser.watch(net)` (site names), `laser.compress()` around the
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import laser_triton as lt
+from laser_triton.cliutil import add_threads_argument, apply_threads, positive_int
 
 
 class SharedBlock(nn.Module):
@@ -82,13 +83,17 @@ def batch(step: int, B: int, L: int, D: int, device: torch.device) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=positive_int, default=12)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--width", type=positive_int, default=256, help="a multiple of 4 (heads)")
     ap.add_argument("--device", default="cpu")
+    add_threads_argument(ap)
     args = ap.parse_args(argv)
+    if args.width % 4:
+        ap.error(f"--width must be a multiple of the 4 attention heads, got {args.width}")
     device = torch.device(args.device)
+    apply_threads(args.threads, device.type, prog="own_model")
     torch.manual_seed(0)
     plain = Recursive(args.width, heads=4, n=6, grad_steps=3).to(device)
     model = copy.deepcopy(plain)

@@ -19,7 +19,8 @@ try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
 except Exception as exc:  # not installed, or an install that fails on import
-    raise ImportError(f"laser_triton.kernels needs a working Triton ({exc})") from exc
+    raise ImportError(f"laser_triton.kernels needs a working Triton ({exc}); install it with "
+                      'pip install "laser-triton[triton]"') from exc
 
 import torch
 

@@ -36,6 +36,7 @@ import torch
 
 from . import spectra
 from .capture import ActivationRecorder
+from .cliutil import add_threads_argument, apply_threads
 from .config import LaserConfig
 
 __all__ = ["SiteAnalyzer", "capture_steps", "summarize", "summarize_roles", "cli_main"]
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps captured per control (each: n z calls and one y call)")
     p.add_argument("--drift-rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2, help="matrices per site before scoring")
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_argument(p)
     p.add_argument("--append", action="store_true",
                    help="keep other models' results already in --out (same tau and options)")
     p.add_argument("--no-plots", action="store_true")
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args.threads = apply_threads(args.threads, "cpu", prog="laser-triton analyze")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     steps, spec, info = run_controls(args)

@@ -238,8 +238,9 @@ def cli_main(argv: list[str] | None = None) -> int:
                         "is JIT-compiled again at its first launch, about 1-30 s each")
     args = p.parse_args(argv)
     if not DEFAULTS:
-        print("laser-triton autotune: Triton is not importable; nothing to tune", file=sys.stderr)
-        return 2
+        print("laser-triton autotune: error: Triton is not importable, so there are no kernels "
+              'to tune (pip install "laser-triton[triton]")', file=sys.stderr)
+        return 1
     import triton  # noqa: PLC0415
 
     from .kernels import configs  # noqa: PLC0415
@@ -248,10 +249,10 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.prune_only:
-        print("laser-triton autotune: no CUDA GPU here, so nothing can be timed "
-              "(triton.testing.do_bench needs one). Use --prune-only for compile-validated, "
-              "untimed configs.", file=sys.stderr)
-        return 0
+        print("laser-triton autotune: error: no CUDA GPU here, so nothing can be timed "
+              "(triton.testing.do_bench needs one); --prune-only writes compile-validated, "
+              "untimed configs without one", file=sys.stderr)
+        return 1
     device = torch.device("cuda") if has_gpu else torch.device("cpu")
     gpu = torch.cuda.get_device_name(device) if has_gpu else "sm_90 (compiled on CPU)"
     arch, limit = 90, SHARED_LIMIT_SM90

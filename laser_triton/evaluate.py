@@ -13,9 +13,10 @@ import json
 import numpy as np
 import torch
 
+from .cliutil import add_threads_argument, apply_threads, int_in, positive_int
 from .data import sudoku
 from .train import evaluate_model
-from .training import TrainConfig, resolve_device
+from .training import TrainConfig, read_checkpoint, resolve_device
 from .trm import TRM
 
 __all__ = ["cli_main", "load_model", "held_out_set"]
@@ -24,7 +25,7 @@ __all__ = ["cli_main", "load_model", "held_out_set"]
 def load_model(path: str, device: torch.device, use_ema: bool = True
                ) -> tuple[TRM, TrainConfig, dict]:
     """The checkpoint's model (EMA weights unless use_ema is False), its config and state."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     cfg = TrainConfig(**state["config"])
     model = TRM(cfg.model_config())
     model.load_state_dict(state["model"])
@@ -50,24 +51,28 @@ def held_out_set(args: argparse.Namespace, cfg: TrainConfig, state: dict
     if cfg.test_data:
         s = sudoku.load_sudoku_csv(cfg.test_data, limit=args.puzzles)
         return s.puzzles, s.solutions, cfg.test_data
-    raise SystemExit("no test data: pass --data FILE or --generate N")
+    raise ValueError("no test data: pass --data FILE or --generate N")
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="laser-triton eval", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a checkpoint written by `laser-triton train`")
     p.add_argument("--data", default=None, help="Sudoku-Extreme CSV file to evaluate on")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--generate", type=positive_int, default=0, metavar="N",
                    help="evaluate on N freshly generated puzzles instead")
-    p.add_argument("--clues", type=int, default=None, help="givens of generated puzzles")
+    p.add_argument("--clues", type=int_in(17, 81), default=None,
+                   help="givens of generated puzzles (default: the run's)")
     p.add_argument("--seed", type=int, default=12345, help="seed of generated puzzles")
-    p.add_argument("--puzzles", type=int, default=None, help="evaluate at most this many")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--puzzles", type=positive_int, default=None,
+                   help="evaluate at most this many")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    apply_threads(args.threads, device.type, prog=None if args.json else "laser-triton eval")
     model, cfg, state = load_model(args.checkpoint, device, use_ema=not args.no_ema)
     puzzles, solutions, source = held_out_set(args, cfg, state)
     metrics = evaluate_model(model, puzzles, solutions, args.batch_size, device)

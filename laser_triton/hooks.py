@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import threading
 import warnings
 import weakref
@@ -51,13 +52,25 @@ __all__ = ["Laser", "WIDTHS_PER_SITE"]
 # Trackers kept per site slot (role, module, ordinal) across row widths; see _note_width.
 WIDTHS_PER_SITE = 4
 
+# LASER's bookkeeping runs eagerly even when the model around it is compiled whole (traced by
+# dynamo it would graph-break on every host decision and recompile per shape and rank), and
+# without the caller's autocast (its fp32 products and error estimates stay fp32).
+# torch.compiler.disable imports dynamo (and with it sympy and Triton: seconds), so `_eager`
+# only records the function, and the first `Laser` built swaps in the disabled versions.
+_EAGER: list = []
 
 
 def _eager(fn):
-    """LASER's bookkeeping runs eagerly even when the model around it is compiled whole (traced
-    by dynamo it would graph-break on every host decision and recompile per shape and rank),
-    and without the caller's autocast (its fp32 products and error estimates stay fp32)."""
-    return torch.compiler.disable(own_math(fn))
+    fn = own_math(fn)  # functools.wraps: keeps __name__ and __qualname__ for the swap
+    _EAGER.append(fn)
+    return fn
+
+
+def _disable_compile_on_bookkeeping() -> None:
+    while _EAGER:
+        fn = _EAGER.pop()
+        owner = Laser if fn.__qualname__.startswith("Laser.") else sys.modules[__name__]
+        setattr(owner, fn.__name__, torch.compiler.disable(fn))
 
 
 class Laser:
@@ -104,6 +117,7 @@ class Laser:
     """
 
     def __init__(self, cfg: LaserConfig | None = None):
+        _disable_compile_on_bookkeeping()
         self.cfg = cfg or LaserConfig()
         if not isinstance(self.cfg, LaserConfig):
             raise TypeError(f"Laser expects a LaserConfig, got {type(self.cfg).__name__}")

@@ -2,7 +2,8 @@
 
 `LiveBytes` counts the bytes of storages allocated while it is active that are still alive,
 and their peak, per storage. perf/bench_trm.py and the non-inferiority study use it for peak
-memory on CPU (on CUDA, `torch.cuda.max_memory_allocated` is the measure).
+memory on CPU (on CUDA, `torch.cuda.max_memory_allocated` is the measure). `StepPeak` picks
+the one that applies to a device; `laser-triton demo` reads a training step's peak from it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveBytes"]
+__all__ = ["LiveBytes", "StepPeak"]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -54,3 +55,33 @@ class LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live()
+
+
+class StepPeak:
+    """Peak bytes allocated during a block above what was allocated when it began: the CUDA
+    allocator's statistics on a GPU, `LiveBytes` on CPU (which slows the block down; measure
+    one step, not a run). `peak` is set on exit."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.peak = 0
+        self._live: LiveBytes | None = None
+        self._start = 0
+
+    def __enter__(self) -> StepPeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._live = LiveBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            assert self._live is not None
+            self._live.__exit__(*exc)
+            self.peak = self._live.peak

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -120,7 +121,20 @@ def _triton_kernels():
         return kernels
     except Exception as exc:  # ImportError, or a broken Triton install
         log.info("laser_triton: Triton kernels unavailable (%s); using the torch reference", exc)
+        _UNAVAILABLE.append(" ".join(str(exc).split()))
         return None
+
+
+_UNAVAILABLE: list[str] = []  # why the kernels did not import
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_reference_on_gpu() -> None:
+    """Once per process: CUDA tensors run the (slower) torch reference for want of Triton."""
+    warnings.warn("laser_triton: the Triton kernels are unavailable "
+                  f"({_UNAVAILABLE[0] if _UNAVAILABLE else 'unknown reason'}); LASER runs its "
+                  'torch reference on the GPU instead, which is slower (pip install '
+                  '"laser-triton[triton]")', RuntimeWarning, stacklevel=3)
 
 
 def _interpreting() -> bool:
@@ -135,13 +149,17 @@ def backend_for(op: str, *tensors: torch.Tensor) -> str:
     kernels = _triton_kernels()
     if choice == "triton":
         if kernels is None:
-            raise RuntimeError("LASER_TRITON_BACKEND=triton but the Triton kernels cannot be imported")
+            raise RuntimeError("LASER_TRITON_BACKEND=triton but the Triton kernels cannot be "
+                               f"imported ({_UNAVAILABLE[0] if _UNAVAILABLE else 'unknown'}); "
+                               'pip install "laser-triton[triton]"')
         if not (all(t.is_cuda for t in tensors) or _interpreting()):
             raise RuntimeError(
                 "LASER_TRITON_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)"
             )
         return "triton"
     if kernels is None or not all(t.is_cuda for t in tensors):
+        if kernels is None and tensors and all(t.is_cuda for t in tensors):
+            _warn_reference_on_gpu()
         return "torch"
     return "triton" if kernels.supports(op, *tensors) else "torch"
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from . import stats
+from .cliutil import add_threads_argument, apply_threads
 from .study_protocol import ARMS, RUN_COLUMNS, RunFn, StudyProtocol
 
 __all__ = ["ARMS", "RUN_COLUMNS", "RunFn", "StudyProtocol", "Study", "analyze_runs", "cli_main"]
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separate-pilot", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--memory-every", type=int, default=d.memory_every)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_argument(p)
     p.add_argument("--protocol", default=None,
                    help="a declared non-inferiority protocol file (perf/results/"
                         "study_ni_protocol.json): runs study_ni instead; the options above "
@@ -232,12 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
 
     from .study_report import write_outputs
     from .study_trm import trm_run_one
 
-    torch.set_num_threads(args.threads)
+    args.threads = apply_threads(args.threads, "cpu", prog="laser-triton study")
     if args.protocol:
         from . import study_ni
 

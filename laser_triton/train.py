@@ -20,19 +20,33 @@ Deliberate differences from the reference trainer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from .cliutil import add_threads_argument, apply_threads
 from .data.sudoku import PuzzleStream, encode
-from .training import EMA, TrainConfig, load_data, lr_at, make_laser, resolve_device
+from .training import (
+    EMA,
+    TrainConfig,
+    load_data,
+    lr_at,
+    make_laser,
+    read_checkpoint,
+    resolve_device,
+)
 from .trm import TRM, SparseSignSGD, act_loss
 
 __all__ = ["Trainer", "cli_main"]
+
+StepContext = Callable[[int], contextlib.AbstractContextManager]
 
 
 class _NoBar:
@@ -96,7 +110,8 @@ class Trainer:
         self.gen.manual_seed(cfg.seed + 1)
         self.carry = None
         self.step = 0
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # one row per training step
+        self.eval_history: list[dict[str, float]] = []  # one row per evaluation, kept on resume
 
     def _main_named(self):
         sparse = None if self.model.puzzle_emb is None else self.model.puzzle_emb.weight
@@ -128,33 +143,48 @@ class Trainer:
             self.sparse_opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self._main_named())
-        count = max(int(m["count"]), 1)
+        # Accuracies are over the samples that halted this step: NaN when none did (a 0 there
+        # read as "the model is wrong on everything").
+        count = int(m["count"])
+        per_halted = (lambda key: float(m[key]) / count) if count else (lambda key: math.nan)
         row = {"step": self.step, "lr": lr, "loss": float(loss.detach()) / B,
                "lm_loss": float(m["lm_loss"]) / B, "q_halt_loss": float(m["q_halt_loss"]) / B,
-               "halted": int(m["count"]), "cell_acc": float(m["cell_acc"]) / count,
-               "exact_acc": float(m["exact_acc"]) / count,
-               "q_halt_acc": float(m["q_halt_acc"]) / count, "steps": float(m["steps"]) / count}
+               "halted": count, "cell_acc": per_halted("cell_acc"),
+               "exact_acc": per_halted("exact_acc"), "q_halt_acc": per_halted("q_halt_acc"),
+               "steps": per_halted("steps")}
         self.history.append(row)
         return row
 
     def train(self, steps: int | None = None, progress: bool = True, out: str | None = None,
-              desc: str = "train") -> list[dict[str, float]]:
+              desc: str = "train", step_context: StepContext | None = None
+              ) -> list[dict[str, float]]:
         """Run until `steps` (default cfg.steps) total steps, evaluating and checkpointing as
-        configured; returns the evaluation rows."""
+        configured; returns this call's evaluation rows (all of them: `eval_history`).
+        `step_context(step)`, if given, returns a context manager to run that step in (the
+        demo measures the last step's peak memory this way)."""
         cfg, target = self.cfg, self.cfg.steps if steps is None else steps
         evals = []
         bar = _progress_bar(target, self.step, desc, progress)
+        halted_cell = "-"  # training accuracy exists only on steps where samples halted
         while self.step < target:
-            row = self.train_step()
+            with step_context(self.step + 1) if step_context else contextlib.nullcontext():
+                row = self.train_step()
+            if row["halted"]:
+                halted_cell = f"{row['cell_acc']:.3f}"
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", cell=f"{row['cell_acc']:.3f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", halted_cell_acc=halted_cell)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
-                evals.append(self.evaluate())
+                evals.append(self._record_eval())
             if out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save(os.path.join(out, "last.pt"))
         bar.close()
-        evals.append(self.evaluate())
+        evals.append(self._record_eval())
         return evals
+
+    def _record_eval(self) -> dict[str, float]:
+        row = self.evaluate()
+        self.eval_history.append(row)
+        return row
 
     # -- evaluation ---------------------------------------------------------------------------
     def eval_model(self, use_ema: bool = True) -> TRM:
@@ -186,6 +216,7 @@ class Trainer:
             "carry": None if self.carry is None else self.carry.state_dict(),
             "stream": self.stream.state_dict(), "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(), "history": list(self.history),
+            "eval_history": list(self.eval_history),
             "data": self.data if self.cfg.data is None else None,
         }
         if self.laser is not None and hasattr(self.laser, "state_dict"):
@@ -212,6 +243,7 @@ class Trainer:
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
+        self.eval_history = list(state.get("eval_history", []))  # absent before it was kept
         if self.laser is not None and "laser" in state and hasattr(self.laser, "load_state_dict"):
             self.laser.load_state_dict(state["laser"])
 
@@ -223,7 +255,7 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: object) -> Trainer:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         cfg = TrainConfig(**{**state["config"], **overrides})
         trainer = cls(cfg, data=state.get("data"))
         trainer.load_state_dict(state)
@@ -306,7 +338,7 @@ def build_parser(prog: str = "laser-triton train") -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint to continue from, with its saved "
                    "configuration (only --steps, --eval-every, --checkpoint-every may change)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: default)")
+    add_threads_argument(p)
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                    help="TRMConfig overrides, e.g. L_cycles=4 mlp_t=false")
     _add_dataclass_args(p, TrainConfig, "", skip={"model", "laser"}, defaults=TrainConfig())
@@ -348,8 +380,6 @@ def _options_ignored_on_resume(args: argparse.Namespace) -> list[str]:
 def cli_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.resume:
         ignored = _options_ignored_on_resume(args)
         if ignored:
@@ -358,10 +388,14 @@ def cli_main(argv: list[str] | None = None) -> int:
                          "and --checkpoint-every may change)")
         trainer = Trainer.from_checkpoint(args.resume, **{
             k: getattr(args, k) for k in RESUME_OPTIONS if getattr(args, k) is not None})
+        if trainer.step >= trainer.cfg.steps:
+            parser.error(f"{args.resume} is at step {trainer.step} already; give --steps with "
+                         f"the new total (more than {trainer.step})")
         args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         trainer = Trainer(config_from_args(args))
         args.out = args.out or "runs/train"
+    apply_threads(args.threads, trainer.device.type, prog="laser-triton train")
     cfg = trainer.cfg
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -375,7 +409,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     pd.DataFrame(trainer.history).to_csv(os.path.join(args.out, "train_metrics.csv"), index=False)
-    pd.DataFrame(evals).to_csv(os.path.join(args.out, "eval_metrics.csv"), index=False)
+    # All evaluations of the run, those before a --resume included.
+    pd.DataFrame(trainer.eval_history).to_csv(os.path.join(args.out, "eval_metrics.csv"),
+                                              index=False)
     if trainer.laser is not None:
         trainer.laser.report().to_csv(os.path.join(args.out, "laser_report.csv"), index=False)
     last = evals[-1]

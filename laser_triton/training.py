@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from .data import sudoku
 from .trm import TRMConfig
 
 __all__ = ["TrainConfig", "EMA", "lr_at", "load_data", "make_laser", "laser_config_kwargs",
-           "resolve_device"]
+           "read_checkpoint", "resolve_device"]
 
 
 @dataclass
@@ -62,6 +63,30 @@ class TrainConfig:
     use_laser: bool = False
     laser: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Values that mean nothing fail here, naming the field, before any work starts."""
+        from .trm.config import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown TRM preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        at_least = {"steps": 1, "batch_size": 1, "train_puzzles": 1, "test_puzzles": 1,
+                    "eval_batch_size": 1, "eval_every": 0, "checkpoint_every": 0,
+                    "lr_warmup_steps": 0, "clues": 17}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.clues > 81:
+            raise ValueError(f"clues must be at most 81 (a Sudoku has 81 cells), got {self.clues}")
+        for name in ("lr", "puzzle_emb_lr", "weight_decay", "puzzle_emb_weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "ema_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+
     @classmethod
     def for_preset(cls, preset: str, **overrides: object) -> TrainConfig:
         """Paper hyper-parameters for the paper presets; CPU-scaled ones for `tiny`."""
@@ -86,9 +111,32 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is a GPU, else CPU) or a torch device name that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here "
+                         "(use --device cpu)")
+    return device
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by `laser-triton train`, or a ValueError saying what `path` is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors alike: not a checkpoint
+        raise ValueError(f"{path} is not a checkpoint torch can read ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(state, dict) or not {"config", "model", "step"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint written by `laser-triton train` "
+                         "(no config, model and step in it)")
+    return state
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:

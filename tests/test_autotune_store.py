@@ -176,7 +176,8 @@ def test_launch_falls_back_on_out_of_resources(caplog):
 def test_cli_without_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    assert autotune.cli_main(["--hidden", "512", "--rank", "8"]) == 0
+    # A run that tunes nothing fails (it used to exit 0 having done nothing).
+    assert autotune.cli_main(["--hidden", "512", "--rank", "8"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
 
 

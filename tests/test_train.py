@@ -4,6 +4,7 @@ train/eval/demo commands work end to end with every LASER option reachable."""
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -47,6 +48,14 @@ def test_a_short_run_lowers_the_loss():
     assert last < first - 0.15, (first, last)  # about 2.45 -> 2.2 (seeded, deterministic)
     ev = trainer.evaluate()
     assert 0 <= ev["cell_acc"] <= 1 and ev["puzzles"] == 8
+
+
+def test_training_accuracy_is_missing_not_zero_when_no_sample_halted():
+    trainer = Trainer(fast_config(steps=2))
+    row = trainer.train_step()  # halt_max_steps 3: nothing halts on the first step
+    assert row["halted"] == 0
+    assert all(math.isnan(row[k]) for k in ("cell_acc", "exact_acc", "q_halt_acc", "steps"))
+    assert row["loss"] > 0
 
 
 def test_training_is_reproducible():
@@ -146,6 +155,9 @@ def test_train_and_eval_commands(tmp_path, capsys):
     # Resume for two more steps: without --out, outputs go next to the checkpoint.
     assert train.cli_main(["--resume", str(out / "last.pt"), "--steps", "4", "--no-progress"]) == 0
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+    # The metrics history survives the resume: both runs' evaluations and all training steps.
+    assert list(pd.read_csv(out / "eval_metrics.csv").step) == [2, 4]
+    assert list(pd.read_csv(out / "train_metrics.csv").step) == [1, 2, 3, 4]
     # Configuration options cannot ride along with --resume (they used to be ignored silently).
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
