@@ -229,8 +229,14 @@ def plot_trm(trm: pd.DataFrame, path: Path, title: str) -> None:
     if not groups:
         return
     timed = ok.step_ms.notna().any()
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
-    for ax, ((preset, scope), g) in zip(axes[0], groups):
+    # A grid of at most 3 panels per row: one row of 12 panels made a 7260x495 px strip.
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.0 * nrows + 0.6),
+                             squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, ((preset, scope), g) in zip(axes.flat, groups):
         if timed:
             for r in g.itertuples():
                 ax.scatter(r.step_ms, r.peak_mem_mib, marker="^" if r.compiled else "o", s=40)
@@ -248,7 +254,7 @@ def plot_trm(trm: pd.DataFrame, path: Path, title: str) -> None:
             ax.legend(fontsize=7)
         ax.set_title(f"{preset}, {scope}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

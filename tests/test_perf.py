@@ -264,3 +264,17 @@ def test_learned_structural_ratios_are_against_plain_tiny_of_the_same_weights():
         assert t.loc[(kind, "tiny+lean", "laser_torch"), "peak_vs_plain"] == pytest.approx(0.55)
     assert "| trained | 0.05 | tiny | laser_torch | 0.80x | 1.10x |" in ls.markdown(
         t.reset_index(), "ckpt")
+
+
+def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
+    """Seven (preset, scope) panels lay out in rows of at most three, readable at a glance
+    (one row of twelve made a 7260x495 px strip)."""
+    from matplotlib.image import imread
+
+    rows = [dict(preset=f"p{i}", scope="step", variant=v, compiled=False, peak_mem_mib=p,
+                 activation_mib=a, step_ms=float("nan"), status="ok")
+            for i in range(7) for v, p, a in (("plain", 20, 10), ("ckpt", 8, 1))]
+    path = tmp_path / "trm.png"
+    scripts["report"].plot_trm(pd.DataFrame(rows), path, "seven panels")
+    height, width = imread(path).shape[:2]
+    assert width <= 3 * 5.5 * 110 + 1 and 0.5 < width / height < 2.5, (width, height)
