@@ -9,6 +9,12 @@ weights) and each tau, `bench_trm` runs `plain` and `laser_torch` on `tiny` and 
 plain `tiny` with the same weights: `plain` on `tiny+lean` is the structural alternative alone
 (recompute the element-wise saves, exact); `laser_torch` on `tiny` is LASER alone; on
 `tiny+lean` both. What training adds is the trained row minus the untrained row.
+
+`--grad-probes K` adds a tau sweep on the same weights (tau_sweep.csv, tau_sweep.png): after
+two LASER training steps from the weights (bases warm), K probes each compare LASER's gradient
+of a fresh batch with the exact gradient of that batch, and the exact gradients of two
+different batches (the minibatch noise), as `study_ni.grad_probe` does. It is a description of
+these weights, not the declared study's Pareto curve (no trunk, no fork, no accuracy).
 """
 
 from __future__ import annotations
@@ -66,6 +72,46 @@ def markdown(t: pd.DataFrame, checkpoint: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grad_cosines(checkpoint: Path, tau: float, probes: int, seed: int = 1) -> dict:
+    """Mean and minimum cos(g_LASER, g_exact) over `probes` fresh batches, and the noise
+    reference cos(g_exact(A), g_exact(B)), bf16 forward, after 2 warm-up LASER steps."""
+    from laser_triton import study_ni
+    from laser_triton.train import Trainer
+
+    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]["model"]
+    tr = Trainer.from_checkpoint(str(checkpoint), use_laser=True, laser={"tau": tau},
+                                 model={**model, "forward_dtype": "bfloat16"}, seed=seed)
+    for _ in range(2):
+        tr.train_step()
+    stream = study_ni._probe_stream(tr, seed)
+    got = [study_ni.grad_probe(tr, stream) for _ in range(probes)]
+    return {"tau": tau, "grad_cos": sum(g["grad_cos"] for g in got) / probes,
+            "grad_cos_min": min(g["grad_cos"] for g in got),
+            "grad_cos_noise": sum(g["grad_cos_noise"] for g in got) / probes}
+
+
+def sweep_plot(sweep: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for col, label in (("held_vs_plain", "held"), ("peak_vs_plain", "peak")):
+        ax.plot(1 - sweep.grad_cos, sweep[col], "o-", label=label)
+        for r in sweep.itertuples():
+            ax.annotate(f"{r.tau:g}", (1 - r.grad_cos, getattr(r, col)), fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("1 - cos(LASER gradient, exact gradient), same batch")
+    ax.set_ylabel("LASER / plain bytes (tiny, trained)")
+    ax.set_title("tau sweep on trained weights (labels: tau); no accuracy axis", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
@@ -73,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a `laser-triton train` checkpoint (last.pt) or a TRM state dict")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.2])
+    ap.add_argument("--grad-probes", type=int, default=0,
+                    help="with K > 0: gradient cosines per tau on the trained weights")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -89,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     t = table(pd.concat(frames, ignore_index=True))
     t.to_csv(args.out / "learned_structural.csv", index=False, float_format="%.6g")
     (args.out / "learned_structural.md").write_text(markdown(t, str(args.checkpoint)))
+    if args.grad_probes > 0:
+        cos = pd.DataFrame([grad_cosines(args.checkpoint, tau, args.grad_probes)
+                            for tau in args.taus])
+        mem = t[(t.weights == "trained") & (t.preset == "tiny") & (t.variant == "laser_torch")]
+        sweep = mem[["tau", "held_vs_plain", "peak_vs_plain"]].merge(cos, on="tau")
+        sweep.to_csv(args.out / "tau_sweep.csv", index=False, float_format="%.6g")
+        sweep_plot(sweep, args.out / "tau_sweep.png")
+        print(sweep.to_string(index=False))
     print(markdown(t, str(args.checkpoint)))
     return 0
 

@@ -278,3 +278,21 @@ def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
     scripts["report"].plot_trm(pd.DataFrame(rows), path, "seven panels")
     height, width = imread(path).shape[:2]
     assert width <= 3 * 5.5 * 110 + 1 and 0.5 < width / height < 2.5, (width, height)
+
+
+def test_tau_sweep_gradient_cosine_is_exact_at_tau_zero(tmp_path):
+    from laser_triton.train import Trainer
+    from laser_triton.training import TrainConfig
+
+    ls = bench.load_module(PERF, "learned_structural")
+    cfg = TrainConfig.for_preset("tiny", steps=1, batch_size=8, train_puzzles=16, test_puzzles=8,
+                                 eval_batch_size=8,
+                                 model={"L_cycles": 2, "H_cycles": 1, "halt_max_steps": 2,
+                                        "num_layers": 1})
+    tr = Trainer(cfg)
+    tr.train_step()
+    tr.save(str(tmp_path / "last.pt"))
+    exact = ls.grad_cosines(tmp_path / "last.pt", 0.0, probes=1)
+    lossy = ls.grad_cosines(tmp_path / "last.pt", 0.5, probes=1)
+    assert exact["grad_cos"] == pytest.approx(1.0, abs=1e-12)  # tau 0: bit-identical gradients
+    assert lossy["grad_cos"] < 1.0 - 1e-9 and -1.0 < lossy["grad_cos_noise"] < 1.0
