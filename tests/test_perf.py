@@ -264,6 +264,10 @@ def test_learned_structural_ratios_are_against_plain_tiny_of_the_same_weights():
         assert t.loc[(kind, "tiny+lean", "laser_torch"), "peak_vs_plain"] == pytest.approx(0.55)
     assert "| trained | 0.05 | tiny | laser_torch | 0.80x | 1.10x |" in ls.markdown(
         t.reset_index(), "ckpt")
+    sweep = pd.DataFrame([dict(tau=0.05, held_vs_plain=0.8, peak_vs_plain=1.1, grad_cos=0.9995,
+                               grad_cos_min=0.999, grad_cos_noise=0.3)])
+    assert "| 0.05 | 0.80x | 1.10x | 0.99950 | 0.99900 | 0.300 |" in ls.markdown(
+        t.reset_index(), "ckpt", sweep)
 
 
 def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
