@@ -108,7 +108,8 @@ class Laser:
         - In-place rule: a saved tensor modified in place must not feed backward. LASER raises
           autograd's "modified by an inplace operation" error wherever it would serve the
           modified values; a tensor already held compressed is rebuilt from the values as
-          saved.
+          saved, unless its storage was saved again after the change (then it raises, as
+          plain autograd does).
         - `state_dict()` / `load_state_dict()` only between steps.
         - Saved-tensor hooks do not stack (the innermost context takes every save):
           `compress()` raises inside `torch.autograd.graph.save_on_cpu` or any other such

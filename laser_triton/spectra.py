@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import magnitude
 from .config import LaserConfig
 from .tracker import SiteTracker
 
@@ -228,7 +228,7 @@ class LaserTrackerProbe:
             shrink = None if d.shrink_gram is None else (d.shrink_gram, float(d.e_X))
             st = tr.finalize(d, passed, shrink)
             raw = st.is_raw
-            X_hat = X if raw else ops.reconstruct(st.C, st.U, X.dtype)
+            X_hat = X if raw else magnitude.rebuild(st.C, st.U, X.dtype, st.scale)
         rows = row_errors(X, X_hat)
         nx = float(torch.linalg.vector_norm(X.double()))
         err = float(torch.linalg.vector_norm(X.double() - X_hat.double())) / nx if nx > 0 else 0.0
