@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .sites import ModuleLabels, SiteOrdinals
-from .storage import dense_region, ineligible, region_view, saved_key, storage_key
+from .storage import WatchedModels, dense_region, region_view, saved_key, storage_key
 
 __all__ = ["ActivationRecorder", "MatrixCallback"]
 
@@ -40,8 +40,7 @@ class ActivationRecorder:
         self.min_width = min_width
         self.min_rows = min_rows
         self.labels = ModuleLabels()
-        self.model_state: set = set()
-        self.weight_shapes: set = set()
+        self.watched = WatchedModels()
         self.skipped: dict[str, int] = {}  # reason -> storages not reported
         self._active = False
         self._raw_depth = 0
@@ -52,10 +51,7 @@ class ActivationRecorder:
 
     def watch(self, model: torch.nn.Module) -> list:
         """Name sites by module path and exclude the model's weights (as `Laser.watch`)."""
-        for t in list(model.parameters()) + list(model.buffers()):
-            self.model_state.add(storage_key(t))
-            if t.dim() == 2:
-                self.weight_shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
+        self.watched.add(model)
         return self.labels.watch(model)
 
     @contextlib.contextmanager
@@ -63,6 +59,7 @@ class ActivationRecorder:
         if self._active:
             raise RuntimeError("ActivationRecorder.compress() is already active")
         self._active, self._names = True, SiteOrdinals()
+        self.watched.refresh()  # model.to(...) since watch() gave them new storages
         self._calls, self._seen = {}, set()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
@@ -107,7 +104,7 @@ class ActivationRecorder:
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         role = self._names.role
         site = self._names.next_site(self.labels.current())  # every save takes a slot
-        reason = "layout" if t.layout != torch.strided else ineligible(t, self.model_state, self.weight_shapes)
+        reason = "layout" if t.layout != torch.strided else self.watched.ineligible(t)
         if reason is not None:
             self._skip(t, reason)
             return t

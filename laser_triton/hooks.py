@@ -20,7 +20,6 @@ import re
 import sys
 import threading
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -37,8 +36,8 @@ from .storage import (
     Entry,
     Packed,
     RawSaved,
+    WatchedModels,
     dense_region,
-    ineligible,
     region_view,
     saved_key,
     saved_nbytes,
@@ -133,9 +132,7 @@ class Laser:
         self._sync = LocalSync()
         self._widths: dict[str, OrderedDict] = {}  # slot -> its trackers' names, LRU order
         self.dropped_sites = 0  # trackers dropped by the per-slot width bound
-        self._watched: list[weakref.ref] = []  # models given to watch()
-        self._model_state: set = set()  # storages of watched parameters and buffers
-        self._weight_shapes: set = set()  # shapes (and transposes) of watched weights
+        self._watched = WatchedModels()  # parameters and buffers of the models given to watch()
 
     # ------------------------------------------------------------------ contexts
 
@@ -175,7 +172,7 @@ class Laser:
                 for tr in self.trackers.values():  # restored before the first step
                     tr.sync = self._sync
             self._step = Step(thread=threading.get_ident())
-            self._refresh_model_state()
+            self._watched.refresh()  # model.to(...) since watch() gave them new storages
         try:
             if not self.cfg.enabled:
                 yield self
@@ -273,26 +270,8 @@ class Laser:
           compiled Function) become eligible, except those shaped like a watched weight
           (compiled weight casts). Without watch(), such tensors are kept raw ("leaf").
         """
-        self._watched.append(weakref.ref(model))
-        self._refresh_model_state()
+        self._watched.add(model)
         return self._labels.watch(model)
-
-    def _refresh_model_state(self) -> None:
-        """Re-read the watched models' parameters and buffers. model.to(dtype or device) gives
-        them new storages, so the storages seen at watch() time no longer identify them."""
-        state, shapes, live = set(), set(), []
-        for ref in self._watched:
-            model = ref()
-            if model is None:
-                continue
-            live.append(ref)
-            for t in list(model.parameters()) + list(model.buffers()):
-                if t.layout != torch.strided:
-                    continue
-                state.add(storage_key(t))
-                if t.dim() == 2:
-                    shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
-        self._watched, self._model_state, self._weight_shapes = live, state, shapes
 
     def _active_step(self) -> Step | None:
         step = self._step
@@ -341,7 +320,7 @@ class Laser:
         slot = self._next_slot(step)
         if t.layout != torch.strided:  # sparse and other layouts: no dense rows to compress
             return self._count_raw(step, t, "layout")
-        reason = ineligible(t, self._model_state, self._weight_shapes)
+        reason = self._watched.ineligible(t)
         if reason == "parameter":
             return RawSaved(t)  # the model owns it: no extra memory, nothing to count
         if reason is not None:

@@ -17,7 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import launches, magnitude, ops
 from .tracker import Draft, SiteTracker, Stored
 
-__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "ineligible", "storage_key", "saved_key",
+__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "ineligible", "WatchedModels", "storage_key", "saved_key",
            "saved_nbytes", "weight_leaf",
            "decision_error", "view_error", "view_target_scale", "check_version"]
 
@@ -74,6 +74,40 @@ def weight_leaf(t: torch.Tensor, max_depth: int = 12) -> torch.Tensor | None:
             return None
         node = nxt[0]
     return None
+
+
+class WatchedModels:
+    """The models given to `watch()`: the storages of their parameters and buffers, and the
+    (transposable) shapes of their 2-D weights, re-read by `refresh()` because
+    model.to(dtype or device) gives them new storages. Models are held weakly."""
+
+    def __init__(self) -> None:
+        self._models: list[weakref.ref] = []
+        self.state: set = set()  # storage keys of parameters and buffers
+        self.weight_shapes: set = set()  # shapes (and transposes) of 2-D ones
+
+    def add(self, model: torch.nn.Module) -> None:
+        self._models.append(weakref.ref(model))
+        self.refresh()
+
+    def refresh(self) -> None:
+        state, shapes, live = set(), set(), []
+        for ref in self._models:
+            model = ref()
+            if model is None:
+                continue
+            live.append(ref)
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.layout != torch.strided:
+                    continue
+                state.add(storage_key(t))
+                if t.dim() == 2:
+                    shapes.update({tuple(t.shape), tuple(t.shape[::-1])})
+        self._models, self.state, self.weight_shapes = live, state, shapes
+
+    def ineligible(self, t: torch.Tensor) -> str | None:
+        """`ineligible(t, ...)` with these models' facts."""
+        return ineligible(t, self.state, self.weight_shapes)
 
 
 def ineligible(t: torch.Tensor, model_state: set, weight_shapes: set) -> str | None:

@@ -103,3 +103,16 @@ def test_recorder_applies_laser_exclusion_rules():
     assert rec.skipped.get("parameter", 0) >= 1
     assert rec.skipped.get("weight copy", 0) >= 1
     assert seen  # the activations themselves are reported
+
+
+def test_recorder_recognizes_parameters_after_model_to():
+    """Like Laser, the recorder re-reads the watched parameters at compress(): a frozen weight
+    whose storage model.to(dtype) replaced is still a "parameter", not a weight copy."""
+    lin = torch.nn.Linear(160, 160, bias=False).requires_grad_(False)
+    rec = ActivationRecorder(lambda *a: None, min_rows=32)
+    rec.watch(lin)
+    lin.to(torch.bfloat16)
+    x = torch.randn(300, 160, dtype=torch.bfloat16, requires_grad=True)
+    with rec.compress():
+        lin(x).float().sum().backward()  # saves the frozen weight (for x's gradient)
+    assert rec.skipped.get("parameter", 0) == 1 and "weight copy" not in rec.skipped
