@@ -1,5 +1,5 @@
 """No import cycles inside the package: the modules of laser_triton (with laser_triton.kernels,
-installed from kernels/) form a directed acyclic graph, so dependencies point one way
+installed from kernels/, and the benchmarks' perf package) form a directed acyclic graph, so dependencies point one way
 (docs/design.md §10). Every import counts: module level, under TYPE_CHECKING, and deferred
 inside functions (a deferred import hides a cycle from the interpreter, not from a reader)."""
 
@@ -9,7 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"laser_triton": ROOT / "laser_triton", "laser_triton.kernels": ROOT / "kernels"}
+PACKAGES = {"laser_triton": ROOT / "laser_triton", "laser_triton.kernels": ROOT / "kernels",
+            "perf": ROOT / "perf"}
 
 # The config store's fit check compiles kernels for sm_90 (configs -> _hopper, deferred), and
 # _hopper imports the kernel modules, which import configs. Issue 12's per-kernel declarations
@@ -103,3 +104,14 @@ def test_no_import_cycles_in_the_package():
         graph.get(a, set()).discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_sys_path_edits():
+    """Modules find each other as packages (relative imports), never by editing sys.path."""
+    offenders = [f"{path.relative_to(ROOT)}:{node.lineno}"
+                 for path in _modules().values()
+                 for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                 if isinstance(node, ast.Attribute) and node.attr in ("insert", "append")
+                 and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"]
+    assert not offenders, "sys.path edited at " + ", ".join(offenders)
