@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 
-from . import checkpoint, launches, lowrank
+from . import checkpoint, hookstack, launches, lowrank
 from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
@@ -160,13 +160,8 @@ class Laser:
                 raise RuntimeError(
                     "Laser.compress() is already active (nested, or in another thread); "
                     "use one compress() per step and one Laser per thread")
-            outer = _top_hooks()
-            if outer is not None and self.cfg.enabled:
-                raise RuntimeError(
-                    f"Laser.compress() entered inside another saved-tensor hook context "
-                    f"({_hook_name(outer[0])}, e.g. torch.autograd.graph.save_on_cpu): "
-                    "LASER's hooks would silently take every save from it. Saved-tensor "
-                    "hooks do not stack; use one of them for this forward")
+            if self.cfg.enabled:
+                hookstack.refuse_outer()
             if self.cfg.sync_basis and not self._sync.active:
                 self._sync = make_sync(True)
                 for tr in self.trackers.values():  # restored before the first step
@@ -220,21 +215,11 @@ class Laser:
 
     @_eager
     def _check_no_inner_hooks(self, step: Step) -> None:
-        """Raise when another saved-tensor hook context (e.g. save_on_cpu) is active inside
-        compress(): it takes the saves of its block from LASER. Checked at role() entry and
-        exit and at the end of compress(), so a context opened and closed between two of
-        these points (inside one network call) is not seen."""
-        if not self.cfg.enabled:
-            return
-        top = _top_hooks()
-        ours = top is not None and (top[0] == self._pack
-                                    or (step.raw_depth > 0 and top[0] == self._pack_raw))
-        if not ours:
-            raise RuntimeError(
-                f"a saved-tensor hook context ({_hook_name(top[0]) if top else 'none'}, e.g. "
-                "torch.autograd.graph.save_on_cpu) is active inside Laser.compress(): it "
-                "takes the saves of its block from LASER. Saved-tensor hooks do not stack; "
-                "use laser.raw() for a block to keep exact")
+        """Checked at role() entry and exit and at the end of compress(), so a context opened
+        and closed between two of these points (inside one network call) is not seen."""
+        if self.cfg.enabled:
+            hookstack.refuse_inner((self._pack, self._pack_raw) if step.raw_depth else
+                                   (self._pack,))
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
@@ -471,15 +456,6 @@ class Laser:
         return {"raw_bytes": raw, "stored_bytes": stored,
                 "ratio": stored / raw if raw else 1.0, "sites": int((df.width > 0).sum()),
                 "dropped_sites": self.dropped_sites}
-
-
-def _top_hooks() -> tuple | None:
-    """The innermost active saved-tensor hooks (pack, unpack) of this thread, or None."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
-
-
-def _hook_name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 @_eager
