@@ -347,4 +347,4 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         _reduce_kernel[grid](ypart, Y, n_slabs, D * R, spart, spart.shape[0], scalars,
                              NEED_Y=need_y, BLOCK=REDUCE_BLOCK, BLOCK_S=128, num_warps=4)
         Y = Y if need_y else None
-    return CompressOut(C, scalars[0], scalars[1], Y, scalars[2], scalars[3])
+    return CompressOut(C, scalars[0], scalars[1], Y, scalars[2], scalars[3], scalars)

@@ -61,6 +61,7 @@ def load_laser_state(state: dict[str, object], cfg: LaserConfig,
         if site_cfg is None:  # excluded under the new config
             continue
         tr = SiteTracker(st["name"], int(st["width"]), site_cfg, sync)
+        tr.batched = True  # driven by the Laser's batched decision points
         tr.load_state_dict(st)
         trackers[tr.name] = tr
     return RestoredState(trackers, int(state["steps"]), bool(state["warned_nonfinite"]))

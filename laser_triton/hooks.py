@@ -332,7 +332,9 @@ class Laser:
         tracker = self.trackers.get(site)
         if tracker is None:
             tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
+            tracker.batched = True  # bases advance and shrink in the batched decision points
         self._note_width(slot, site)
+        launches.note("saved")  # a tensor at a tracked site (the budget's unit)
         if tracker.take_skip():
             return self._count_raw(step, t, "backoff", site=site)
         with torch.no_grad():

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LaunchCounter", "counted", "booked", "note", "note_wait", "active"]
+__all__ = ["LaunchCounter", "counted", "booked", "note", "note_wait", "add", "active"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -35,11 +35,11 @@ _ACTIVE: LaunchCounter | None = None
 _FREE = {
     "empty", "empty_strided", "empty_like", "set_", "detach", "alias", "lift_fresh",
     "lift_fresh_copy", "_local_scalar_dense", "resize_", "sym_size", "sym_stride", "sym_numel",
-    "sym_storage_offset", "is_nonzero", "result_type", "_to_copy_noop",
+    "sym_storage_offset", "is_nonzero", "result_type", "_unsafe_view",
 }
 # Ops whose output size depends on the data: the host must wait for the device.
 _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-                   "unique_dim", "nonzero_static_noop"}
+                   "unique_dim"}
 BACKWARD = "unpack"
 RESET = "reset"  # the slow path (range finder), booked apart from the per-tensor budget
 
@@ -110,6 +110,13 @@ class LaunchCounter:
     def host_syncs(self) -> int:
         return sum(self.syncs.values())
 
+    def per_saved_forward(self) -> float:
+        """Forward launches per saved tensor at a tracked site (compressed, or kept raw by a
+        site's reset back-off): the unit of the launch budget. Saves kept raw by rule (weights,
+        integers, narrow or short rows, raw()) cost LASER nothing and are not counted."""
+        n = self.events["saved"]
+        return self.forward_launches() / n if n else float("nan")
+
     def per_tensor_forward(self) -> float:
         """Forward launches per drafted (compressed) tensor, resets excluded."""
         n = self.events["drafted"]
@@ -121,12 +128,14 @@ class LaunchCounter:
         return self.ops[(BACKWARD, "reconstruct")] / n if n else float("nan")
 
     def summary(self) -> dict[str, float]:
-        return {"launches_fwd_per_tensor": self.per_tensor_forward(),
+        return {"launches_fwd_per_saved": self.per_saved_forward(),
+                "launches_fwd_per_tensor": self.per_tensor_forward(),
                 "launches_fwd": self.forward_launches(), "launches_bwd": self.backward_launches(),
                 "launches_reset": self.launches[RESET], "resets": self.events["reset"],
                 "launches_per_step": self.total_launches(),
                 "reconstructs_per_region": self.reconstructs_per_region(),
-                "host_syncs_per_step": self.host_syncs(), "tensors": self.events["drafted"]}
+                "host_syncs_per_step": self.host_syncs(), "tensors": self.events["drafted"],
+                "saved": self.events["saved"]}
 
 
 def counted(section: str) -> Callable[[F], F]:
@@ -187,6 +196,13 @@ def note(event: str, key: object = None) -> None:
     c.events[event] += 1
     if event == "rebuild" and key is not None:
         c.regions.add(id(key))
+
+
+def add(n: int) -> None:
+    """Book `n` launches that a GPU run issues where this device issues none (a D2H copy)."""
+    c = _ACTIVE
+    if c is not None and c.depth > 0 and c.booking == 0:
+        c.launches[c.section] += n
 
 
 def note_wait() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .numerics import DEGENERATE_REL, ORTH_TOL, completion_matrix
 from .results import CompressOut
-from .util import mm_fp32
+from .util import mm_fp32, to_device_async
 
 __all__ = [
     "compress_pass",
@@ -57,7 +57,8 @@ def compress_pass(
     row_err_max = rel.max().sqrt()
     c_amax = C32.abs().amax() if C32.numel() else torch.zeros((), device=X.device)
     Y = _mm_fp32(Xf.t(), C32) if need_y else None
-    return CompressOut(C32.to(coeff_dtype), e_X, e_C, Y, row_err_max, c_amax)
+    stats = torch.stack([e_X, e_C, row_err_max, c_amax])  # one buffer, as the kernels return
+    return CompressOut(C32.to(coeff_dtype), stats[0], stats[1], Y, stats[2], stats[3], stats)
 
 
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -93,12 +94,26 @@ def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- orthonormalize
 
 
-def _chol_factor(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor R of A^T A (fp64 Gram, tiny relative shift) and its info code."""
+def _chol_factor(A: torch.Tensor, real: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor R of A^T A (fp64 Gram, tiny relative shift) and its info code.
+
+    `real` (B, R) marks the columns of rank-padded inputs: padded columns are zero, so the
+    Gram is block diagonal; they get a unit diagonal (R = diag(R_real, I), leaving the real
+    columns' factor as without padding) and the shift uses each input's own rank."""
     G = A.transpose(-2, -1) @ A
     r = G.shape[-1]
-    shift = torch.finfo(torch.float64).eps * r * G.diagonal(dim1=-2, dim2=-1).sum(-1)
-    G = G + shift[..., None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
+    trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    if real is None:
+        shift = torch.finfo(torch.float64).eps * r * trace
+        return _cholesky_upper(G + shift[..., None, None] * torch.eye(r, dtype=G.dtype,
+                                                                         device=G.device))
+    shift = torch.finfo(torch.float64).eps * real.sum(-1) * trace
+    diag = torch.where(real, shift[:, None], torch.ones((), dtype=G.dtype, device=G.device))
+    return _cholesky_upper(G + torch.diag_embed(diag))
+
+
+def _cholesky_upper(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     L, info = torch.linalg.cholesky_ex(G)
     return L.transpose(-2, -1), info
 
@@ -127,25 +142,64 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Orthonormalize many bases at once (the sites of one network call).
 
-    Bases of equal shape are processed as one stacked batch. Returns the list of Q (same order)
-    and a bool tensor `ok` of length len(Ys) on the device of the first input.
+    Bases of equal width D are processed as one stacked batch whatever their ranks: ranks that
+    differ are zero-padded to the largest (padded columns are kept out of every factor, so each
+    basis comes out as it would alone), so the torch ops per call depend on the number of
+    distinct widths, not on the mix of ranks. Returns the list of Q (same order; views) and a
+    bool tensor `ok` of length len(Ys) on the device of the first input.
     """
     if len(Ys) == 0:
         return [], torch.zeros(0, dtype=torch.bool)
     groups: dict[tuple, list[int]] = {}
     for i, Y in enumerate(Ys):
-        groups.setdefault((tuple(Y.shape), Y.device), []).append(i)
+        groups.setdefault((Y.shape[0], Y.device), []).append(i)
     Qs: list[torch.Tensor | None] = [None] * len(Ys)
-    oks: list[torch.Tensor | None] = [None] * len(Ys)
+    order: list[int] = []
+    group_ok = []
     for idx in groups.values():
-        Qb, okb = _orthonormalize_stacked(torch.stack([Ys[i] for i in idx]))
+        ranks = [Ys[i].shape[1] for i in idx]
+        if len(set(ranks)) == 1:
+            Qb, okb = _orthonormalize_stacked(torch.stack([Ys[i] for i in idx]))
+        else:
+            Qb, okb = _orthonormalize_padded([Ys[i] for i in idx], ranks)
         for j, i in enumerate(idx):
-            Qs[i], oks[i] = Qb[j], okb[j]
+            Qs[i] = Qb[j, :, : ranks[j]]
+        order += idx
+        group_ok.append(okb)
     device = Ys[0].device
-    return Qs, torch.stack([o.to(device) for o in oks])  # type: ignore[union-attr]
+    ok = torch.cat([o.to(device) for o in group_ok]) if len(group_ok) > 1 else group_ok[0]
+    if order != sorted(order):
+        ok = ok[to_device_async(torch.tensor(order).argsort(), device)]
+    return Qs, ok  # type: ignore[return-value]
 
 
-def _orthonormalize_stacked(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _orthonormalize_padded(Ys: list[torch.Tensor], ranks: list[int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bases of one width D and different ranks as one (B, D, R) batch, R = max rank: the
+    inputs side by side (one cat), spread into padded slots by one index_select."""
+    D, R, device = Ys[0].shape[0], max(ranks), Ys[0].device
+    cols, real, o = [], [], 0
+    for r in ranks:
+        cols += [o + min(c, r - 1) for c in range(R)]
+        real.append([c < r for c in range(R)])
+        o += r
+    cols_t = to_device_async(torch.tensor(cols), device)
+    real_t = to_device_async(torch.tensor(real), device)
+
+    def spread(M: torch.Tensor) -> torch.Tensor:
+        P = M.index_select(1, cols_t).view(D, len(ranks), R).permute(1, 0, 2)
+        return torch.where(real_t[:, None, :], P, torch.zeros((), dtype=P.dtype, device=device))
+
+    # Passed without holding them here: the callee frees A and Z before its factor passes.
+    return _orthonormalize_stacked(
+        spread(torch.cat(list(Ys), dim=1)),
+        spread(torch.cat([completion_matrix(D, r, device) for r in ranks], dim=1)), real_t)
+
+
+def _orthonormalize_stacked(Y: torch.Tensor, Z: torch.Tensor | None = None,
+                            real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 of a (B, D, r) batch; `Z` the completion directions (default: this shape's),
+    `real` the (B, r) mask of rank-padded inputs (padded columns are zero in Y and Z)."""
     B, D, r = Y.shape
     A = Y.double()
     finite_col = torch.isfinite(A).all(dim=1)  # (B, r)
@@ -154,22 +208,25 @@ def _orthonormalize_stacked(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     tiny = torch.finfo(torch.float32).tiny
     live = finite_col & (norms > tiny)
     A = A / torch.where(live, norms, torch.ones_like(norms))[:, None, :]
-    Z = completion_matrix(D, r, Y.device).expand(B, D, r)
-    A = torch.where(live[:, None, :], A, Z)
+    Z = completion_matrix(D, r, Y.device).expand(B, D, r) if Z is None else Z
+    A = torch.where(live[:, None, :], A, Z)  # padded columns: Z is zero there too
 
     # Pass 0: detect numerically dependent columns from the Cholesky diagonal.
-    R0, _ = _chol_factor(A)
+    R0, _ = _chol_factor(A, real)
     new_dir = R0.diagonal(dim1=-2, dim2=-1).abs()  # relative, since columns have unit norm
     degenerate = ~(new_dir > DEGENERATE_REL)  # NaN-safe
     A = torch.where(degenerate[:, None, :], Z, A)
+    del Z, R0  # before the factor passes: a padded batch's Z is as large as A
 
     # CholeskyQR2 on the repaired matrix.
-    R1, info1 = _chol_factor(A)
+    R1, info1 = _chol_factor(A, real)
     Q1 = _apply_rinv(A, R1)
-    R2, info2 = _chol_factor(Q1)
+    R2, info2 = _chol_factor(Q1, real)
     Q = _apply_rinv(Q1, R2)
 
     eye = torch.eye(r, dtype=torch.float64, device=Y.device)
+    if real is not None:
+        eye = torch.diag_embed(real.double())  # padded columns stay zero
     orth_err = (Q.transpose(-2, -1) @ Q - eye).abs().amax(dim=(-2, -1))
     ok = (info1 == 0) & (info2 == 0) & (orth_err <= ORTH_TOL) & torch.isfinite(Q).all(dim=(-2, -1))
     return Q.float(), ok

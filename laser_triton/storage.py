@@ -16,8 +16,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import launches, magnitude, ops
 from .tracker import Draft, SiteTracker, Stored
+from .util import reduced_fp32_matmul
 
-__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "ineligible", "WatchedModels", "storage_key", "saved_key",
+__all__ = ["Region", "Entry", "Packed", "RawSaved", "dense_region", "ineligible", "WatchedModels",
+           "column_block", "storage_key", "saved_key",
            "saved_nbytes", "weight_leaf",
            "decision_error", "view_error", "view_target_scale", "check_version"]
 
@@ -201,6 +203,27 @@ def dense_region(t: torch.Tensor) -> Region | None:
     return region if region.covers(t) else None
 
 
+def column_block(size: tuple[int, ...], stride: tuple[int, ...], offset: int,
+                 region: Region) -> tuple[int, int] | None:
+    """(first column, width) when the view (size, stride, offset from the region's start) is
+    a column block of `region`: every row, one contiguous range of columns, as each half of
+    `gate, up = gate_up.chunk(2, -1)`. None for any other view."""
+    if not size or 0 in size:
+        return None
+    w = size[-1]
+    if w >= region.width or (w > 1 and stride[-1] != 1):
+        return None
+    expected, rows = region.width, 1
+    for st, s in sorted((st, s) for s, st in zip(size[:-1], stride[:-1]) if s > 1):
+        if st != expected:
+            return None
+        expected *= s
+        rows *= s
+    if rows != region.rows or not (0 <= offset and offset + w <= region.width):
+        return None
+    return offset, w
+
+
 def region_view(t: torch.Tensor, region: Region, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A (rows, width) tensor over `region` of t's storage, without autograd history, read as
     `dtype` (default t's; the region's offsets count elements of that dtype)."""
@@ -214,7 +237,7 @@ class Entry:
 
     __slots__ = ("region", "dtype", "version", "site", "tracker", "draft", "stored", "pinned",
                  "views", "checked_views", "_cache", "live", "pin_src", "modified", "overwritten",
-                 "__weakref__")
+                 "packs", "unpacks", "_hold", "__weakref__")
 
     def __init__(self, region: Region, dtype: torch.dtype, t: torch.Tensor, site: str,
                  tracker: SiteTracker | None, draft: Draft | None):
@@ -237,6 +260,11 @@ class Entry:
         self.views: list[Packed] = []  # undecided partial views that must meet tau on their own
         self.checked_views = 0  # how many of them the batched decision measured
         self._cache: weakref.ref | None = None
+        # Backward rebuilds a region once: the rebuild is held until every packed view of it
+        # has been unpacked (autograd unpacks each once), then only weakly.
+        self.packs = 0
+        self.unpacks = 0
+        self._hold: torch.Tensor | None = None
 
     def pin(self, t: torch.Tensor) -> None:
         """Another, raw reference keeps this storage alive: serve exact values from it."""
@@ -266,7 +294,15 @@ class Entry:
             launches.note("rebuild", self)
             X_hat = magnitude.rebuild(self.stored.C, self.stored.U, self.dtype, self.stored.scale)
             self._cache = weakref.ref(X_hat)
+            if self.unpacks + 1 < self.packs:
+                self._hold = X_hat
         return X_hat
+
+    def served(self) -> None:
+        """One packed view was unpacked; drop the strong hold once all have been."""
+        self.unpacks += 1
+        if self.unpacks >= self.packs:
+            self._hold = None
 
     def raw_bytes(self) -> int:
         return self.region.numel * _itemsize(self.dtype)
@@ -285,12 +321,14 @@ class Packed:
 
     def __init__(self, entry: Entry, t: torch.Tensor):
         self.entry = entry
+        entry.packs += 1
         self.size = tuple(t.shape)
         self.stride = tuple(t.stride())
         self.offset = t.storage_offset() - entry.region.start
 
     def unpack(self) -> torch.Tensor:
         m = self.entry.matrix()
+        self.entry.served()
         return m.as_strided(self.size, self.stride, m.storage_offset() + self.offset)
 
 
@@ -333,3 +371,73 @@ def view_target_scale(entry: Entry) -> float:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def column_view_parts(entry: Entry) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the host needs to bound each partial view's error without rebuilding the region,
+    when every view is a column block (as the gate and up halves of a fused gate_up):
+    per view, ||X_S|| and c_S = sum over its columns j of <U_j, (U M - 2 Y)_j>, M = U^T Y.
+
+    With Y = X^T X U from the same compress pass, ||X_S - X U U_S^T||^2 = ||X_S||^2 + c_S
+    exactly, so the projection error of view S comes from D x r quantities and one norm of X
+    per view: no rebuild, no (N, D) temporaries. c_S cancels ||X_S||^2 down to the error, so
+    the norm accumulates in fp64 (an fp32 sum over millions of elements was 0.6% off on CPU)
+    and the products in fp32 (fp64 where TF32 may apply): measured within 5e-8 ||X_S||^2 up to
+    N = 75000; `view_errors` adds 1e-6 ||X_S||^2 for that. Below exact_below every error is
+    measured instead (a rebuild).
+    Returns (norms, c) (k each); `view_errors` finishes on the host.
+    None when some view is not a column block (then `view_error` rebuilds).
+    """
+    d = entry.draft
+    blocks = [column_block(p.size, p.stride, p.offset, entry.region) for p in entry.views]
+    if d.C is None or d.Y is None or any(b is None for b in blocks):
+        return None
+    X, U, Y = d.X, d.U, d.Y
+    if reduced_fp32_matmul(U.device):  # TF32 would swamp the residual: products in fp64
+        U, Y = U.double(), Y.double()
+    M = d.shrink_gram if d.shrink_gram is not None and U.dtype == torch.float32 else U.t() @ Y
+    Z = torch.addmm(Y, U, M, beta=-2.0)  # U M - 2 Y
+    blocks.sort()
+    k, w = len(blocks), blocks[0][1]
+    if blocks == [(i * w, w) for i in range(k)] and k * w == entry.region.width:
+        # The views partition the columns in equal blocks: one reduction each.
+        norms = torch.linalg.vector_norm(X.unflatten(1, (k, w)), dim=(0, 2), dtype=torch.float64)
+        # U's rows are X's columns: block i is a contiguous run of U and Z; c = k dot products.
+        c = torch.bmm(U.reshape(k, 1, -1), Z.reshape(k, -1, 1)).view(k)
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(X[:, a:a + n], dtype=torch.float64)
+                             for a, n in blocks])
+        c = torch.stack([(U[a:a + n] * Z[a:a + n]).sum() for a, n in blocks])
+    return norms, c
+
+
+_VIEW_NOISE = 1e-6  # relative rounding of ||X_S||^2 + c_S (measured <= 5e-8, see above)
+
+
+def view_errors(parts: list[float], e_C: float, consts: tuple[float, ...],
+                scale: float | None) -> float:
+    """Largest relative error of the column views from `column_view_parts` (host values).
+
+    In the pass's (scaled) units, with R_S the projection residual (||R_S||^2 = ||X_S||^2 +
+    c_S) and round(C) - C at most rho_c ||C|| plus the subnormal term sqrt(N r) h_c:
+    ||v - cast(rebuild)|| <= (||R_S|| + rho_c ||C|| + sqrt(N r) h_c)(1 + rho_x) + rho_x ||v||
+    + sqrt(N D) h_x s (||U_S|| <= 1). An all-zero view gives 0 only when nothing is rebuilt
+    into it; NaN gives inf.
+    """
+    rho_c, rho_x, coeff2, out_sub = consts[:4]
+    s = 1.0 if scale is None else scale
+    k = len(parts) // 2
+    worst = 0.0
+    for norm, c in zip(parts[:k], parts[k:]):
+        norm *= s  # ||X_S|| was read unscaled; c_S comes from the scaled pass
+        e_v = norm * norm
+        res = e_v + c + _VIEW_NOISE * e_v  # the products' rounding, bounded from above
+        proj = math.sqrt(max(res, 0.0)) if res == res else math.inf
+        num = (proj + rho_c * math.sqrt(max(e_C, 0.0)) + math.sqrt(coeff2)) * (1.0 + rho_x)
+        if not e_v > 0:
+            err = 0.0 if num == 0.0 else math.inf
+        else:
+            err = (num + out_sub) / norm + rho_x
+        if not err <= worst:  # NaN-safe: NaN becomes inf
+            worst = err if err == err else math.inf
+    return worst

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,21 +27,46 @@ from .distributed import LocalSync
 from .results import CompressOut
 from .util import mm_fp32, to_device_async
 
-__all__ = ["SiteTracker", "Draft", "Stored", "relative_error"]
+__all__ = ["SiteTracker", "Draft", "Stored", "relative_error", "host_error", "batch_error",
+           "error_consts", "plan_shrinks"]
 
 
 @dataclass
 class Draft:
-    """A compressed candidate for X, awaiting the batched fidelity decision."""
+    """A compressed candidate for X, awaiting the batched fidelity decision.
+
+    The error is not computed per tensor: `stats` holds the compress pass's four scalars in one
+    device buffer, and the Laser decides a whole batch from them on the host (`host_error`),
+    one transfer per network call. `err` computes this draft's device estimate on demand.
+    """
 
     X: torch.Tensor  # (N, D), kept alive until decided
     C: torch.Tensor | None  # None when the site had no basis yet
     U: torch.Tensor | None
-    err: torch.Tensor  # fp32 device scalar (inf when undecidable without a reset)
-    row_err: torch.Tensor
-    e_X: torch.Tensor
+    stats: torch.Tensor  # (4,) fp32: e_X, e_C (the measured error if `measured`), row err, max|C|
+    consts: tuple[float, ...]  # of `error_consts`: what turns `stats` into the error
+    measured: bool = False
     shrink_gram: torch.Tensor | None = None  # U^T Y (r x r) when a shrink check is due
     scale: float | None = None  # C = round(scale * X U) (see magnitude.py); None: unscaled
+    Y: torch.Tensor | None = None  # the pass's power product X^T X U (partial-view checks)
+    _err: torch.Tensor | None = None
+
+    @property
+    def e_X(self) -> torch.Tensor:
+        return self.stats[0]
+
+    @property
+    def row_err(self) -> torch.Tensor:
+        return self.stats[2]
+
+    @property
+    def err(self) -> torch.Tensor:
+        """fp32 device estimate of the relative error (inf when undecidable without a reset)."""
+        if self._err is None:
+            consts = torch.tensor([self.consts], dtype=torch.float64, device=self.stats.device)
+            measured = torch.tensor([self.measured], device=self.stats.device)
+            self._err = batch_error(self.stats[None].double(), consts, measured)[0].float()
+        return self._err
 
 
 @dataclass
@@ -103,6 +129,57 @@ def _output_rounding(dtype: torch.dtype) -> float:
     return rounding_error(dtype) if dtype in (torch.bfloat16, torch.float16) else 0.0
 
 
+def error_consts(cfg: LaserConfig, N: int, D: int, r: int, out_dtype: torch.dtype,
+                 scale: float | None) -> tuple[float, ...]:
+    """The constants that turn a pass's (e_X, e_C, max|C|) into `relative_error`:
+    (rho_c, rho_x, N r h_c^2, sqrt(N D) h_x s, lowest and highest trusted ||X||^2, largest
+    trusted max|C|), h the half subnormal spacings (magnitude.subnormal_terms, in_range)."""
+    s = 1.0 if scale is None else scale
+    cmax = torch.finfo(cfg.coeff_dtype).max
+    if scale is None and out_dtype != torch.float32:  # the rebuild must not round to inf
+        cmax = min(cmax, torch.finfo(out_dtype).max
+                   / (math.sqrt(r) * (1 + 2 * torch.finfo(cfg.coeff_dtype).eps)))
+    return (rounding_error(cfg.coeff_dtype), _output_rounding(out_dtype),
+            N * r * magnitude.half_subnormal(cfg.coeff_dtype) ** 2,
+            math.sqrt(N * D) * magnitude.half_subnormal(out_dtype) * s,
+            N * D * magnitude.E_LO, magnitude.E_HI, float(cmax))
+
+
+NO_BASIS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # consts of a draft that only a reset decides
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def host_error(stats: Sequence[float], consts: Sequence[float], measured: bool) -> float:
+    """`relative_error` on the host from a pass's scalars (fp64 arithmetic on the same fp32
+    inputs), for the batched decisions: the same terms and the same trusted range (outside
+    it, or without a basis: inf)."""
+    e_X, e_C, _, c_amax = stats
+    rho_c, rho_x, coeff2, out_sub, e_lo, e_hi, cmax = consts
+    if not (e_lo <= e_X <= e_hi and c_amax <= cmax):  # NaN-safe
+        return math.inf
+    if measured:
+        return e_C if e_C == e_C else math.inf
+    safe = max(e_X, _TINY)
+    frac = e_C / e_X
+    err = (math.sqrt(max(1.0 - frac, 0.0) + rho_c * rho_c * frac + coeff2 / safe)
+           + rho_x * math.sqrt(max(frac, 0.0)) + out_sub / math.sqrt(safe))
+    return err if err == err else math.inf
+
+
+def batch_error(stats: torch.Tensor, consts: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """`host_error` of B drafts on the device from their (B, 4) stats and (B, 7) consts, in a
+    handful of element-wise ops per batch (for decisions that must stay on the device)."""
+    e_X, e_C, c_amax = stats[:, 0], stats[:, 1], stats[:, 3]
+    rho_c, rho_x, coeff2, out_sub, e_lo, e_hi, cmax = consts.unbind(1)
+    safe = e_X.clamp_min(_TINY)
+    frac = e_C / e_X
+    err = torch.addcmul((1.0 - frac).clamp_min(0.0) + coeff2 / safe, rho_c * rho_c, frac).sqrt()
+    err = err + rho_x * frac.clamp_min(0.0).sqrt() + out_sub / safe.sqrt()
+    err = torch.where(measured, e_C, err)
+    ok = (e_X >= e_lo) & (e_X <= e_hi) & (c_amax <= cmax) & ~torch.isnan(err)
+    return torch.where(ok, err, torch.full_like(err, math.inf))
+
+
 class SiteTracker:
     """Basis state and statistics of one site. Not thread-safe (one per site per Laser)."""
 
@@ -129,8 +206,11 @@ class SiteTracker:
         self.backoff = 0
         self._skip = 0
         self.skipped = 0
-        self.max_err: torch.Tensor | None = None
-        self.max_row_err: torch.Tensor | None = None
+        # Site maxima of the estimated errors, on the host (decisions arrive there anyway).
+        self.max_err: float | None = None
+        self.max_row_err: float | None = None
+        # Set by Laser: bases advance and shrink in its batched decision points, not per draft.
+        self.batched = False
 
     @property
     def rank(self) -> int:
@@ -167,7 +247,7 @@ class SiteTracker:
         self.pending_shrink = shrink if U is not None else None
         self.pending_Y = None
         self.gen.set_state(state["gen"])
-        self.max_err, self.max_row_err = state["max_err"], state["max_row_err"]
+        self.max_err, self.max_row_err = _host(state["max_err"]), _host(state["max_row_err"])
         for k in self._COUNTERS:
             setattr(self, k, int(state[k]))
         scale = state.get("scale")  # absent in states saved before scales existed
@@ -175,7 +255,7 @@ class SiteTracker:
 
     def _to_device(self, device: torch.device) -> None:
         """Move restored state to the activations' device (a no-op once there)."""
-        for k in ("U", "pending_shrink", "max_err", "max_row_err"):
+        for k in ("U", "pending_shrink"):
             v = getattr(self, k)
             if v is not None and v.device != device:
                 setattr(self, k, v.to(device))
@@ -201,13 +281,13 @@ class SiteTracker:
     def draft(self, X: torch.Tensor) -> Draft:
         """Compress X with the tracked basis and advance the basis; no host synchronization."""
         self._to_device(X.device)
-        self.apply_pending()
+        self.apply_pending(shrink=not self.batched)
         self.tensors += 1
         U = self.U
         if U is None:  # first tensor at this site: only a reset can build a basis
             e_X = torch.linalg.vector_norm(X, dtype=torch.float32).square()
-            inf = torch.full((), math.inf, device=X.device)
-            return Draft(X, None, None, inf, inf, e_X)
+            stats = torch.cat([e_X.reshape(1), torch.full((3,), math.inf, device=X.device)])
+            return Draft(X, None, None, stats, NO_BASIS)
         cfg = self.cfg
         X_raw, scale = X, self.scale
         X = magnitude.scaled(X, scale)  # the site's scale from its last reset (no host read)
@@ -223,24 +303,32 @@ class SiteTracker:
             for _ in range(cfg.power_iters - 1):  # extra power steps for the next basis only
                 Q, ok = ops.orthonormalize(Y)
                 Y = self._compress(X, torch.where(ok, Q, U), True).Y
-            out = CompressOut(out.C, out.e_X, out.e_C, Y, out.row_err_max, out.c_amax)
-        err = self._err(out, U, X, X_raw.dtype, scale)
-        d = Draft(X_raw, out.C, U, err, out.row_err_max, out.e_X, scale=scale)
+            out = CompressOut(out.C, out.e_X, out.e_C, Y, out.row_err_max, out.c_amax, out.stats)
+        N, D = X.shape
+        consts = error_consts(cfg, N, D, U.shape[1], X_raw.dtype, scale)
+        if cfg.tau < cfg.exact_below:  # measured per tensor (a rebuild): below fp32's resolution
+            err = self._err(out, U, X, X_raw.dtype, scale)
+            d = Draft(X_raw, out.C, U, torch.stack([out.e_X, err, out.row_err_max, out.c_amax]),
+                      consts, measured=True, scale=scale, _err=err)
+        else:
+            d = Draft(X_raw, out.C, U, out.stats, consts, scale=scale)
         self.since_shrink_check += 1
         if self.since_shrink_check >= cfg.shrink_every and U.shape[1] > cfg.min_rank:
             self.since_shrink_check = 0
             d.shrink_gram = mm_fp32(U.t(), out.Y)  # Ritz matrix U^T X^T X U, read with the decision
-        self.pending_Y = out.Y
+        self.pending_Y = d.Y = out.Y
         return d
 
-    def apply_pending(self, Q: torch.Tensor | None = None, ok: torch.Tensor | None = None) -> None:
-        """Install the next basis from pending_Y (orthonormalized here or given, batched)."""
+    def apply_pending(self, Q: torch.Tensor | None = None, ok: torch.Tensor | None = None,
+                      shrink: bool = True) -> None:
+        """Install the next basis from pending_Y (orthonormalized here or given, batched), then
+        a planned shrink (unless `shrink` is False: the Laser applies it in its batch)."""
         if self.pending_Y is not None:
             if Q is None:
                 Q, ok = ops.orthonormalize(self.sync.sum(self.pending_Y))
             self.U = torch.where(ok, Q, self.U)  # fresh tensor; keeps U_prev where not ok
             self.pending_Y = None
-        if self.pending_shrink is not None and self.U is not None:
+        if shrink and self.pending_shrink is not None and self.U is not None:
             W = self.pending_shrink
             if W.shape[0] == self.U.shape[1]:
                 Q, ok = ops.orthonormalize(mm_fp32(self.U, W))
@@ -252,13 +340,21 @@ class SiteTracker:
 
     def finalize(self, d: Draft, passed: bool,
                  shrink: tuple[torch.Tensor, float] | None = None,
-                 target_scale: float = 1.0) -> Stored:
-        """Turn a decided draft into what is stored. `passed` came from `err <= tau` on the host;
-        `shrink` is the host copy of (U^T Y, e_X) when a shrink check was due."""
+                 target_scale: float = 1.0, *, err: float | None = None,
+                 row_err: float | None = None, rotation: torch.Tensor | None = None) -> Stored:
+        """Turn a decided draft into what is stored. `passed` came from `err <= tau` on the host.
+
+        The Laser's batches pass the host values `err`, `row_err` and, when a shrink check
+        chose fewer columns, the device `rotation` W[:, :r''] (planned for the whole batch by
+        `plan_shrinks`). Standalone callers may pass `shrink`, the host copy of (U^T Y, e_X),
+        instead; without `err`, the draft's device estimate is read (a synchronization)."""
         if passed:
-            if shrink is not None:
+            if rotation is not None:
+                self.pending_shrink = rotation
+            elif shrink is not None:
                 self._plan_shrink(*shrink, device=d.X.device, dtype=d.X.dtype)
-            st = Stored(C=d.C, U=d.U, err=d.err, row_err=d.row_err, scale=d.scale)
+            st = Stored(C=d.C, U=d.U, err=d.err if err is None else err,
+                        row_err=d.row_err if row_err is None else row_err, scale=d.scale)
         else:
             st = self.reset(d.X, d.e_X, target_scale)
         self._note(st)
@@ -266,12 +362,12 @@ class SiteTracker:
         return st
 
     def _note(self, st: Stored) -> None:
+        """Fold a stored tensor's errors into the site maxima (host floats; NaN counts)."""
         if st.err is None:
             return
-        self.max_err = st.err if self.max_err is None else torch.maximum(self.max_err, st.err)
+        self.max_err = _host_max(self.max_err, _host(st.err))
         if st.row_err is not None:
-            self.max_row_err = (st.row_err if self.max_row_err is None
-                                else torch.maximum(self.max_row_err, st.row_err))
+            self.max_row_err = _host_max(self.max_row_err, _host(st.row_err))
 
     def _plan_shrink(self, gram: torch.Tensor, e_X: float, device: torch.device,
                      dtype: torch.dtype) -> None:
@@ -393,5 +489,59 @@ class SiteTracker:
     def _raw(self, X: torch.Tensor, count: bool) -> Stored:
         if count:
             self.raw_fallbacks += 1
-        zero = torch.zeros((), device=X.device)
-        return Stored(raw=X, err=zero, row_err=zero)
+        return Stored(raw=X, err=0.0, row_err=0.0)
+
+
+def _host(v: float | torch.Tensor | None) -> float | None:
+    return None if v is None else float(v)
+
+
+def _host_max(a: float | None, b: float) -> float:
+    if a is None or b != b:
+        return b
+    return a if a >= b else b
+
+
+def plan_shrinks(checks: list[tuple[SiteTracker, Draft]], sync: LocalSync
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+    """Shrink checks of one batch on the device: per check, the Ritz rotation W (r x r fp32,
+    columns by descending Ritz value) and the rank r'' whose Ritz energy meets
+    shrink_target * tau (r when none does, or when the check cannot decide).
+
+    One batched eigensolve per distinct rank, no host round trip; `r''` (an int64 vector, check
+    i at position slot[i]) rides to the host with the batch's decisions. Same rule as `reference.select_rank` on the host:
+    the smallest j with sum(theta[:j]) >= (1 - target^2) e_X, at least min_rank.
+    """
+    grams = sync.sum_many([d.shrink_gram for _, d in checks])
+    e_Xs = sync.sum_many([d.e_X for _, d in checks])
+    device = grams[0].device
+    groups: dict[int, list[int]] = {}
+    for i, G in enumerate(grams):
+        groups.setdefault(G.shape[0], []).append(i)
+    Ws: list[torch.Tensor | None] = [None] * len(checks)
+    ranks: list[torch.Tensor] = []
+    order: list[int] = []
+    for r, idx in groups.items():
+        host = []
+        for i in idx:
+            tr, d = checks[i]
+            t = tr._projection_target(tr.cfg.shrink_target, d.X.dtype)
+            host.append([1.0 - t * t if t > 0 else math.inf, float(tr.cfg.min_rank)])
+        host_t = to_device_async(torch.tensor(host, dtype=torch.float64), device)
+        G = torch.stack([grams[i] for i in idx]).double()
+        e_X = torch.stack([e_Xs[i] for i in idx]).double()
+        finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(e_X) & (e_X > 0)
+        G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+        theta, W = torch.linalg.eigh(0.5 * (G + G.transpose(1, 2)))
+        theta, W = theta.flip(1).clamp_min(0.0), W.flip(2).float()
+        hits = theta.cumsum(1) >= (host_t[:, 0] * e_X)[:, None]  # monotone: a suffix
+        r_sel = torch.maximum((r + 1) - hits.sum(1), host_t[:, 1].long())
+        ranks.append(torch.where(finite & hits[:, -1], torch.clamp_max(r_sel, r), r))
+        order += idx
+        for j, i in enumerate(idx):
+            Ws[i] = W[j]
+    r_new = torch.cat(ranks) if len(ranks) > 1 else ranks[0]
+    slot = [0] * len(checks)
+    for k, i in enumerate(order):
+        slot[i] = k
+    return Ws, r_new, slot  # type: ignore[return-value]

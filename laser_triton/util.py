@@ -19,6 +19,8 @@ from typing import TypeVar
 
 import torch
 
+from . import launches
+
 __all__ = ["HostFuture", "to_device_async", "device_guard", "record_event", "own_math",
            "no_autocast", "reduced_fp32_matmul", "mm_fp32"]
 
@@ -102,7 +104,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class HostFuture:
     """Device scalars and small matrices on their way to the host, without blocking.
 
-    On CUDA the values are packed into one fp64 buffer, copied into pinned memory with
+    On CUDA the values are packed into one buffer (one cat, fp32 or fp64 as the inputs
+    promote; integers and flags exactly representable), copied into pinned memory with
     non_blocking=True and followed by an event: `ready()` polls the event, `get()` waits on it
     (cudaEventSynchronize, not a stream or device sync). On CPU everything is ready at once.
     `get()` returns the values as host tensors in the order given.
@@ -114,7 +117,12 @@ class HostFuture:
         if not tensors:
             self._host = torch.zeros(0, dtype=torch.float64)
             return
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        parts = [t.detach().reshape(-1) for t in tensors]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # one launch; promotes dtypes
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.double()
+        if not flat.is_cuda:
+            launches.add(1)  # the device-to-host copy a GPU run issues here
         if flat.is_cuda:
             self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             with device_guard(flat.device):

@@ -32,7 +32,9 @@ Measured, per (preset, scope, variant):
 - LASER's launch budget, from one more step under `laser_triton.launches.LaunchCounter`
   (every ops.* call booked as the Triton launches of its launcher, every other aten op in
   LASER's hooks and decisions as one launch; the same count on CPU and GPU):
-  `launches_fwd_per_tensor` (forward launches per compressed tensor, decisions included),
+  `launches_fwd_per_saved` (forward launches, decisions included, per tensor saved at a
+  tracked site, compressed or kept raw by the site's reset back-off; resets, the slow path,
+  are left out), `launches_fwd_per_tensor` (the same per tensor LASER compressed),
   `launches_per_step`, `reconstructs_per_region` (backward) and `host_syncs_per_step`
   (reads of device values, data-dependent shapes, forced waits on decision events);
   `laser_tensors` = tensors compressed in that step.
@@ -80,7 +82,8 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "mem_ratio_vs_plain", "act_ratio_vs_plain", "time_ratio_vs_plain",
            "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
-           "laser_tensors", "launches_fwd_per_tensor", "launches_per_step",
+           "laser_tensors", "launches_fwd_per_saved", "launches_fwd_per_tensor",
+           "launches_per_step",
            "reconstructs_per_region", "host_syncs_per_step",
            "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "forward_dtype",
            "status",
@@ -129,7 +132,8 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
         row.update(saved_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB,
                    laser_stored_mib=s["stored_bytes"] / MiB, laser_resets=int(rep.resets.sum()),
                    laser_tensors=launch_row["tensors"],
-                   **{k: launch_row[k] for k in ("launches_fwd_per_tensor", "launches_per_step",
+                   **{k: launch_row[k] for k in ("launches_fwd_per_saved",
+                                                 "launches_fwd_per_tensor", "launches_per_step",
                                                  "reconstructs_per_region",
                                                  "host_syncs_per_step")})
         sites = [dict(site=r.site, width=r.width, rank=r.rank, tensors=r.tensors,

@@ -36,9 +36,9 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     finalized = []
     orig_finalize = SiteTracker.finalize
 
-    def finalize(self, d, passed, shrink=None, target_scale=1.0):
+    def finalize(self, d, passed, *args, **kwargs):
         finalized.append((self.name, self.tensors, bool(passed)))
-        return orig_finalize(self, d, passed, shrink, target_scale)
+        return orig_finalize(self, d, passed, *args, **kwargs)
 
     SiteTracker.finalize = finalize
     torch.manual_seed(0)

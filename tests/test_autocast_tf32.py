@@ -15,7 +15,7 @@ from helpers import rel_err
 from models import low_rank_tokens
 
 import laser_triton as lt
-from laser_triton import reference, util
+from laser_triton import decisions, reference, util
 from laser_triton.tracker import SiteTracker
 
 TAU = 0.05
@@ -34,6 +34,14 @@ def _run(autocast: bool, monkeypatch, dtype=torch.float32):
         return e
 
     monkeypatch.setattr(SiteTracker, "_err", err)
+    orig_host = decisions.host_error
+
+    def host_error(*args):  # the batched decisions compute the drafts' errors on the host
+        e = orig_host(*args)
+        estimates.append(e)
+        return e
+
+    monkeypatch.setattr(decisions, "host_error", host_error)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     unpack_errs = []
     for step in range(4):
@@ -49,6 +57,7 @@ def _run(autocast: bool, monkeypatch, dtype=torch.float32):
         assert x_hat.dtype == dtype
         unpack_errs.append(rel_err(x_hat.detach(), x.detach()))
     monkeypatch.setattr(SiteTracker, "_err", orig_err)
+    monkeypatch.setattr(decisions, "host_error", orig_host)
     return estimates, unpack_errs, laser
 
 

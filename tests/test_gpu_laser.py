@@ -101,8 +101,8 @@ def _laser_state_and_caches(laser) -> list[torch.Tensor]:
     from laser_triton import numerics
 
     trs = list(laser.trackers.values())
-    out = [t for tr in trs for t in (tr.U, tr.max_err, tr.max_row_err, tr.pending_shrink)
-           if t is not None]
+    out = [t for tr in trs for t in (tr.U, tr.pending_shrink)
+           if t is not None]  # (the error maxima are host floats, not tensors)
     out += list(numerics._COMPLETION_CACHE.values())
     orth = sys.modules.get("laser_triton.kernels.orthonormalize")
     if orth is not None:

@@ -139,7 +139,9 @@ def test_other_consumers_of_the_storage_still_get_the_rebuild(monkeypatch):
         rebuilds.append(len(served.rebuilds) - n)
         grads.append((x.grad, wp.grad))
     assert served.layouts == ["rows"]
-    assert rebuilds[1] >= 1 and rebuilds[0] == rebuilds[1] - 1
+    # The mul still gets the rebuilt tensor; a region is rebuilt once for all its unpacks
+    # (issue 13), so the linear's unpack shares that rebuild when it is not low-rank.
+    assert rebuilds == [1, 1]
     for a, b in zip(*grads):
         assert float((a - b).norm() / b.norm()) < 1e-2
 

@@ -95,7 +95,9 @@ def test_trm_weight_gradients_from_coefficients(monkeypatch, lean, mlp_t):
     with monkeypatch.context() as m:
         ref, rec_off = _grads(cfg, False, m)
     assert rec_off.calls == []
-    assert n_on + len(rec.calls) <= rec_off.rebuilds  # no served input was rebuilt
+    # Serving (C, U) never adds a rebuild. (A region is rebuilt once for all its unpacks,
+    # issue 13, so a served input that other ops also unpack still costs that one rebuild.)
+    assert n_on <= rec_off.rebuilds
     for n in ref:  # the same LASER trajectory: gradients agree with the rebuild path
         err = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
         assert err < TAU, (n, err)

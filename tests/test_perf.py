@@ -82,7 +82,7 @@ def test_bench_trm_tiny_byte_accounting(scripts, tmp_path):
     assert 0.9 <= act["plain"] / ran.loc["plain", "saved_mib"] <= 1.15
     assert ran.loc["laser_torch", "saved_mib"] == ran.loc["laser_torch", "laser_stored_mib"]
     # The launch budget columns (issue 13): counted for LASER, absent for the others.
-    budget = ["launches_fwd_per_tensor", "launches_per_step", "reconstructs_per_region",
+    budget = ["launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_per_step", "reconstructs_per_region",
               "host_syncs_per_step", "laser_tensors"]
     assert ran.loc["laser_torch", budget].notna().all() and ran.loc["laser_torch",
                                                                     "laser_tensors"] > 0
