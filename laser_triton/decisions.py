@@ -16,6 +16,7 @@ import torch
 
 from . import launches, ops
 from .distributed import LocalSync
+from .estimates import host_error, plan_shrinks
 from .sites import SiteOrdinals
 from .storage import (
     column_view_parts,
@@ -24,7 +25,6 @@ from .storage import (
     view_errors,
     view_target_scale,
 )
-from .tracker import host_error, plan_shrinks
 from .util import HostFuture, mm_fp32
 
 __all__ = ["Step", "close_batch", "poll"]
