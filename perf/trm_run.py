@@ -23,9 +23,10 @@ DEFAULT_BATCH = {"paper_sudoku": 768, "paper_sudoku_att": 768, "paper_maze": "au
                  "tiny": 8, "tiny_att": 8}
 DEFAULT_BATCH.update({f"{k}+lean": v for k, v in list(DEFAULT_BATCH.items())})
 # Headline first: a time budget drops the least important runs.
-GPU_VARIANTS = ("plain", "plain+compile", "laser_triton+compile", "laser_triton", "ckpt", "sac",
-                "laser_torch", "ckpt+compile", "sac+compile", "laser_torch+compile")
-CPU_VARIANTS = ("plain", "ckpt", "sac", "laser_torch")
+GPU_VARIANTS = ("plain", "plain+compile", "laser_triton+compile", "laser_triton",
+                "laser_triton_rebuild", "ckpt", "sac", "laser_torch", "ckpt+compile",
+                "sac+compile", "laser_torch+compile")
+CPU_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_torch_rebuild")
 # On CPU the paper architecture runs at batch 8: byte accounting of the real layer shapes.
 CPU_PRESETS = ("tiny", "tiny+lean", "tiny_att", "tiny_att+lean", "paper_sudoku",
                "paper_sudoku+lean")

@@ -9,7 +9,11 @@ or `model.laser`, so the model's own code path (laser_triton/trm) runs unchanged
 - `laser_torch`, `laser_triton`: a `laser_triton.Laser` around the gradient-carrying cycle,
   with LASER_TRITON_BACKEND=torch, or =auto on CUDA (the Triton kernels wherever the dispatch
   picks them, as users run it; =triton under the interpreter on CPU); `laser.watch(net)` names
-  the sites by module path;
+  the sites by module path; the TRM's projections take their weight gradients from LASER's
+  (C, U) without rebuilding their inputs where that pays (laser_triton/lowrank.py,
+  `lowrank_backward`, on by default);
+- `laser_torch_rebuild`, `laser_triton_rebuild`: the same with `lowrank_backward=False`: every
+  compressed input is rebuilt in backward (LASER before issue 17);
 - `+compile`: the network (or its checkpointing wrapper) under `torch.compile`, with LASER's
   hooks outside it (README "torch.compile").
 
@@ -19,6 +23,7 @@ tensor storages created while it is active and still alive, by storage, with the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -32,7 +37,8 @@ from laser_triton.livebytes import LiveBytes  # noqa: F401 - re-exported for trm
 __all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Variant", "install_variant",
            "parse_variant", "sac_policy", "state_bytes"]
 
-BASE_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_triton")
+BASE_VARIANTS = ("plain", "ckpt", "sac", "laser_torch", "laser_triton", "laser_torch_rebuild",
+                 "laser_triton_rebuild")
 _aten = torch.ops.aten
 # Outputs SAC keeps: matrix products and attention (all SDPA backends that exist here).
 _SAVE_OPS = {op for op in (
@@ -58,7 +64,14 @@ class Variant:
 
     @property
     def laser_backend(self) -> str | None:
-        return self.base.removeprefix("laser_") if self.base.startswith("laser_") else None
+        if not self.base.startswith("laser_"):
+            return None
+        return self.base.removeprefix("laser_").removesuffix("_rebuild")
+
+    @property
+    def lowrank_backward(self) -> bool:
+        """False for the `_rebuild` variants: LASER rebuilds every input in backward."""
+        return not self.base.endswith("_rebuild")
 
     def __repr__(self) -> str:
         return f"Variant({self.name})"
@@ -108,7 +121,10 @@ def install_variant(model: nn.Module, variant: Variant, laser_cfg: lt.LaserConfi
         wrapped = CheckpointedNet(net, selective=variant.base == "sac")
     laser = None
     if variant.laser_backend is not None:
-        laser = lt.Laser(laser_cfg or lt.LaserConfig())
+        cfg = laser_cfg or lt.LaserConfig()
+        if not variant.lowrank_backward:
+            cfg = dataclasses.replace(cfg, lowrank_backward=False)
+        laser = lt.Laser(cfg)
         laser.watch(net)  # before compiling: names sites, tells weights from activations
     model.laser = laser
     if variant.compiled:

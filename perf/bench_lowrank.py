@@ -1,0 +1,281 @@
+"""Backward of the TRM's gradient-carrying cycle with and without the compressed-domain linear
+backward (laser_triton/lowrank.py, issue 17), side by side in one process.
+
+    python -m perf.bench_lowrank --out perf/results/cpu/lowrank.csv --presets tiny tiny+lean
+
+Variants, all from the same weights and inputs: `plain` (no LASER), `laser_rebuild`
+(`lowrank_backward=False`: every compressed input rebuilt as C U^T in backward) and `laser_lowrank`
+(the projections' weight gradients from (C, U)). The two LASER variants see identical forwards,
+so they hold identical coefficients; only their backward differs. Per variant, of the cycle's
+`loss.backward()` alone:
+- `bwd_gflop`: FLOPs counted by torch.utils.flop_counter (one backward);
+- `bwd_ms`: median wall-clock over `--reps` backwards (no counter active), and its ratio to
+  `laser_rebuild`'s, next to the flop ratio;
+- `bwd_peak_mib`: peak bytes of storages created during backward and alive (LiveBytes), the
+  parameter gradients included;
+- `rebuilds`, `rebuild_mib`: ops.reconstruct calls in backward and the bytes they produced;
+- `served`: linear inputs whose weight gradient came from (C, U); `lin_gflop_lowrank` and
+  `lin_gflop_rebuild`: for those inputs, the weight-gradient flops this way (2 n out r + 2 out r K
+  per layer; the column layout 2 B D out r + 2 B L out r) against the rebuild path's
+  (2 n K r + 2 n out K), and `rank_over_width`: their mean r/K;
+- `bound_ratio_max`: over the served layers, the largest ||dW - G^T X||_F / (||G||_2 tau ||X||_F)
+  with X the activation as it was saved (the stated bound is 1);
+- `grad_err_vs_rebuild`, `grad_err_vs_plain`: max over parameters (and the cycle's input) of
+  ||g - g_ref|| / ||g_ref||.
+Untrained weights unless `--weights`. On CPU the times are wall-clock of the torch backend on
+one thread: they rank the variants on this machine and claim nothing about GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import laser_triton as lt
+from laser_triton import lowrank, ops
+from laser_triton.livebytes import LiveBytes
+from laser_triton.storage import region_view
+from laser_triton.trm import TRM
+
+from .harness import backend_env, run_meta
+from .trm_run import make_batches, preset_config
+
+MiB = 1 << 20
+VARIANTS = ("plain", "laser_rebuild", "laser_lowrank")
+
+
+class _Originals:
+    """Copies of every compressed storage region as saved (during a forward), to measure the
+    served weight gradients against the exact G^T X afterwards."""
+
+    def __init__(self, laser: lt.Laser | None) -> None:
+        self.laser, self.regions = laser, {}
+
+    def __enter__(self) -> _Originals:
+        if self.laser is not None:
+            pack = self.laser._pack
+
+            def copying_pack(t):
+                p = pack(t)
+                e = getattr(p, "entry", None)
+                if e is not None and id(e) not in self.regions:
+                    self.regions[id(e)] = region_view(t, e.region).clone()
+                return p
+
+            self.laser._pack = copying_pack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.laser is not None:
+            del self.laser._pack  # back to the class's method
+
+
+class _Tally:
+    """Rebuilds and served inputs during one backward (wraps ops.reconstruct, lowrank); with
+    `originals`, each served dW's error against the exact G^T X over ||G||_2 tau ||X||."""
+
+    def __init__(self, originals: _Originals | None = None, tau: float = 0.0) -> None:
+        self.rebuilds = self.rebuild_bytes = 0
+        self.served: list[tuple[str, tuple[int, ...], int, int]] = []  # layout, shape, r, out
+        self.bound_ratios: list[float] = []
+        self.originals, self.tau = originals, tau
+        self._orig = (ops.reconstruct, lowrank.weight_grad, lowrank.serve)
+        self._packed: dict[int, object] = {}
+        self._checks: list[tuple] = []
+
+    def __enter__(self) -> _Tally:
+        rebuild, wgrad, serve = self._orig
+
+        def counted_rebuild(C, U, dtype=None):
+            out = rebuild(C, U, dtype)
+            self.rebuilds += 1
+            self.rebuild_bytes += out.numel() * out.element_size()
+            return out
+
+        def noted_serve(p):
+            out = serve(p)
+            if out is not None:
+                self._packed[id(lowrank._tls.request.handle)] = p
+            return out
+
+        def counted_wgrad(g, h):
+            self.served.append((h.layout, h.shape, h.U.shape[1], g.shape[-1]))
+            dw = wgrad(g, h)
+            if self.originals is not None:  # measured after the flop counter closes
+                self._checks.append((self._packed[id(h)], g.detach().clone(), dw.detach().clone()))
+            return dw
+
+        ops.reconstruct, lowrank.weight_grad, lowrank.serve = (counted_rebuild, counted_wgrad,
+                                                               noted_serve)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ops.reconstruct, lowrank.weight_grad, lowrank.serve = self._orig
+
+    def check_bound(self) -> None:
+        self.bound_ratios = [self._ratio(*c) for c in self._checks]
+        self._checks = []
+
+    def _ratio(self, p, g: torch.Tensor, dw: torch.Tensor) -> float:
+        region = self.originals.regions[id(p.entry)]
+        x = region.as_strided(p.size, p.stride, region.storage_offset() + p.offset).double()
+        X = x.reshape(-1, x.shape[-1])
+        G = g.reshape(-1, g.shape[-1]).double()
+        err = float((dw.double() - G.t() @ X).norm())
+        return err / (float(torch.linalg.matrix_norm(G, ord=2)) * self.tau * float(X.norm()))
+
+    def linear_flops(self) -> tuple[float, float, float]:
+        """(low-rank flops, rebuild-path flops, mean r/K) of the served weight gradients."""
+        low = full = 0.0
+        ratios = []
+        for layout, shape, r, out in self.served:
+            if layout == "rows":
+                n, K = 1, shape[-1]
+                for s in shape[:-1]:
+                    n *= s
+                low += 2 * n * out * r + 2 * out * r * K
+            else:
+                B, D, K = shape
+                n = B * D
+                low += 2 * B * D * out * r + 2 * B * K * out * r
+            full += 2 * n * K * r + 2 * n * out * K
+            ratios.append(r / K)
+        return low, full, (statistics.mean(ratios) if ratios else float("nan"))
+
+
+def _setup(preset: str, batch: int, seed: int, weights: dict | None,
+           forward_dtype: str = "float32"):
+    # the gradient-carrying cycle alone
+    cfg = preset_config(preset).replace(H_cycles=1, forward_dtype=forward_dtype)
+    torch.manual_seed(seed)
+    model = TRM(cfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    b = make_batches(cfg, batch, 1, seed)[0]
+    with torch.no_grad():
+        x = model.input_embeddings(b["inputs"], b["puzzle_ids"])
+        y = model.initial_carry(b).y
+        z = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype)
+    return model, x, y, z
+
+
+def _forward(model: TRM, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor):
+    xg = x.detach().requires_grad_(True)
+    yo, _ = model.recurse(y, z, xg)
+    # A fixed random readout: mean(y^2) of an RMS-normed y is constant, its gradient only noise.
+    probe = torch.randn(yo.shape, generator=torch.Generator().manual_seed(7)).to(yo.device)
+    return (yo.float() * probe).mean(), xg
+
+
+def _grads(model: TRM, xg: torch.Tensor) -> dict[str, torch.Tensor]:
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    g["(input)"] = xg.grad.clone()
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
+
+
+def bench_preset(preset: str, batch: int, args) -> list[dict]:
+    model, x, y, z = _setup(preset, batch, args.seed, args.weights, args.forward_dtype)
+    lasers = {"plain": None,
+              "laser_rebuild": lt.Laser(lt.LaserConfig(tau=args.tau, max_rank=args.max_rank,
+                                                       lowrank_backward=False)),
+              "laser_lowrank": lt.Laser(lt.LaserConfig(tau=args.tau, max_rank=args.max_rank))}
+    for laser in lasers.values():
+        if laser is not None:
+            laser.watch(model.net)
+    rows, grads = [], {}
+    for name, laser in lasers.items():
+        model.laser = laser
+        for _ in range(args.warmup):  # first bases (resets)
+            loss, xg = _forward(model, x, y, z)
+            loss.backward()
+            _grads(model, xg)
+        with _Originals(laser) as originals:  # counted backward
+            loss, xg = _forward(model, x, y, z)
+        tau = laser.cfg.tau if laser is not None else 0.0
+        with _Tally(originals, tau) as tally, FlopCounterMode(display=False) as flops:
+            loss.backward()
+        tally.check_bound()
+        del originals
+        grads[name] = _grads(model, xg)
+        loss, xg = _forward(model, x, y, z)  # peak bytes of a backward
+        with LiveBytes() as live:
+            loss.backward()
+        _grads(model, xg)
+        times = []
+        for _ in range(args.reps):
+            loss, xg = _forward(model, x, y, z)
+            t0 = time.perf_counter()
+            loss.backward()
+            times.append((time.perf_counter() - t0) * 1e3)
+            _grads(model, xg)
+        low, full, rk = tally.linear_flops()
+        row = dict(preset=preset, batch=batch, variant=name, tau=args.tau, max_rank=args.max_rank,
+                   forward_dtype=args.forward_dtype,
+                   bwd_gflop=flops.get_total_flops() / 1e9, bwd_ms=statistics.median(times),
+                   bwd_peak_mib=live.peak / MiB, rebuilds=tally.rebuilds,
+                   rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.served),
+                   lin_gflop_lowrank=low / 1e9, lin_gflop_rebuild=full / 1e9,
+                   rank_over_width=rk,
+                   bound_ratio_max=max(tally.bound_ratios, default=float("nan")))
+        if laser is not None:
+            s = laser.summary()
+            row.update(laser_stored_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB)
+        rows.append(row)
+        print(f"{preset:18s} {name:14s} {row['bwd_gflop']:8.3f} GFLOP {row['bwd_ms']:9.1f} ms "
+              f"peak {row['bwd_peak_mib']:8.2f} MiB  rebuilds {tally.rebuilds:3d}  served "
+              f"{len(tally.served):3d}", flush=True)
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        ref = by["laser_rebuild"]
+        r["flop_ratio_vs_rebuild"] = r["bwd_gflop"] / ref["bwd_gflop"]
+        r["time_ratio_vs_rebuild"] = r["bwd_ms"] / ref["bwd_ms"]
+        r["peak_ratio_vs_rebuild"] = r["bwd_peak_mib"] / ref["bwd_peak_mib"]
+        r["grad_err_vs_rebuild"] = _max_rel(grads[r["variant"]], grads["laser_rebuild"])
+        r["grad_err_vs_plain"] = _max_rel(grads[r["variant"]], grads["plain"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "tiny+lean"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3, help="timed backwards per variant")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tau", type=float, default=0.05, help="LaserConfig.tau of both LASER runs")
+    ap.add_argument("--max-rank", type=int, default=128, help="LaserConfig.max_rank of both")
+    ap.add_argument("--forward-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--weights", type=Path, default=None, help="trained TRM state dict")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    args.weights_name = args.weights.name if args.weights else "initialised (untrained)"
+    args.weights = torch.load(args.weights, map_location="cpu") if args.weights else None
+    rows = []
+    with backend_env("torch"):
+        for preset in args.presets:
+            rows += bench_preset(preset, args.batch, args)
+    df = pd.DataFrame(rows)
+    df["weights"] = args.weights_name
+    for k, v in run_meta(torch.device("cpu")).items():
+        df[k] = v
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    print(f"wrote {len(df)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
