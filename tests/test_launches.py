@@ -217,6 +217,35 @@ def test_failed_orthonormalization_keeps_the_old_basis_and_fails_its_drafts(monk
     assert before  # the broken bases never reached a stored tensor (checked through unpack)
 
 
+def _trm_budget(monkeypatch, cfg, batch: int) -> tuple[dict, launches.LaunchCounter]:
+    from helpers import sudoku_batch, trm_steps
+
+    import laser_triton as lt
+    from laser_triton.trm import TRM
+
+    monkeypatch.setattr(kernels, "MAX_ORTH_RANK", 128)
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    model.laser = lt.Laser(lt.LaserConfig())
+    model.laser.watch(model.net)
+    b = sudoku_batch(batch, seed=3)
+    trm_steps(model, b, steps=3)  # first bases (resets)
+    with launches.LaunchCounter() as c:
+        trm_steps(model, b, steps=1)
+    return c.summary(), c
+
+
+@pytest.mark.slow
+def test_paper_sudoku_meets_the_launch_budget(monkeypatch):
+    """The same budget on the paper_sudoku architecture at batch 8 (CPU; ~2 min)."""
+    from laser_triton.trm import TRMConfig
+
+    s, c = _trm_budget(monkeypatch, TRMConfig.paper_sudoku(), 8)
+    assert c.events["saved"] >= 100
+    assert s["launches_fwd_per_saved"] <= 4.0, s
+    assert s["reconstructs_per_region"] == 1.0, s
+
+
 def test_tiny_trm_meets_the_launch_budget(monkeypatch):
     """Issue 13's budget on the tiny TRM (CPU, untrained, batch 8): forward <= 4 device
     launches per saved tensor at a tracked site (decisions, error estimates and the per-call
@@ -224,21 +253,9 @@ def test_tiny_trm_meets_the_launch_budget(monkeypatch):
     region in backward. Orthonormalization is booked as the Triton launcher for every rank
     <= 128 (the batched kernel for r <= 128 replaces the torch path there); the torch path is
     checked to be constant per call in test_batched_decisions."""
-    from helpers import sudoku_batch, trm_steps
+    from laser_triton.trm import TRMConfig
 
-    import laser_triton as lt
-    from laser_triton.trm import TRM, TRMConfig
-
-    monkeypatch.setattr(kernels, "MAX_ORTH_RANK", 128)
-    torch.manual_seed(0)
-    model = TRM(TRMConfig.tiny())
-    model.laser = lt.Laser(lt.LaserConfig())
-    model.laser.watch(model.net)
-    b = sudoku_batch(8, seed=3)
-    trm_steps(model, b, steps=3)  # first bases (resets)
-    with launches.LaunchCounter() as c:
-        trm_steps(model, b, steps=1)
-    s = c.summary()
+    s, c = _trm_budget(monkeypatch, TRMConfig.tiny(), 8)
     assert c.events["saved"] >= 36 and c.events["drafted"] > c.events["reset"]
     assert s["launches_fwd_per_saved"] <= 4.0, s
     assert s["reconstructs_per_region"] == 1.0, s
