@@ -16,16 +16,15 @@ import torch
 
 from . import launches, ops
 from .distributed import LocalSync
-from .estimates import host_error, plan_shrinks
+from .estimates import batch_error, host_error, plan_shrinks
 from .sites import SiteOrdinals
 from .storage import (
     column_view_parts,
-    decision_error,
     view_error,
     view_errors,
     view_target_scale,
 )
-from .util import HostFuture, mm_fp32
+from .util import HostFuture, mm_fp32, to_device_async
 
 __all__ = ["Step", "close_batch", "poll"]
 
@@ -77,10 +76,26 @@ def close_batch(step: Step, sync: LocalSync) -> None:
             parts.append(moved.pop())  # the orthonormalization flags of the new bases
         fails = None
         if sync.active:  # every rank must take the same branch: decide and all-reduce on device
-            fails = sync.any(torch.stack([~(decision_error(e) <= e.tracker.cfg.tau)
-                                          for e in batch]))
+            fails = sync.any(_device_fails(batch))
             parts.append(fails)
         step.pending.append((batch, HostFuture(parts), (views, plan, moved, fails is not None)))
+
+
+def _device_fails(batch: list) -> torch.Tensor:
+    """The batch's pass/fail flags on the device (for an all-reduce): `batch_error` over the
+    stacked scalars, one upload of the per-draft constants, partial views rebuilt to check."""
+    dev = batch[0].draft.stats.device
+    host = torch.tensor([[*e.draft.consts, float(e.draft.measured), e.tracker.cfg.tau]
+                         for e in batch], dtype=torch.float64)
+    host = to_device_async(host, dev)
+    errs = batch_error(torch.stack([e.draft.stats for e in batch]).double(), host[:, :7],
+                       host[:, 7] > 0)
+    views = [i for i, e in enumerate(batch) if e.views and e.draft.C is not None]
+    if views:
+        at = to_device_async(torch.tensor(views), dev)
+        worst = torch.stack([view_error(batch[i], batch[i].draft.X) for i in views]).double()
+        errs = errs.index_put((at,), torch.maximum(errs[at], worst))  # NaN propagates: fails
+    return ~(errs <= host[:, 8])
 
 
 def advance_bases(batch: list, sync: LocalSync) -> list | None:

@@ -146,3 +146,38 @@ def test_torch_orthonormalization_is_constant_launch_for_any_mix_of_ranks():
     n3, _ = _orth_launches([torch.randn(130, 7), torch.randn(90, 2), torch.randn(90, 3),
                             torch.randn(130, 1)] * 5)
     assert n2 <= 2 * counts[0] + 4 and n3 <= 2 * counts[0] + 4  # + merging the flags
+
+
+class _OneRankSync(LocalSync):
+    """A one-rank 'distributed' sync: takes the device-decision path of sync_basis."""
+
+    active = True
+
+
+def test_device_decisions_of_sync_basis_match_the_host_decisions():
+    """Under sync_basis the batch's flags are decided on the device (to be all-reduced); on one
+    rank they must equal the host's decisions: same resets, ranks, shrinks and bytes."""
+    from models import GatedMLP, low_rank_tokens
+
+    runs = []
+    for active in (False, True):
+        torch.manual_seed(0)
+        model = GatedMLP()
+        # decision_lag 0: under sync_basis only the count of pending batches says when they
+        # finalize, so with a lag the two runs would decide at different times.
+        laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64, shrink_every=2,
+                                        decision_lag=0))
+        if active:
+            laser._sync = _OneRankSync()
+        for step in range(4):
+            x = low_rank_tokens(2, 150, 160, rank=6, seed=step % 2).requires_grad_()
+            with laser.compress():
+                h = x * 1.0
+                for role in ("z", "z", "y"):
+                    with laser.role(role):
+                        h = model(h)
+            h.square().mean().backward()
+        rep = laser.report()
+        runs.append(rep[["site", "rank", "resets", "raw_fallbacks", "shrinks", "stored_bytes"]])
+    assert runs[0].equals(runs[1])
+    assert int(runs[0].resets.sum()) >= 1
