@@ -247,8 +247,9 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     data = load_data(base)
+    threads_note = "" if device.type != "cpu" else f" ({threads} thread{'s' * (threads != 1)})"
     print(f"demo: preset {preset}{' (lean_saves)' if args.lean else ''} on {device}"
-          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, {base.steps} steps per "
+          f"{threads_note}, {base.steps} steps per "
           f"arm, batch {base.batch_size}; {len(data[0])} generated training puzzles and "
           f"{len(data[2])} held-out ones ({base.clues} givens) in {time.time() - t0:.1f}s")
     print(f"LASER options: {laser_opts} (coefficients in {coeff}; LaserConfig defaults "
