@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_STEPS} for other presets)")
     steps.add_argument("--long", action="store_true",
                        help=f"the longer run: {LONG_STEPS['tiny']} steps per arm on tiny "
-                       "(about 7 minutes of one CPU core, estimated), where the accuracies mean more")
+                       "(about 6.5 minutes of one CPU core), where the accuracies mean more")
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=None)

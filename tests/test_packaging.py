@@ -4,6 +4,7 @@ without matplotlib and Triton, and a missing Triton is reported with the pip ext
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,10 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed_wheel(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    dist, target = tmp / "dist", tmp / "site"
+    dist, target, src = tmp / "dist", tmp / "site", tmp / "src"
+    # Built from a copy without build/: setuptools reuses build/lib, where a module deleted
+    # from the source stays and would ship in the wheel (CI's fresh clone has none).
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "out", "runs", "__pycache__",
+        ".pytest_cache", ".ruff_cache", ".hypothesis"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(dist), str(ROOT)],
+         "-w", str(dist), str(src)],
         check=True, cwd=tmp, capture_output=True, text=True,
     )
     wheels = list(dist.glob("laser_triton-*.whl"))
