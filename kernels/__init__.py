@@ -63,24 +63,34 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
 def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True) -> int:
     """Kernel launches one call of the launcher of `op` issues for these inputs (metadata only).
 
-    compress_pass: fused kernel + reduce (2), or coefficient kernel [+ Y kernel] + reduce;
+    compress_pass: the basis split (tensor-core precision) + fused kernel + finishing kernel,
+    or the split + coefficient kernel [+ Y kernel] + finishing kernel (`launch_plan`);
     orthonormalize(_batched): gram, 3 factor steps, 2 applies (6), plus one cat to pack several
-    (or non-fp32, non-contiguous) inputs; reconstruct: 1. Buffers are allocated, never filled.
+    (or non-fp32, non-contiguous) inputs; reconstruct: the basis split + 1 (1 with "ieee").
+    Buffers are allocated, never filled.
     """
-    if op == "compress_pass":
-        from ._common import DTYPE_NAMES  # noqa: PLC0415
-        from .compress_pass import choose_path  # noqa: PLC0415
+    if op == "compress_pass":  # what `launch_plan` lists: [split_basis +] kernels + finish
+        import importlib  # noqa: PLC0415
 
+        from ._common import DTYPE_NAMES  # noqa: PLC0415
+        from .configs import get_store  # noqa: PLC0415
+
+        cp = importlib.import_module(f"{__name__}.compress_pass")
         X, U = tensors[0], tensors[1]
-        if choose_path(X.shape[1], U.shape[1], DTYPE_NAMES[X.dtype], X.device) == "fused":
-            return 2
-        return 3 if need_y else 2
+        return len(cp.launch_plan(get_store(X.device), X.shape[0], X.shape[1], U.shape[1],
+                                  DTYPE_NAMES[X.dtype], need_y))
     if op == "orthonormalize":
         packed = len(tensors) == 1 and tensors[0].dtype == torch.float32 and \
             tensors[0].is_contiguous()
         return 6 if packed else 7
-    if op == "reconstruct":
-        return 1
+    if op == "reconstruct":  # [split_basis +] the kernel
+        from ._common import DTYPE_NAMES  # noqa: PLC0415
+        from .configs import get_store  # noqa: PLC0415
+
+        C, U = tensors[0], tensors[1]
+        cfg = get_store(C.device).lookup("reconstruct", U.shape[0], C.shape[1],
+                                         DTYPE_NAMES[C.dtype], C.shape[0])
+        return 1 + (cfg["PRECISION"] != "ieee")
     if op == "grad_coeff":  # the kernel, plus the sum of its row splits' partials if split
         from .grad_coeff import row_splits  # noqa: PLC0415
 

@@ -1,7 +1,7 @@
 """Helpers shared by the kernel launchers: device facts, output allocation, launch fallback.
 
 Nothing here knows about LASER's algorithm. The `@triton.jit` helpers at the bottom implement
-the two fp32-accurate matrix products every kernel uses (docs/design.md §6.4, §8).
+the fp32-accurate tensor-core products every kernel uses (docs/design.md §6.4, §8).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # proves each element is written. Toggled by tests (monkeypatch) or LASER_TRITON_POISON=1.
 POISON: bool = os.environ.get("LASER_TRITON_POISON", "0") not in ("", "0")
 
-# fp32 tl.dot modes. "ieee" is exact fp32 FMA math (the correct default everywhere). "bf16x3"
-# splits each fp32 operand into hi + lo bf16 halves and sums the three significant products on
-# bf16 tensor cores with fp32 accumulation: about 2^-17 relative error per product (the lo x lo
-# term is dropped); a bf16 X needs only two products because its lo half is zero. Only a tuned config that passed the sweep's accuracy
-# check selects "bf16x3".
+# fp32 product modes. "bf16x3" (the default of every kernel that multiplies): each fp32
+# operand is split into hi + lo bf16 halves and the significant products are summed on bf16
+# tensor cores with fp32 accumulation, about 2^-17 relative error per product (the lo x lo
+# term is dropped); a bf16 X is exact in bf16, so products with it need two MMAs, not three.
+# "ieee": exact fp32 FMA math (no tensor cores), kept as an option and as a reference.
 PRECISIONS = ("ieee", "bf16x3")
 
 TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -140,7 +140,7 @@ def _bf16_dot(a, b, acc, INTERPRET: tl.constexpr):
 @triton.jit
 def mma_fp32(a, b, acc, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr,
              INTERPRET: tl.constexpr):
-    """acc + a @ b for fp32 tiles at fp32-class accuracy (see PRECISIONS).
+    """acc + a @ b for fp32 tiles at fp32-class accuracy (see PRECISIONS); used by grad_coeff.
 
     A_IS_BF16 says that `a` holds values loaded from a bf16 tensor: then its lo half is zero
     and the split needs two products instead of three.
@@ -156,6 +156,61 @@ def mma_fp32(a, b, acc, PRECISION: tl.constexpr, A_IS_BF16: tl.constexpr,
         acc = _bf16_dot(a_lo, b_hi, acc, INTERPRET)  # small terms first
         acc = _bf16_dot(a_hi, b_lo, acc, INTERPRET)
     return _bf16_dot(a_hi, b_hi, acc, INTERPRET)
+
+
+@triton.jit
+def mma_pre(x, b_hi, b_lo, acc, INTERPRET: tl.constexpr):
+    """acc + x @ (b_hi + b_lo) on bf16 tensor cores with fp32 accumulation.
+
+    `b_hi`, `b_lo`: an fp32 operand already split into bf16 halves (`_split_bf16`, or the
+    basis split once per call by `_basis.split_basis`). `x` as loaded: a bf16 tile is exact
+    and goes in as it is (2 products; no fp32 copy, half the registers); fp16 and fp32 tiles
+    are split too (3 products, the lo x lo term dropped: about 2^-17 relative per product).
+    (Every helper here uses if/else, not an early return: Triton compiles the code after a
+    constexpr `if` that returns, and it must be valid for the other operand types too.)
+    """
+    if x.dtype == tl.bfloat16:
+        acc = _bf16_dot(x, b_lo, acc, INTERPRET)  # small terms first
+        acc = _bf16_dot(x, b_hi, acc, INTERPRET)
+    else:
+        x_hi, x_lo = _split_bf16(x.to(tl.float32))
+        acc = _bf16_dot(x_lo, b_hi, acc, INTERPRET)
+        acc = _bf16_dot(x_hi, b_lo, acc, INTERPRET)
+        acc = _bf16_dot(x_hi, b_hi, acc, INTERPRET)
+    return acc
+
+
+@triton.jit
+def mma_split(x, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ b for `x` as loaded and an fp32 `b` split here ("bf16x3"), or exact fp32
+    FMA products ("ieee")."""
+    if PRECISION == "ieee":
+        acc = tl.dot(x.to(tl.float32), b, acc, input_precision="ieee")
+    else:
+        b_hi, b_lo = _split_bf16(b)
+        acc = mma_pre(x, b_hi, b_lo, acc, INTERPRET)
+    return acc
+
+
+@triton.jit
+def load_basis(u_ptr, ulo_ptr, offs, mask, PRECISION: tl.constexpr):
+    """A tile of the basis: (fp32 U, the same) for "ieee", or its (hi, lo) bf16 halves."""
+    hi = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    if PRECISION == "ieee":
+        lo = hi
+    else:
+        lo = tl.load(ulo_ptr + offs, mask=mask, other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def mma_basis(x, u_hi, u_lo, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ U for a basis tile from `load_basis`."""
+    if PRECISION == "ieee":
+        acc = tl.dot(x.to(tl.float32), u_hi, acc, input_precision="ieee")
+    else:
+        acc = mma_pre(x, u_hi, u_lo, acc, INTERPRET)
+    return acc
 
 
 @triton.jit

@@ -1,19 +1,24 @@
 """compress_pass: C = X U, ||X||^2, ||C||^2, per-row error maxima and Y = X^T C (docs/design.md §6.1).
 
-Two designs, picked per (D, r) by the config store (table `compress_path`):
+Two designs, picked per (D, r) by the config store (table `compress_path`), else by size:
 
-- **fused** (one read of X): a persistent program keeps U (D x r, fp32) and its share of
-  Y = X^T C (D x r, fp32) on chip, and streams row blocks of X: C_blk = X_blk U,
-  Y += X_blk^T C_blk, plus the norms. Only while the D x r accumulator fits on chip.
+- **fused** (X read once from HBM; D up to 1024): a persistent grid (P row programs x J rank
+  tiles). Program (p, j) streams its row blocks: C_j = X_blk U[:, j] over D in chunks (U
+  chunks from L2), then Y[:, j] += X_blk^T C_j with the row block re-read from L1/L2; only its
+  D x BLOCK_R share of Y stays on chip, so nothing spills at r = 128.
 - **split** (any D up to 8192, r up to 256): kernel 1 streams row blocks, loops over D in
   chunks for C = X U and the row norms, and writes C (plus an fp32 copy of C when need_y and
   C is stored narrower); kernel 2 reads X again, tiled over (row segment, D chunk), for
-  Y = X^T C32.
+  Y = X^T C (two reads of X: the price of D x r accumulators that do not fit on chip).
 
-Both write per-program partials (Y: one D x r slab per program or segment; scalars: 4 per
-program) that a small kernel reduces in a fixed order, so results are bitwise repeatable.
-`deterministic=False` uses fp32 atomics instead (faster, run-to-run different bits).
-Products use an fp32 U at fp32-class accuracy (`_common.mma_fp32`; "ieee" by default).
+Products run on tensor cores at fp32-class accuracy by default (`_common.mma_pre`,
+"bf16x3": a bf16 X is exact in bf16, the fp32 U and C are split into hi + lo bf16 halves,
+fp32 accumulation; an fp32 or fp16 X is split too). "ieee" (fp32 FMA) stays selectable.
+
+Both designs write per-row sums (||x||^2, ||c_j||^2 per rank tile) and per-program partials
+(Y: one D x r slab per row program or segment; max |c|), which `_compress_finish_kernel`
+reduces in parallel and in a fixed order, so results are bitwise repeatable.
+`deterministic=False` adds Y with fp32 atomics instead (run-to-run different bits).
 """
 
 from __future__ import annotations
@@ -24,159 +29,152 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..results import CompressOut
+from ._basis import CONFIG as BASIS_CONFIG
+from ._basis import basis_operands
 from ._common import (
     DTYPE_NAMES,
     INTERPRET,
+    _split_bf16,
     launch,
-    mma_fp32,
+    load_basis,
+    mma_basis,
+    mma_split,
     nan_max,
     new_buffer,
     num_sms,
     pow2,
     shrink_config,
 )
+from ._spec import KernelSpec, Shape, declare
 from .configs import PATH_TABLE, get_store
 
-__all__ = ["compress_pass", "FUSED_MAX_ELEMS", "choose_path"]
+__all__ = ["compress_pass", "FUSED_MAX_ELEMS", "choose_path", "fused_block_r", "launch_plan"]
 
-# The fused design holds U and the Y accumulator (each D_PAD x R_PAD fp32) per program.
-FUSED_MAX_ELEMS = 16384
-MAX_PARTIAL_ELEMS = 1 << 24  # cap on the Y partial slabs of the split design (64 MiB)
-REDUCE_BLOCK = 1024
-
-
-@triton.jit
-def _row_stats(row_x, c, ex, ec, rel_max, c_amax):
-    """Fold one row block into the running sums and maxima (NaN propagates into maxima):
-    ex += ||x_i||^2, ec += ||c_i||^2, rel_max = max(rel_max, 1 - ||c_i||^2/||x_i||^2),
-    c_amax = max(c_amax, max_k |c_ik|). row_x, ex, ec, rel_max, c_amax: (BLOCK_N,);
-    c: (BLOCK_N, R_PAD)."""
-    row_c = tl.sum(c * c, axis=1)
-    # Relative projection error of a row: ||x - U U^T x||^2 / ||x||^2 = 1 - ||c||^2/||x||^2.
-    has_x = row_x > 0
-    rel = tl.where(has_x, tl.maximum(1.0 - row_c / tl.where(has_x, row_x, 1.0), 0.0), 0.0)
-    ex += row_x
-    ec += row_c
-    rel_max = tl.maximum(rel_max, rel, propagate_nan=tl.PropagateNan.ALL)
-    c_amax = tl.maximum(c_amax, nan_max(tl.abs(c), 1), propagate_nan=tl.PropagateNan.ALL)
-    return ex, ec, rel_max, c_amax
+FUSED_MAX_ELEMS = 16384  # bound on the fused Y accumulator, D_PAD x BLOCK_R fp32
+MIN_BLOCK_R = 16  # the smallest rank tile (tl.dot's minimum)
+MAX_PARTIAL_ELEMS = 1 << 24  # cap on the Y partial slabs (64 MiB)
+# The finishing kernel: Y elements per program, slabs per step, rows per program.
+FINISH_CONFIG = {"BLOCK": 256, "SLABS": 16, "ROWS": 1024, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
-def _emit_stats(spart_ptr, pid, ex, ec, rel_max, c_amax, ATOMIC: tl.constexpr):
-    """Scalars of one program: 4 partials (sum x^2, sum c^2, max rel, max |c|) or atomics."""
-    s_ex = tl.sum(ex, axis=0)
-    s_ec = tl.sum(ec, axis=0)
-    m_rel = nan_max(rel_max, 0)
-    m_c = nan_max(c_amax, 0)
-    if ATOMIC:
-        tl.atomic_add(spart_ptr + 0, s_ex)
-        tl.atomic_add(spart_ptr + 1, s_ec)
-        tl.atomic_max(spart_ptr + 2, m_rel)
-        tl.atomic_max(spart_ptr + 3, m_c)
-    else:
-        tl.store(spart_ptr + pid * 4 + 0, s_ex)
-        tl.store(spart_ptr + pid * 4 + 1, s_ec)
-        tl.store(spart_ptr + pid * 4 + 2, m_rel)
-        tl.store(spart_ptr + pid * 4 + 3, m_c)
+def _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j):
+    """Per-row ||c_j||^2 (row j + 1 of the row scratch) and, for the first rank tile,
+    ||x||^2 (row 0); returns the running max |c| (NaN propagates)."""
+    tl.store(rows_ptr + (j + 1) * N + rows, tl.sum(c * c, axis=1), mask=n_ok)  # < 2^31
+    if j == 0:
+        tl.store(rows_ptr + rows, row_x, mask=n_ok)
+    return tl.maximum(amax, nan_max(tl.abs(c), 1), propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _compress_fused_kernel(
-    x_ptr, u_ptr, c_ptr, ypart_ptr, spart_ptr,
+    x_ptr, u_ptr, ulo_ptr, c_ptr, ypart_ptr, rows_ptr, amax_ptr,
     N, D, R, stride_xn, stride_xd, stride_ud, stride_ur,
-    NEED_Y: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    R_PAD: tl.constexpr, PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr,
+    NEED_Y: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """C = X U, Y_p = sum over its row blocks of X_blk^T C_blk, and row statistics, for the
-    row blocks pid, pid + P, ... of one persistent program p (P = number of programs)."""
+    """Program (p, j): row blocks p, p + P, ... and rank tile j (columns j*BLOCK_R + ...).
+
+    Per row block: C_j = X_blk U[:, j] over D in BLOCK_K chunks (U chunks come from L2, not
+    registers), then Y[:, j] += X_blk^T C_j with the row block re-read from L1/L2 (HBM reads
+    X once). Only the D_PAD x BLOCK_R accumulator of Y stays on chip for the whole program.
+    """
     pid = tl.program_id(0)
+    j = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D_PAD)
-    offs_r = tl.arange(0, R_PAD)
-    d_ok = offs_d < D
-    r_ok = offs_r < R
-    # U stays in registers for the whole program, in fp32 (a bf16 U would hide 1% errors).
-    # u: (D_PAD, R_PAD) fp32; y_acc: (D_PAD, R_PAD) fp32; ex, ec, rel_max, c_amax: (BLOCK_N,)
-    u = tl.load(u_ptr + offs_d[:, None] * stride_ud + offs_r[None, :] * stride_ur,
-                mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-    y_acc = tl.zeros((D_PAD, R_PAD), tl.float32)
-    ex = tl.zeros((BLOCK_N,), tl.float32)
-    ec = tl.zeros((BLOCK_N,), tl.float32)
-    rel_max = tl.zeros((BLOCK_N,), tl.float32)
-    c_amax = tl.zeros((BLOCK_N,), tl.float32)
-    # Persistent loop: program p takes row blocks p, p + P, p + 2P, ... (a fixed assignment).
+    cols = j * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = cols < R
+    y_acc = tl.zeros((D_PAD, BLOCK_R), tl.float32)
+    amax = tl.zeros((BLOCK_N,), tl.float32)
     for blk in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         rows = (blk * BLOCK_N + offs_n).to(tl.int64)
         n_ok = rows < N
-        # x: (BLOCK_N, D_PAD) fp32, one row block; c = x u: (BLOCK_N, R_PAD) fp32
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        c = mma_fp32(x, u, tl.zeros((BLOCK_N, R_PAD), tl.float32), PRECISION, X_IS_BF16,
-                     INTERPRET)
-        tl.store(c_ptr + rows[:, None] * R + offs_r[None, :], c.to(c_ptr.dtype.element_ty),
+        c = tl.zeros((BLOCK_N, BLOCK_R), tl.float32)
+        row_x = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            dd = d0 + offs_k
+            k_ok = dd < D
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u_hi, u_lo = load_basis(u_ptr, ulo_ptr, dd[:, None] * stride_ud +
+                                    cols[None, :] * stride_ur, k_ok[:, None] & r_ok[None, :],
+                                    PRECISION)
+            xf = x.to(tl.float32)
+            row_x += tl.sum(xf * xf, axis=1)
+            c = mma_basis(x, u_hi, u_lo, c, PRECISION, INTERPRET)
+        tl.store(c_ptr + rows[:, None] * R + cols[None, :], c.to(c_ptr.dtype.element_ty),
                  mask=n_ok[:, None] & r_ok[None, :])
-        ex, ec, rel_max, c_amax = _row_stats(tl.sum(x * x, axis=1), c, ex, ec, rel_max, c_amax)
+        amax = _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j)
         if NEED_Y:  # Y += X_blk^T C_blk with the fp32 C (before rounding to coeff_dtype)
-            y_acc = mma_fp32(tl.trans(x), c, y_acc, PRECISION, X_IS_BF16, INTERPRET)
+            xa = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            y_acc = mma_split(tl.trans(xa), c, y_acc, PRECISION, INTERPRET)
     if NEED_Y:
-        y_offs = offs_d[:, None] * R + offs_r[None, :]
-        y_mask = d_ok[:, None] & r_ok[None, :]
+        y_offs = offs_d[:, None] * R + cols[None, :]
+        y_mask = (offs_d < D)[:, None] & r_ok[None, :]
         if ATOMIC:
             tl.atomic_add(ypart_ptr + y_offs, y_acc, mask=y_mask)
         else:
             tl.store(ypart_ptr + pid.to(tl.int64) * D * R + y_offs, y_acc, mask=y_mask)
-    _emit_stats(spart_ptr, pid, ex, ec, rel_max, c_amax, ATOMIC)
+    tl.store(amax_ptr + pid * tl.num_programs(1) + j, nan_max(amax, 0))
 
 
 @triton.jit
 def _compress_coeff_kernel(
-    x_ptr, u_ptr, c_ptr, c32_ptr, spart_ptr,
+    x_ptr, u_ptr, ulo_ptr, c_ptr, cs_ptr, cslo_ptr, rows_ptr, amax_ptr,
     N, D, R, stride_xn, stride_xd, stride_ud, stride_ur,
-    WRITE_C32: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_CS: tl.constexpr, CS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    X_IS_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """C[blk] = X[blk] U (split path, kernel 1) and the row statistics of one row block,
-    looping over D in BLOCK_D chunks."""
+    """Split design, step 1: C = X U for one row block (all r), its row sums, max |C|, and
+    the fp32 C for step 2: as bf16 halves hi + lo (CS_SPLIT, what its MMAs take) or fp32."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, R_PAD)
     n_ok = rows < N
     r_ok = offs_r < R
-    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)  # c: (BLOCK_N, R_PAD) fp32 accumulator
-    row_x = tl.zeros((BLOCK_N,), tl.float32)  # ||x_i||^2 of the block's rows
+    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)
+    row_x = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(0, D, BLOCK_D):  # C = sum over D chunks of X[:, chunk] U[chunk, :]
         dd = d0 + offs_d
         d_ok = dd < D
-        # x: (BLOCK_N, BLOCK_D) fp32; u: (BLOCK_D, R_PAD) fp32, the matching rows of U
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + dd[:, None] * stride_ud + offs_r[None, :] * stride_ur,
-                    mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        c = mma_fp32(x, u, c, PRECISION, X_IS_BF16, INTERPRET)
-        row_x += tl.sum(x * x, axis=1)
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        u_hi, u_lo = load_basis(u_ptr, ulo_ptr, dd[:, None] * stride_ud +
+                                offs_r[None, :] * stride_ur, d_ok[:, None] & r_ok[None, :],
+                                PRECISION)
+        c = mma_basis(x, u_hi, u_lo, c, PRECISION, INTERPRET)
+        xf = x.to(tl.float32)
+        row_x += tl.sum(xf * xf, axis=1)
     c_offs = rows[:, None] * R + offs_r[None, :]
     c_mask = n_ok[:, None] & r_ok[None, :]
     tl.store(c_ptr + c_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
-    if WRITE_C32:
-        tl.store(c32_ptr + c_offs, c, mask=c_mask)
-    zero = tl.zeros((BLOCK_N,), tl.float32)
-    ex, ec, rel_max, c_amax = _row_stats(row_x, c, zero, zero, zero, zero)
-    _emit_stats(spart_ptr, pid, ex, ec, rel_max, c_amax, ATOMIC)
+    if WRITE_CS:
+        if CS_SPLIT:
+            c_hi, c_lo = _split_bf16(c)
+            tl.store(cs_ptr + c_offs, c_hi, mask=c_mask)
+            tl.store(cslo_ptr + c_offs, c_lo, mask=c_mask)
+        else:
+            tl.store(cs_ptr + c_offs, c, mask=c_mask)
+    amax = _emit_rows(rows_ptr, tl.zeros((BLOCK_N,), tl.float32), rows, n_ok, N, row_x, c, 0)
+    tl.store(amax_ptr + pid, nan_max(amax, 0))
 
 
 @triton.jit
 def _compress_y_kernel(
-    x_ptr, c32_ptr, ypart_ptr,
+    x_ptr, cs_ptr, cslo_ptr, ypart_ptr,
     N, D, R, stride_xn, stride_xd, rows_per_seg,
     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, X_IS_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Y_seg[chunk] = X[seg, chunk]^T C32[seg] (split path, kernel 2) for one (row segment,
-    D chunk) tile, C32 being the fp32 coefficients of kernel 1."""
+    """Split design, step 2: Y[chunk] = X[segment, chunk]^T C[segment] for one (segment,
+    D chunk); C comes from step 1 as bf16 halves (or fp32 for "ieee")."""
     seg = tl.program_id(0)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -184,16 +182,15 @@ def _compress_y_kernel(
     d_ok = dd < D
     r_ok = offs_r < R
     row_end = tl.minimum(seg * rows_per_seg + rows_per_seg, N)
-    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)  # acc: (BLOCK_D, R_PAD), this tile of Y
-    for n0 in range(seg * rows_per_seg, row_end, BLOCK_N):  # Y[chunk] = X[seg, chunk]^T C[seg]
+    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)
+    for n0 in range(seg * rows_per_seg, row_end, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
         n_ok = rows < row_end
-        # x: (BLOCK_N, BLOCK_D) fp32; c: (BLOCK_N, R_PAD) fp32
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        c = tl.load(c32_ptr + rows[:, None] * R + offs_r[None, :],
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = mma_fp32(tl.trans(x), c, acc, PRECISION, X_IS_BF16, INTERPRET)
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        c_hi, c_lo = load_basis(cs_ptr, cslo_ptr, rows[:, None] * R + offs_r[None, :],
+                                n_ok[:, None] & r_ok[None, :], PRECISION)
+        acc = mma_basis(tl.trans(x), c_hi, c_lo, acc, PRECISION, INTERPRET)
     y_offs = dd[:, None] * R + offs_r[None, :]
     y_mask = d_ok[:, None] & r_ok[None, :]
     if ATOMIC:
@@ -203,50 +200,140 @@ def _compress_y_kernel(
 
 
 @triton.jit
-def _reduce_kernel(ypart_ptr, y_ptr, n_ypart, DR, spart_ptr, n_spart, out_ptr,
-                   NEED_Y: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Y = sum_p Ypart[p] (element-wise over the slabs, BLOCK elements per program) and, in
-    program 0, (sum e_X, sum e_C, sqrt(max rel), max |c|) over the scalar partials, in a fixed
-    order (bitwise repeatable)."""
+def _compress_finish_kernel(
+    ypart_ptr, y_ptr, n_slab, DR, rows_ptr, N, n_tiles, amax_ptr, n_amax, part_ptr, count_ptr,
+    out_ptr, n_yblk,
+    BLOCK: tl.constexpr, SLABS: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Deterministic reductions, in parallel: programs [0, n_yblk) sum the Y slabs
+    element-wise (SLABS slabs at a time, a fixed tree); the others take ROWS rows each:
+    ||x||^2, ||c||^2 (the sum of the n_tiles rank-tile partials, in order) and the row error
+    1 - ||c||^2/||x||^2, reduced to 3 partials. The last of them to finish (an atomic
+    counter) sums all partials in a fixed order and writes e_X, e_C, row_err_max, c_amax,
+    then resets the counter to 0: it is one zeroed buffer per device and stream, reused by
+    every launch (launches on a stream run in order), so no memset launch is needed.
+    """
     pid = tl.program_id(0)
-    if NEED_Y:
+    if pid < n_yblk:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < DR
+        y_ok = offs < DR
         acc = tl.zeros((BLOCK,), tl.float32)
-        slab = ypart_ptr + offs  # pointer arithmetic is 64-bit: no int32 overflow of p * DR
-        for _ in range(n_ypart):
-            acc += tl.load(slab, mask=ok, other=0.0)
-            slab += DR
-        tl.store(y_ptr + offs, acc, mask=ok)
-    if pid == 0:
-        ex = tl.zeros((BLOCK_S,), tl.float32)
-        ec = tl.zeros((BLOCK_S,), tl.float32)
-        rel = tl.zeros((BLOCK_S,), tl.float32)
-        cm = tl.zeros((BLOCK_S,), tl.float32)
-        # `s_ok`, not `ok`: reusing the name of the Y part's (BLOCK,) mask would make it a
-        # loop-carried variable that changes shape, which compiled Triton rejects (the
-        # interpreter does not; tests/test_sm90_compile.py compiles this kernel).
-        for p0 in range(0, n_spart, BLOCK_S):
-            idx = p0 + tl.arange(0, BLOCK_S)
-            s_ok = idx < n_spart
-            ex += tl.load(spart_ptr + idx * 4 + 0, mask=s_ok, other=0.0)
-            ec += tl.load(spart_ptr + idx * 4 + 1, mask=s_ok, other=0.0)
-            rel = tl.maximum(rel, tl.load(spart_ptr + idx * 4 + 2, mask=s_ok, other=0.0),
-                             propagate_nan=tl.PropagateNan.ALL)
-            cm = tl.maximum(cm, tl.load(spart_ptr + idx * 4 + 3, mask=s_ok, other=0.0),
-                            propagate_nan=tl.PropagateNan.ALL)
-        tl.store(out_ptr + 0, tl.sum(ex, axis=0))
-        tl.store(out_ptr + 1, tl.sum(ec, axis=0))
-        tl.store(out_ptr + 2, tl.sqrt(nan_max(rel, 0)))
-        tl.store(out_ptr + 3, nan_max(cm, 0))
+        for s0 in range(0, n_slab, SLABS):
+            ss = (s0 + tl.arange(0, SLABS)).to(tl.int64)
+            v = tl.load(ypart_ptr + ss[:, None] * DR + offs[None, :],
+                        mask=(ss[:, None] < n_slab) & y_ok[None, :], other=0.0)
+            acc += tl.sum(v, axis=0)
+        tl.store(y_ptr + offs, acc, mask=y_ok)
+    else:
+        b = pid - n_yblk
+        n_rb = tl.num_programs(0) - n_yblk
+        rows = (b * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < N
+        rx = tl.load(rows_ptr + rows, mask=row_ok, other=0.0)
+        rc = tl.zeros((ROWS,), tl.float32)
+        for t in range(0, n_tiles):
+            rc += tl.load(rows_ptr + (t + 1) * N + rows, mask=row_ok, other=0.0)
+        has_x = rx > 0  # zero or NaN rows have no row error (as in the reference)
+        rel = tl.where(has_x, tl.maximum(1.0 - rc / tl.where(has_x, rx, 1.0), 0.0), 0.0)
+        tl.store(part_ptr + b * 3 + 0, tl.sum(rx, axis=0))
+        tl.store(part_ptr + b * 3 + 1, tl.sum(rc, axis=0))
+        tl.store(part_ptr + b * 3 + 2, nan_max(rel, 0))
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == n_rb - 1:
+            ex = tl.zeros((ROWS,), tl.float32)
+            ec = tl.zeros((ROWS,), tl.float32)
+            rm = tl.zeros((ROWS,), tl.float32)
+            cm = tl.zeros((ROWS,), tl.float32)
+            for p0 in range(0, n_rb, ROWS):
+                idx = p0 + tl.arange(0, ROWS)
+                p_ok = idx < n_rb
+                ex += tl.load(part_ptr + idx * 3 + 0, mask=p_ok, other=0.0, volatile=True)
+                ec += tl.load(part_ptr + idx * 3 + 1, mask=p_ok, other=0.0, volatile=True)
+                rm = tl.maximum(rm, tl.load(part_ptr + idx * 3 + 2, mask=p_ok, other=0.0,
+                                            volatile=True), propagate_nan=tl.PropagateNan.ALL)
+            for p0 in range(0, n_amax, ROWS):
+                idx = p0 + tl.arange(0, ROWS)
+                cm = tl.maximum(cm, tl.load(amax_ptr + idx, mask=idx < n_amax, other=0.0),
+                                propagate_nan=tl.PropagateNan.ALL)
+            tl.store(out_ptr + 0, tl.sum(ex, axis=0))
+            tl.store(out_ptr + 1, tl.sum(ec, axis=0))
+            tl.store(out_ptr + 2, tl.sqrt(nan_max(rm, 0)))
+            tl.store(out_ptr + 3, nan_max(cm, 0))
+            tl.store(count_ptr, 0)  # ready for the next launch on this stream (no memset)
 
 
-def choose_path(D: int, r: int, dtype: str, device: torch.device) -> str:
+def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) -> str:
     """'fused' or 'split': the store's `compress_path` entry, else the size rule."""
-    path = get_store(device).lookup(PATH_TABLE, D, r, dtype)
+    path = (store or get_store(device)).lookup(PATH_TABLE, D, r, dtype)
     if path is None:
-        path = "fused" if pow2(D) * pow2(r) <= FUSED_MAX_ELEMS else "split"
+        path = "fused" if fused_by_size(D, r) else "split"
     return path
+
+
+def fused_by_size(D: int, r: int) -> bool:
+    """The size rule: fused while Y fits on chip in one rank tile. With more tiles each
+    re-reads X from L2 and repeats the per-row-block work; the static model
+    (`laser-triton bench audit`) predicts the split design no slower there."""
+    return pow2(D) * pow2(r) <= FUSED_MAX_ELEMS
+
+
+def launch_plan(store, N: int, D: int, r: int, dtype: str,
+                need_y: bool = True) -> list[tuple[str, dict, dict]]:
+    """[(kernel, config, mode flags)] that `compress_pass` launches for this shape with
+    `store`'s configs (before any out-of-resource fallback): what the static audit checks."""
+    if choose_path(D, r, dtype, None, store) == "fused":
+        steps = [("compress_fused", store.lookup("compress_fused", D, r, dtype, N),
+                  {"NEED_Y": need_y})]
+    else:
+        y_cfg = store.lookup("compress_y", D, r, dtype, N)
+        steps = [("compress_coeff", store.lookup("compress_coeff", D, r, dtype, N),
+                  {"WRITE_CS": need_y, "CS_SPLIT": y_cfg["PRECISION"] != "ieee"})]
+        if need_y:
+            steps.append(("compress_y", y_cfg, {}))
+    split = [("split_basis", dict(BASIS_CONFIG), {})] if steps[0][1]["PRECISION"] != "ieee" else []
+    return split + steps + [("compress_finish", dict(FINISH_CONFIG), {})]
+
+
+def fused_block_r(D: int, R: int, cfg: dict) -> int:
+    """Rank tile of the fused design: as wide as the config asks, within the accumulator bound."""
+    return max(MIN_BLOCK_R, min(cfg["BLOCK_R"], pow2(R), FUSED_MAX_ELEMS // pow2(D)))
+
+
+def fused_programs(N: int, D: int, R: int, cfg: dict, n_sms: int) -> tuple[int, int]:
+    """(row programs P, rank tiles J) of the fused grid: P * J ~ PROGRAMS_PER_SM per SM."""
+    J = triton.cdiv(R, fused_block_r(D, R, cfg))
+    P = max(1, min(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(n_sms * cfg["PROGRAMS_PER_SM"], J),
+                   MAX_PARTIAL_ELEMS // (D * R)))
+    return P, J
+
+
+def y_segments(N: int, D: int, R: int, cfg: dict, n_sms: int) -> tuple[int, int]:
+    """(row segments, rows per segment) of compress_y: fill the GPU within the slab budget."""
+    n_dt = triton.cdiv(D, cfg["BLOCK_D"])
+    n_seg = max(1, min(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(2 * n_sms, n_dt),
+                       MAX_PARTIAL_ELEMS // (D * R)))
+    rows_per_seg = triton.cdiv(triton.cdiv(N, n_seg), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return triton.cdiv(N, rows_per_seg), rows_per_seg
+
+
+def finish_grid(N: int, D: int, R: int, need_y: bool, atomic: bool) -> tuple[int, int]:
+    """(Y-reduction programs, row programs) of the finishing kernel."""
+    n_yblk = triton.cdiv(D * R, FINISH_CONFIG["BLOCK"]) if need_y and not atomic else 0
+    return n_yblk, triton.cdiv(N, FINISH_CONFIG["ROWS"])
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _finish_counter(device: torch.device) -> torch.Tensor:
+    """The finishing kernel's zeroed int32 counter for this device and current stream (it
+    leaves it at 0 again). Per stream: launches on one stream never overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
@@ -269,10 +356,9 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
     dev, dname = X.device, DTYPE_NAMES[X.dtype]
     store = get_store(dev)
     atomic = not deterministic
+    sms = num_sms(dev)
     C = new_buffer((N, R), coeff_dtype, dev)
-    common = dict(X_IS_BF16=X.dtype == torch.bfloat16, INTERPRET=INTERPRET, ATOMIC=atomic,
-                  R_PAD=pow2(R))
-    strides = (X.stride(0), X.stride(1), U.stride(0), U.stride(1))
+    xs = (X.stride(0), X.stride(1))
 
     def y_buffer(n_slabs: int) -> torch.Tensor:
         if not need_y:
@@ -281,70 +367,167 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
             return torch.zeros((D, R), dtype=torch.float32, device=dev)
         return new_buffer((n_slabs, D, R), torch.float32, dev)
 
-    def stats_buffer(n_programs: int) -> torch.Tensor:
-        if atomic:
-            return torch.zeros(4, dtype=torch.float32, device=dev)
-        return new_buffer((n_programs, 4), torch.float32, dev)
-
-    def run_fused(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = (min(triton.cdiv(N, cfg["BLOCK_N"]), num_sms(dev) * cfg["PROGRAMS_PER_SM"]),)
-        ypart, spart = y_buffer(grid[0]), stats_buffer(grid[0])
-        # PROGRAMS_PER_SM sizes the grid only: the kernel does not take it, and the compiled
-        # launcher rejects keywords it does not know (the interpreter drops them silently).
-        kernel_cfg = {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}
-        _compress_fused_kernel[grid](X, U, C, ypart, spart, N, D, R, *strides, NEED_Y=need_y,
-                                     D_PAD=pow2(D), **kernel_cfg, **common)
-        return ypart, spart
+    def run_fused(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        P, J = fused_programs(N, D, R, cfg, sms)
+        ypart, amax = y_buffer(P), new_buffer((P * J,), torch.float32, dev)
+        rows = new_buffer((J + 1, N), torch.float32, dev)
+        u, ulo, sud, sur = basis_operands(U, cfg["PRECISION"])
+        # PROGRAMS_PER_SM sizes the grid only: the compiled launcher rejects unknown keywords.
+        _compress_fused_kernel[(P, J)](
+            X, u, ulo, C, ypart, rows, amax, N, D, R, *xs, sud, sur, NEED_Y=need_y,
+            ATOMIC=atomic, D_PAD=pow2(D), INTERPRET=INTERPRET,
+            **{**SPEC_FUSED.kernel_config(cfg), "BLOCK_R": fused_block_r(D, R, cfg)})
+        return ypart, rows, amax, J
 
     def run_coeff(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        spart = stats_buffer(grid[0])
-        _compress_coeff_kernel[grid](X, U, C, C32, spart, N, D, R, *strides,
-                                     WRITE_C32=C32 is not C, **cfg, **common)
-        return spart
+        rows, amax = new_buffer((2, N), torch.float32, dev), new_buffer(grid, torch.float32, dev)
+        u, ulo, sud, sur = basis_operands(U, cfg["PRECISION"])
+        _compress_coeff_kernel[grid](X, u, ulo, C, cs, cslo, rows, amax, N, D, R, *xs, sud, sur,
+                                     WRITE_CS=cs is not C, CS_SPLIT=cs_split, R_PAD=pow2(R),
+                                     INTERPRET=INTERPRET, **cfg)
+        return rows, amax
 
     def run_y(cfg: dict) -> torch.Tensor:
-        n_dt = triton.cdiv(D, cfg["BLOCK_D"])
-        # Row segments: enough programs to fill the GPU, within the partial-slab budget.
-        n_seg = max(1, min(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(2 * num_sms(dev), n_dt),
-                           MAX_PARTIAL_ELEMS // (D * R)))
-        rows_per_seg = triton.cdiv(triton.cdiv(N, n_seg), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        ypart = y_buffer(triton.cdiv(N, rows_per_seg))
-        _compress_y_kernel[(triton.cdiv(N, rows_per_seg), n_dt)](
-            X, C32, ypart, N, D, R, X.stride(0), X.stride(1), rows_per_seg, **cfg, **common)
+        n_seg, rows_per_seg = y_segments(N, D, R, cfg, sms)
+        ypart = y_buffer(n_seg)
+        _compress_y_kernel[(n_seg, triton.cdiv(D, cfg["BLOCK_D"]))](
+            X, cs, cslo, ypart, N, D, R, *xs, rows_per_seg, ATOMIC=atomic, R_PAD=pow2(R),
+            INTERPRET=INTERPRET, **{**cfg, "PRECISION": "bf16x3" if cs_split else "ieee"})
         return ypart
 
+    if (R + 1) * N >= 2**31:  # the row scratch holds up to R / 16 + 1 rows of N values
+        raise ValueError(f"compress_pass: N = {N} rows is too many for rank {R}")
     ypart = None
     if choose_path(D, R, dname, dev) == "fused":
         cfg = store.lookup("compress_fused", D, R, dname, N)
         try:
-            ran, (ypart, spart) = launch("compress_fused", run_fused, cfg,
-                                         lambda c: shrink_config(c, ("BLOCK_N",)))
+            ran, (ypart, rows, amax, n_tiles) = launch(
+                "compress_fused", run_fused, cfg, lambda c: shrink_config(c, SPEC_FUSED.block_keys))
             store.remember("compress_fused", D, R, dname, N, ran)
-        except OutOfResources:  # even the smallest row block does not fit: go split
+        except OutOfResources:  # even the smallest blocks do not fit: go split
             store.remember_path(D, R, dname, "split")
     if ypart is None:
-        C32 = new_buffer((N, R), torch.float32, dev) if need_y and coeff_dtype != torch.float32 else C
+        y_cfg = store.lookup("compress_y", D, R, dname, N) if need_y else None
+        # Step 2 takes the fp32 C in the form its products need: bf16 halves, or fp32.
+        cs_split = need_y and y_cfg["PRECISION"] != "ieee"
+        if cs_split:
+            cs, cslo = (new_buffer((N, R), torch.bfloat16, dev) for _ in range(2))
+        elif need_y and coeff_dtype != torch.float32:
+            cs = cslo = new_buffer((N, R), torch.float32, dev)
+        else:
+            cs = cslo = C
         cfg = store.lookup("compress_coeff", D, R, dname, N)
-        ran, spart = launch("compress_coeff", run_coeff, cfg,
-                            lambda c: shrink_config(c, ("BLOCK_N", "BLOCK_D")))
+        ran, (rows, amax) = launch("compress_coeff", run_coeff, cfg,
+                                   lambda c: shrink_config(c, SPEC_COEFF.block_keys))
         store.remember("compress_coeff", D, R, dname, N, ran)
+        n_tiles = 1
         ypart = y_buffer(1)
         if need_y:
-            cfg = store.lookup("compress_y", D, R, dname, N)
-            ran, ypart = launch("compress_y", run_y, cfg,
-                                lambda c: shrink_config(c, ("BLOCK_N", "BLOCK_D")))
+            ran, ypart = launch("compress_y", run_y, y_cfg,
+                                lambda c: shrink_config(c, SPEC_Y.block_keys))
             store.remember("compress_y", D, R, dname, N, ran)
 
-    if atomic:  # ypart is Y, spart holds the final sums and maxima (max rel still squared)
-        spart[2:3].sqrt_()
-        scalars, Y = spart, (ypart if need_y else None)
-    else:
-        scalars = new_buffer((4,), torch.float32, dev)
-        Y = new_buffer((D, R), torch.float32, dev) if need_y else scalars
-        n_slabs = ypart.shape[0] if need_y else 0
-        grid = (triton.cdiv(D * R, REDUCE_BLOCK),) if need_y else (1,)
-        _reduce_kernel[grid](ypart, Y, n_slabs, D * R, spart, spart.shape[0], scalars,
-                             NEED_Y=need_y, BLOCK=REDUCE_BLOCK, BLOCK_S=128, num_warps=4)
-        Y = Y if need_y else None
+    scalars = new_buffer((4,), torch.float32, dev)
+    Y = (ypart if atomic else new_buffer((D, R), torch.float32, dev)) if need_y else None
+    n_yblk, n_rb = finish_grid(N, D, R, need_y, atomic)
+    parts = new_buffer((n_rb, 3), torch.float32, dev)
+    count = _finish_counter(dev)
+    _compress_finish_kernel[(n_yblk + n_rb,)](
+        ypart, Y if n_yblk else scalars, ypart.shape[0] if n_yblk else 0, D * R, rows, N,
+        n_tiles, amax, amax.numel(), parts, count, scalars, n_yblk, **FINISH_CONFIG)
     return CompressOut(C, scalars[0], scalars[1], Y, scalars[2], scalars[3], scalars)
+
+
+# ----------------------------------------------------------------------------- declarations
+
+
+def _dt(shape: Shape) -> str:
+    return f"*{shape.dtype}"
+
+
+def _x_args(shape: Shape, cfg: dict) -> dict:
+    """X and the basis operands as a launch with a row-major X passes them (the split basis
+    is contiguous; an "ieee" launch gets the fp32 U, row-major as LASER's bases are)."""
+    u = "*bf16" if cfg["PRECISION"] != "ieee" else "*fp32"
+    return dict(x_ptr=_dt(shape), u_ptr=u, ulo_ptr=u, N=shape.N, D=shape.D, R=shape.r,
+                stride_xn=shape.D, stride_xd=1, stride_ud=shape.r, stride_ur=1)
+
+
+def _fused_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    runtime = dict(_x_args(shape, cfg), c_ptr="*bf16", ypart_ptr="*fp32", rows_ptr="*fp32",
+                   amax_ptr="*fp32")
+    return runtime, dict(NEED_Y=True, ATOMIC=False, BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_K=cfg["BLOCK_K"], D_PAD=pow2(shape.D),
+                         BLOCK_R=fused_block_r(shape.D, shape.r, cfg), PRECISION=cfg["PRECISION"],
+                         INTERPRET=False)
+
+
+def _coeff_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    split = cfg["PRECISION"] != "ieee"
+    runtime = dict(_x_args(shape, cfg), c_ptr="*bf16", cs_ptr="*bf16" if split else "*fp32",
+                   cslo_ptr="*bf16" if split else "*fp32", rows_ptr="*fp32", amax_ptr="*fp32")
+    return runtime, dict(WRITE_CS=True, CS_SPLIT=split, BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_D=cfg["BLOCK_D"], R_PAD=pow2(shape.r), PRECISION=cfg["PRECISION"],
+                         INTERPRET=False)
+
+
+def _y_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    _, rows_per_seg = y_segments(shape.N, shape.D, shape.r, cfg, H100_SMS)
+    c = "*bf16" if cfg["PRECISION"] != "ieee" else "*fp32"
+    runtime = dict(x_ptr=_dt(shape), cs_ptr=c, cslo_ptr=c, ypart_ptr="*fp32", N=shape.N,
+                   D=shape.D, R=shape.r, stride_xn=shape.D, stride_xd=1,
+                   rows_per_seg=rows_per_seg)
+    return runtime, dict(ATOMIC=False, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                         R_PAD=pow2(shape.r), PRECISION=cfg["PRECISION"], INTERPRET=False)
+
+
+def _finish_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    n_yblk, _ = finish_grid(shape.N, shape.D, shape.r, True, False)
+    fused = fused_by_size(shape.D, shape.r)
+    fcfg = {**SPEC_FUSED.defaults}
+    P, J = fused_programs(shape.N, shape.D, shape.r, fcfg, H100_SMS) if fused else (0, 1)
+    if not fused:
+        P = y_segments(shape.N, shape.D, shape.r, SPEC_Y.defaults, H100_SMS)[0]
+    n_amax = P * J if fused else triton.cdiv(shape.N, SPEC_COEFF.defaults["BLOCK_N"])
+    runtime = dict(ypart_ptr="*fp32", y_ptr="*fp32", n_slab=P, DR=shape.D * shape.r,
+                   rows_ptr="*fp32", N=shape.N, n_tiles=J, amax_ptr="*fp32", n_amax=n_amax,
+                   part_ptr="*fp32", count_ptr="*i32", out_ptr="*fp32", n_yblk=n_yblk)
+    return runtime, dict(BLOCK=cfg["BLOCK"], SLABS=cfg["SLABS"], ROWS=cfg["ROWS"])
+
+
+H100_SMS = 132  # the grid sizes the compile signatures assume (H100/H200)
+_TC = "bf16x3"  # fp32-class products on bf16 tensor cores: the default on a GPU
+SPEC_FUSED = declare(KernelSpec(
+    name="compress_fused", fn=_compress_fused_kernel, signature=_fused_signature,
+    defaults={"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 128, "PROGRAMS_PER_SM": 1,
+              "PRECISION": _TC, "num_warps": 8, "num_stages": 2},
+    interpreter={"BLOCK_N": 256, "BLOCK_K": 256},
+    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64, 128), "BLOCK_R": (16, 32, 64, 128),
+            "PROGRAMS_PER_SM": (1, 2), "num_warps": (4, 8), "num_stages": (2, 3)},
+    grid=lambda s, cfg, sms: fused_programs(s.N, s.D, s.r, cfg, sms),
+    block_keys=("BLOCK_N", "BLOCK_K", "BLOCK_R"), launch_fields=("PROGRAMS_PER_SM",),
+    tensor_cores=True, flags=("NEED_Y", "ATOMIC")))
+SPEC_COEFF = declare(KernelSpec(
+    name="compress_coeff", fn=_compress_coeff_kernel, signature=_coeff_signature,
+    defaults={"BLOCK_N": 64, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 4,
+              "num_stages": 3},
+    interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
+    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8),
+            "num_stages": (2, 3, 4)},
+    grid=lambda s, cfg, sms: (triton.cdiv(s.N, cfg["BLOCK_N"]),),
+    block_keys=("BLOCK_N", "BLOCK_D"), tensor_cores=True, flags=("WRITE_CS", "CS_SPLIT")))
+SPEC_Y = declare(KernelSpec(
+    name="compress_y", fn=_compress_y_kernel, signature=_y_signature,
+    defaults={"BLOCK_N": 64, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 4,
+              "num_stages": 3},
+    interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
+    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (64, 128), "num_warps": (4, 8),
+            "num_stages": (2, 3, 4)},
+    grid=lambda s, cfg, sms: (y_segments(s.N, s.D, s.r, cfg, sms)[0],
+                              triton.cdiv(s.D, cfg["BLOCK_D"])),
+    block_keys=("BLOCK_N", "BLOCK_D"), tensor_cores=True, flags=("ATOMIC",)))
+SPEC_FINISH = declare(KernelSpec(
+    name="compress_finish", fn=_compress_finish_kernel, signature=_finish_signature,
+    defaults=FINISH_CONFIG,
+    grid=lambda s, cfg, sms: (sum(finish_grid(s.N, s.D, s.r, True, False)),), stored=False))

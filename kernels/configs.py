@@ -23,10 +23,13 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import triton
+
+from ._spec import SPECS
 
 log = logging.getLogger("laser_triton")
 
@@ -37,39 +40,38 @@ SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on H100/
 SCHEMA = 1
 PACKAGE = "laser_triton.autotune_configs"
 
-# Safe built-in defaults: small blocks, exact fp32 ("ieee") products.
-DEFAULTS: dict[str, dict] = {
-    "compress_fused": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 2, "PRECISION": "ieee",
-                       "num_warps": 8, "num_stages": 1},
-    "compress_coeff": {"BLOCK_N": 32, "BLOCK_D": 64, "PRECISION": "ieee",
-                       "num_warps": 4, "num_stages": 2},
-    "compress_y": {"BLOCK_N": 32, "BLOCK_D": 64, "PRECISION": "ieee",
-                   "num_warps": 4, "num_stages": 2},
-    "reconstruct": {"BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_R": 32, "PRECISION": "ieee",
-                    "num_warps": 4, "num_stages": 2},
-    "orth_gram": {"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 64,
-                  "num_warps": 4, "num_stages": 1},
-    "grad_coeff": {"BLOCK_N": 64, "BLOCK_O": 64, "BLOCK_R": 32, "PRECISION": "ieee",
-                   "num_warps": 4, "num_stages": 2},
-    "orth_factor": {"num_warps": 8, "num_stages": 1},
-    "orth_apply": {"BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
-}
-# Under TRITON_INTERPRET=1 (CPU tensors) every tl op costs ~0.1 ms of Python, whatever its
-# size: big blocks mean few programs and few loop trips. Used only when there is no GPU name.
-INTERPRETER_DEFAULTS: dict[str, dict] = {
-    "compress_fused": {**DEFAULTS["compress_fused"], "BLOCK_N": 256},
-    "compress_coeff": {**DEFAULTS["compress_coeff"], "BLOCK_N": 256, "BLOCK_D": 256},
-    "compress_y": {**DEFAULTS["compress_y"], "BLOCK_N": 256, "BLOCK_D": 256},
-    "reconstruct": {**DEFAULTS["reconstruct"], "BLOCK_N": 256, "BLOCK_D": 256, "BLOCK_R": 64},
-    "orth_gram": {**DEFAULTS["orth_gram"], "BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
-    "grad_coeff": {**DEFAULTS["grad_coeff"], "BLOCK_N": 256, "BLOCK_O": 128, "BLOCK_R": 64},
-    "orth_factor": dict(DEFAULTS["orth_factor"]),
-    "orth_apply": {**DEFAULTS["orth_apply"], "BLOCK_D": 128},
-}
+
+
+class _SpecView(Mapping):
+    """kernel name -> its spec's defaults (GPU or interpreter), read from the declarations
+    next to the kernels (`_spec.SPECS`, filled when the kernel modules are imported)."""
+
+    def __init__(self, interpreter: bool) -> None:
+        self._interpreter = interpreter
+
+    def __getitem__(self, kernel: str) -> dict:
+        spec = SPECS[kernel]
+        if not spec.stored:
+            raise KeyError(f"{kernel} has a fixed launch config, not one from the store")
+        return spec.interpreter_defaults() if self._interpreter else dict(spec.defaults)
+
+    def __iter__(self):
+        return (name for name, spec in SPECS.items() if spec.stored)
+
+    def __len__(self) -> int:
+        return sum(spec.stored for spec in SPECS.values())
+
+
+# Safe built-in defaults (each kernel's KernelSpec.defaults) and, under TRITON_INTERPRET=1
+# (CPU tensors, where every tl op costs ~0.1 ms of Python whatever its size), the spec's
+# interpreter overrides: big blocks mean few programs and few loop trips.
+DEFAULTS: Mapping[str, dict] = _SpecView(interpreter=False)
+INTERPRETER_DEFAULTS: Mapping[str, dict] = _SpecView(interpreter=True)
 # compress_pass has two designs; this table picks one per key ("fused" or "split"). Without an
 # entry: fused while the D x r fp32 accumulator is small (see compress_pass.FUSED_MAX_ELEMS).
 PATH_TABLE = "compress_path"
-_BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_R", "ROWS_PER_CHUNK", "GRAM_TILE"}
+_BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_R", "BLOCK_K", "ROWS_PER_CHUNK",
+               "GRAM_TILE"}
 _KEY_RE = re.compile(r"^D=(\d+),r=(\d+),dtype=(fp32|bf16|fp16)(?:,N=(\d+))?$")
 
 
@@ -210,15 +212,20 @@ class ConfigStore:
         return [t[2:] for t in sorted(scored, key=lambda t: t[:2])]
 
     def fits(self, kernel: str, entry: dict, D: int, r: int, dtype: str) -> bool:
-        """Whether `entry` compiles for this store's arch within its shared-memory limit."""
-        from ._hopper import shared_bytes  # noqa: PLC0415
+        """Whether `entry` compiles for this store's arch within its shared-memory limit and
+        passes the static audit (no spills, registers, tensor cores where required)."""
+        from ._audit import audit, check  # noqa: PLC0415
 
         try:
-            used = shared_bytes(kernel, D, r, dtype, {**self.defaults[kernel], **entry}, self.arch)
+            facts = audit(kernel, D, r, dtype, {**self.defaults[kernel], **entry})
         except Exception as exc:  # does not compile at all (e.g. out of registers/shared)
             log.warning("laser_triton: %s config %s does not compile (%s)", kernel, entry, exc)
             return False
-        return used <= self.shared_limit
+        bad = check(facts)
+        if bad:
+            log.warning("laser_triton: %s config %s fails the sm_%d audit: %s", kernel, entry,
+                        self.arch, "; ".join(bad))
+        return not bad and facts.shared <= self.shared_limit
 
     def lookup(self, kernel: str, D: int, r: int, dtype: str, N: int | None = None):
         """The config (a dict; a str for PATH_TABLE, or None when it has no entry)."""

@@ -30,6 +30,7 @@ from ._common import (
     pow2,
     shrink_config,
 )
+from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
 
 __all__ = ["grad_coeff", "row_splits"]
@@ -129,7 +130,36 @@ def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
             C.stride(0), C.stride(1), C.stride(2), **c, **consts)
         return part[0] if splits == 1 else part.sum(0)
 
-    ran, T = launch("grad_coeff", run, cfg,
-                    lambda c: shrink_config(c, ("BLOCK_N", "BLOCK_O", "BLOCK_R")))
+    ran, T = launch("grad_coeff", run, cfg, lambda c: shrink_config(c, SPEC.block_keys))
     store.remember("grad_coeff", O, R, dname, N, ran)
     return T
+
+
+# ----------------------------------------------------------------------------- declaration
+
+
+def _signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    """One batch of row-major G (N, O) and C (N, R) in the activation dtype; D stands for O."""
+    N, O, R, x = shape.N, shape.D, shape.r, f"*{shape.dtype}"
+    block_o, block_r = min(cfg["BLOCK_O"], pow2(O)), min(cfg["BLOCK_R"], pow2(R))
+    tiles = triton.cdiv(O, block_o) * triton.cdiv(R, block_r)
+    want = max(1, PROGRAMS_PER_SM * 132 // tiles)
+    rows = triton.cdiv(triton.cdiv(N, min(want, triton.cdiv(N, cfg["BLOCK_N"]))),
+                       cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    runtime = dict(g_ptr=x, c_ptr=x, part_ptr="*fp32", N=N, O=O, R=R, B=1, rows_per_split=rows,
+                   stride_gb=N * O, stride_gn=O, stride_go=1, stride_cb=N * R, stride_cn=R,
+                   stride_cr=1)
+    bf16 = shape.dtype == "bf16"
+    return runtime, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_O=block_o, BLOCK_R=block_r,
+                         PRECISION=cfg["PRECISION"], BOTH_BF16=bf16, G_IS_BF16=bf16,
+                         INTERPRET=False)
+
+
+SPEC = declare(KernelSpec(
+    name="grad_coeff", fn=_grad_coeff_kernel, signature=_signature,
+    defaults={"BLOCK_N": 64, "BLOCK_O": 64, "BLOCK_R": 32, "PRECISION": "ieee",
+              "num_warps": 4, "num_stages": 2},
+    interpreter={"BLOCK_N": 256, "BLOCK_O": 128, "BLOCK_R": 64},
+    grid=lambda s, cfg, sms: (triton.cdiv(s.D, min(cfg["BLOCK_O"], pow2(s.D)))
+                              * triton.cdiv(s.r, min(cfg["BLOCK_R"], pow2(s.r))), 1, 1),
+    block_keys=("BLOCK_N", "BLOCK_O", "BLOCK_R")))

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..numerics import completion_matrix
 from ._cholesky import _orth_factor_kernel
 from ._common import launch, new_buffer, pow2, shrink_config, to_device
+from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
 
 __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix"]
@@ -249,3 +250,65 @@ def orthonormalize(Y: torch.Tensor, Z: torch.Tensor | None = None) -> tuple[torc
     """Orthonormal fp32 basis of span(Y) (D x r, r <= D) and a device bool scalar `ok`."""
     Qs, ok = orthonormalize_batched([Y], None if Z is None else [Z])
     return Qs[0], ok[0]
+
+
+# ----------------------------------------------------------------------------- declarations
+# Shapes here are one site (D, r) of an fp32 basis; the store keys on (D, padded r, fp32).
+
+
+def _orth_key(shape: Shape) -> tuple[int, int, str]:
+    return shape.D, pow2(shape.r), "fp32"
+
+
+def _rows_per_chunk() -> int:
+    return SPEC_GRAM.defaults["ROWS_PER_CHUNK"]
+
+
+def _gram_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    R_PAD = pow2(shape.r)
+    runtime = dict(a_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", g_ptr="*fp64", za_ptr="*fp64",
+                   nf_ptr="*fp32", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
+    return runtime, dict(WITH_Z=True, R_PAD=R_PAD, GT=min(cfg["GRAM_TILE"], R_PAD),
+                         BLOCK_D=cfg["BLOCK_D"])
+
+
+def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    runtime = dict(g_ptr="*fp64", za_ptr="*fp64", zz_ptr="*fp64", nf_ptr="*fp32",
+                   meta_ptr="*i64", rinv_ptr="*fp64", scale_ptr="*fp64", info_ptr="*i32",
+                   ok_ptr="*i1", n_chunk=triton.cdiv(shape.D, _rows_per_chunk()))
+    return runtime, dict(MODE="repair", R_PAD=pow2(shape.r))
+
+
+def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    R_PAD = pow2(shape.r)
+    runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", rinv_ptr="*fp64",
+                   scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64",
+                   rows_per_chunk=_rows_per_chunk())
+    return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32))
+
+
+def _n_chunk(shape: Shape) -> int:
+    return triton.cdiv(shape.D, _rows_per_chunk())
+
+
+SPEC_GRAM = declare(KernelSpec(
+    name="orth_gram", fn=_orth_gram_kernel, signature=_gram_signature,
+    defaults={"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 64, "num_warps": 4,
+              "num_stages": 1},
+    interpreter={"BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
+    tuning={"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
+            "num_stages": (1, 2)},
+    grid=lambda s, cfg, sms: (1, triton.cdiv(s.D, cfg["ROWS_PER_CHUNK"]),
+                              (pow2(s.r) // min(cfg["GRAM_TILE"], pow2(s.r))) ** 2),
+    block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False, flags=("WITH_Z",)))
+SPEC_FACTOR = declare(KernelSpec(
+    name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
+    defaults={"num_warps": 8, "num_stages": 1}, tuning={"num_warps": (4, 8, 16)},
+    grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
+SPEC_APPLY = declare(KernelSpec(
+    name="orth_apply", fn=_orth_apply_kernel, signature=_apply_signature,
+    defaults={"BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
+    interpreter={"BLOCK_D": 128},
+    tuning={"BLOCK_D": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
+    grid=lambda s, cfg, sms: (1, _n_chunk(s)), block_keys=("BLOCK_D",), key=_orth_key,
+    keyed_on_n=False, flags=("REPAIR",)))

@@ -2,13 +2,15 @@
 
     laser-triton autotune --hidden 512 1536 --rank 8 16 32 64 128 --dtype bf16 [--out DIR]
 
-For every kernel and (D, r): candidates are pruned on the CPU by compiling them for the GPU's
-architecture (sm_90 without a GPU) and keeping those whose shared memory fits; survivors are
+For every kernel and (D, r): the candidates (its `KernelSpec.tuning` grid, tensor-core
+"bf16x3" products; `--ieee` for exact fp32 FMA ones) are pruned on the CPU by the static audit
+(compiled for the GPU's architecture, sm_90 without a GPU, at the launch specialization: no
+spills or local memory, registers and shared memory in budget, tensor cores); survivors are
 timed with `triton.testing.do_bench` through the real launchers, the winner is checked against
 the torch reference, and the JSON file `<DIR>/<sanitized GPU name>.json` is rewritten after
 every entry (an interrupted sweep keeps what it finished). Without a GPU nothing can be timed:
 the command says so and stops after pruning, unless `--prune-only` asks for a file of untimed,
-compile-validated configs (how `autotune_configs/default.json` is made).
+audit-validated configs (how `autotune_configs/default.json` is made).
 
 The store itself (lookup order, logging, validation by fit) lives in
 `laser_triton.kernels.configs`, beside the launchers that use it; it is re-exported here.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import importlib.resources
 import itertools
 import json
@@ -46,53 +49,58 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
-           "orth_factor", "orth_apply")
-_GRIDS: dict[str, dict[str, tuple]] = {  # candidate values per field; DEFAULTS fill the rest
-    "compress_fused": {"BLOCK_N": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2),
-                       "PROGRAMS_PER_SM": (1, 2)},
-    "compress_coeff": {"BLOCK_N": (32, 64, 128), "BLOCK_D": (64, 128), "num_warps": (4, 8),
-                       "num_stages": (2, 3)},
-    "compress_y": {"BLOCK_N": (32, 64), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8),
-                   "num_stages": (2, 3)},
-    "reconstruct": {"BLOCK_N": (64, 128), "BLOCK_D": (64, 128), "BLOCK_R": (32, 64),
-                    "num_warps": (4, 8), "num_stages": (2, 3)},
-    "orth_gram": {"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
-                  "num_stages": (1, 2)},
-    "orth_factor": {"num_warps": (4, 8, 16)},
-    "orth_apply": {"BLOCK_D": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
-}
+           "orth_factor", "orth_apply")  # the tunable kernels (their specs hold the grids)
 
 
-def candidates(kernel: str, allow_split: bool = False) -> list[dict]:
-    """The defaults first, then the grid (with PRECISION="bf16x3" too when allowed)."""
-    grid = dict(_GRIDS[kernel])
-    if allow_split and "PRECISION" in DEFAULTS[kernel]:
-        grid["PRECISION"] = ("ieee", "bf16x3")
+def _spec(kernel: str):
+    from .kernels._spec import SPECS  # noqa: PLC0415
+
+    return SPECS[kernel]
+
+
+def candidates(kernel: str, allow_split: bool = True) -> list[dict]:
+    """The defaults first, then the spec's tuning grid. Precision: the tensor-core split
+    ("bf16x3", the default) and, with allow_split=False, exact fp32 FMA ("ieee") only."""
+    spec = _spec(kernel)
+    grid = dict(spec.tuning)
+    if "PRECISION" in spec.defaults:
+        grid["PRECISION"] = ("bf16x3",) if allow_split else ("ieee",)
     names = list(grid)
-    out = [dict(DEFAULTS[kernel])]
+    out = [] if not allow_split and spec.defaults.get("PRECISION") == "bf16x3" else \
+        [dict(spec.defaults)]
     for values in itertools.product(*(grid[n] for n in names)):
-        cfg = {**DEFAULTS[kernel], **dict(zip(names, values))}
+        cfg = {**spec.defaults, **dict(zip(names, values))}
         if cfg not in out:
             out.append(cfg)
     return out
 
 
-def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
-    """The (D, r, dtype) a launcher uses as key: orthonormalize keys on fp32 and padded r."""
-    if kernel.startswith("orth"):
-        from .kernels._common import pow2  # noqa: PLC0415
+def ladder(kernel: str) -> list[dict]:
+    """The defaults, then what the launcher falls back to on an out-of-resource error
+    (`shrink_config`: fewer stages, then the largest block halved), smallest last."""
+    from .kernels._common import shrink_config  # noqa: PLC0415
 
-        return D, pow2(r), "fp32"
-    return D, r, dtype
+    spec = _spec(kernel)
+    out = [dict(spec.defaults)]
+    while (smaller := shrink_config(out[-1], spec.block_keys)) is not None:
+        out.append(smaller)
+    return out
+
+
+def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
+    """The (D, r, dtype) a launcher uses as key (orthonormalize: fp32 and padded r)."""
+    from .kernels._spec import Shape  # noqa: PLC0415
+
+    return _spec(kernel).key(Shape(0, D, r, dtype))
 
 
 def applies(kernel: str, D: int, r: int) -> bool:
     """Whether a kernel is worth tuning at (D, r) (the fused design only where it may fit)."""
-    from .kernels._common import pow2  # noqa: PLC0415
-    from .kernels.compress_pass import FUSED_MAX_ELEMS  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
 
+    cp = importlib.import_module("laser_triton.kernels.compress_pass")
     if kernel == "compress_fused":
-        return pow2(D) * pow2(r) <= 2 * FUSED_MAX_ELEMS
+        return cp.pow2(D) * cp.pow2(r) <= 2 * cp.FUSED_MAX_ELEMS  # at most two rank tiles
     if kernel.startswith("orth"):
         from .kernels import MAX_ORTH_RANK  # noqa: PLC0415
 
@@ -100,26 +108,31 @@ def applies(kernel: str, D: int, r: int) -> bool:
     return True
 
 
-def _shared_or_error(args) -> tuple[int | None, str]:
+def _audit_or_error(args) -> tuple[int | None, str]:
+    """(shared bytes, "") for a candidate that passes the static audit, else (None, why)."""
     kernel, D, r, dtype, cfg, arch = args
-    from .kernels._hopper import shared_bytes  # noqa: PLC0415
+    from .kernels._audit import audit, check  # noqa: PLC0415
 
     try:
-        return shared_bytes(kernel, D, r, dtype, cfg, arch), ""
+        facts = audit(kernel, D, r, dtype, cfg)
     except Exception as exc:  # a candidate that does not compile is pruned like one too big
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    bad = check(facts)
+    return (None, "; ".join(bad)) if bad else (facts.shared, "")
 
 
 def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int = 90,
           limit: int = 232_448, jobs: int = 1, first_only: bool = False) -> list[tuple[dict, int]]:
-    """[(config, shared bytes)] of the candidates that compile for `arch` within `limit`.
+    """[(config, shared bytes)] of the candidates that pass the static sm_90 audit (compile,
+    no spills or local memory, registers and shared memory within `limit`, tensor cores
+    where the kernel needs them) at the launch specialization, before anything is timed.
 
-    `first_only`: compile in order and stop at the first that fits.
+    `first_only`: audit in order and stop at the first that passes.
     """
     work = [(kernel, D, r, dtype, c, arch) for c in cands]
     if first_only:
         for w in work:
-            shared, _ = _shared_or_error(w)
+            shared, _ = _audit_or_error(w)
             if shared is not None and shared <= limit:
                 return [(w[4], shared)]
         return []
@@ -127,9 +140,9 @@ def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int 
         import multiprocessing  # noqa: PLC0415
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            results = list(ex.map(_shared_or_error, work))
+            results = list(ex.map(_audit_or_error, work))
     else:
-        results = [_shared_or_error(w) for w in work]
+        results = [_audit_or_error(w) for w in work]
     return [(c, s) for c, (s, _) in zip(cands, results) if s is not None and s <= limit]
 
 
@@ -227,10 +240,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--prune-only", action="store_true",
-                   help="no timing: write the first fitting candidate (defaults first) to "
-                        "default.json, marked untimed")
-    p.add_argument("--allow-split", action="store_true",
-                   help="also try bf16x3 products (kept only if they pass the accuracy check)")
+                   help="no timing: write to default.json, per shape, the first config of the "
+                        "launcher's fallback ladder that passes the static audit (untimed)")
+    p.add_argument("--ieee", action="store_true",
+                   help="tune exact fp32 FMA products instead of the tensor-core split "
+                        "(bf16x3, the default; kept only if it passes the accuracy check)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--max-candidates", type=int, default=8,
                    help="time at most this many fitting candidates per kernel and shape "
@@ -244,8 +258,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     import triton  # noqa: PLC0415
 
     from .kernels import configs  # noqa: PLC0415
-    from .kernels._common import pow2  # noqa: PLC0415
-    from .kernels.compress_pass import FUSED_MAX_ELEMS  # noqa: PLC0415
+
+    fused_by_size = importlib.import_module("laser_triton.kernels.compress_pass").fused_by_size
 
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.prune_only:
@@ -268,8 +282,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     doc.update(schema=configs.SCHEMA, gpu=gpu, triton_version=triton.__version__,
                torch_version=torch.__version__, timed=not args.prune_only,
                updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               note=("untimed: the first candidate (built-in defaults first) that compiles for "
-                     f"sm_{arch} within {limit} bytes of shared memory" if args.prune_only else
+               note=("safe defaults proven to fit, never timed: per shape, the first config of "
+                     "the launcher's fallback ladder (built-in defaults, then fewer stages and "
+                     f"halved blocks) that passes the static sm_{arch} audit at N=87000 (no "
+                     f"spills, registers and {limit} bytes of shared memory, tensor cores)"
+                     if args.prune_only else
                      f"fastest of the fitting candidates by do_bench at N={args.rows}"))
     tables = doc.setdefault("kernels", {})
     shared_tab = doc.setdefault("shared_bytes", {})
@@ -286,14 +303,15 @@ def cli_main(argv: list[str] | None = None) -> int:
         for kernel in args.kernels:
             if not applies(kernel, D, r):
                 continue
-            if args.prune_only and kernel == "compress_fused" and (
-                    pow2(D) * pow2(r) > FUSED_MAX_ELEMS):
-                continue  # untimed: keep the size rule; only prove the fused configs it picks
+            if args.prune_only and kernel.startswith("compress") and (
+                    fused_by_size(D, r) != (kernel == "compress_fused")):
+                continue  # untimed: keep the size rule; only prove the configs it picks
             kD, kr, kdt = shape_key(kernel, D, r, args.dtype)
             key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
                              else args.rows)
-            fitting = prune(kernel, kD, kr, kdt, candidates(kernel, args.allow_split), arch,
-                            limit, args.jobs, first_only=args.prune_only)
+            cands = ladder(kernel) if args.prune_only else candidates(kernel, not args.ieee)
+            fitting = prune(kernel, kD, kr, kdt, cands, arch, limit, args.jobs,
+                            first_only=args.prune_only)
             print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
             if not fitting:
                 if kernel == "compress_fused":  # the size rule would pick fused: forbid it

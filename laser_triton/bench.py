@@ -3,6 +3,7 @@
     laser-triton bench kernels --out perf/results/h200/kernels.csv [bench_kernels options]
     laser-triton bench trm --out perf/results/h200/trm.csv [bench_trm options]
     laser-triton bench report [--results perf/results]
+    laser-triton bench audit [--full]   # static sm_90 audit + performance model (CPU, no GPU)
     laser-triton bench all [--results perf/results] [--set NAME]   # both benchmarks + report
 
 The benchmark scripts live in `perf/` of a source checkout and are not part of the wheel:
@@ -24,7 +25,8 @@ from types import ModuleType
 
 __all__ = ["cli_main", "find_perf_dir", "load_script", "load_module", "PACKAGE"]
 
-SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "report": "report.py"}
+SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "report": "report.py",
+           "audit": "audit.py"}
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -94,12 +96,12 @@ def _run_all(perf: Path, argv: list[str]) -> int:
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|report> --help` for a "
+        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|report|audit> --help` for a "
               "script's options.")
         return 0
     what, rest = argv[0], argv[1:]
     if what not in (*SCRIPTS, "all"):
-        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, report or all",
+        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, report, audit or all",
               file=sys.stderr)
         return 2
     perf = find_perf_dir()

@@ -185,10 +185,10 @@ else
   section kernel_bench "$T_KBENCH" "$T_TUNE" "$PY" -m perf.bench_kernels \
     --out "$OUT/kernels.csv" --quick --rows 100 --hidden 64 --rank 4 8
 fi
-# The sweep (bf16x3 allowed: the tensor-core precision) writes its JSON after every entry.
+# The sweep (tensor-core bf16x3 candidates, the default) writes its JSON after every entry.
 if [ "${AUTOTUNE:-auto}" != 0 ]; then
   section autotune "$T_TUNE" 0 "$PY" -m laser_triton.cli autotune \
-    --hidden ${AUTOTUNE_HIDDEN:-512 1536} --rank ${AUTOTUNE_RANK:-32 64} --allow-split \
+    --hidden ${AUTOTUNE_HIDDEN:-512 1536} --rank ${AUTOTUNE_RANK:-32 64} \
     --dtype bf16 --max-candidates ${AUTOTUNE_CANDIDATES:-3} --out "$OUT"
 else
   RESULTS+=("autotune: skipped")

@@ -186,7 +186,7 @@ def test_cli_prune_only_writes_untimed_file(tmp_path):
                             str(tmp_path), "--kernels", "reconstruct", "orth_factor"])
     assert rc == 0
     doc = json.loads((tmp_path / "default.json").read_text())
-    assert doc["timed"] is False and "untimed" in doc["note"]
+    assert doc["timed"] is False and "never timed" in doc["note"]
     assert doc["kernels"]["reconstruct"]["D=256,r=16,dtype=bf16"] == DEFAULTS["reconstruct"]
     assert 0 < doc["shared_bytes"]["orth_factor"]["D=256,r=16,dtype=fp32"] <= 232_448
     store = ConfigStore(GPU, env_dir=tmp_path / "x", shipped_dir=tmp_path)  # reads it back

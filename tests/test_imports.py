@@ -12,11 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"laser_triton": ROOT / "laser_triton", "laser_triton.kernels": ROOT / "kernels",
             "perf": ROOT / "perf"}
 
-# The config store's fit check compiles kernels for sm_90 (configs -> _hopper, deferred), and
-# _hopper imports the kernel modules, which import configs. Issue 12's per-kernel declarations
-# (one registry the store, the compile checks and the kernels all read) replace this edge;
-# delete it here when they land.
-ALLOWED_EDGES = {("laser_triton.kernels.configs", "laser_triton.kernels._hopper")}
+# None: the kernels declare themselves (kernels/_spec.py registry); the store, the sm_90
+# compile checks and the audit read the registry and import no kernel module.
+ALLOWED_EDGES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -52,7 +52,8 @@ def test_small_blocks(use_configs, monkeypatch):
     Q, ok = orthonormalize(out.Y)
     assert bool(ok) and orth_err(Q) <= 1e-5 and span_residual(Q, out.Y) <= 1e-5
     X_hat = reconstruct(out.C, U, torch.float32)
-    assert_close(X_hat, out.C.double() @ U.double().t(), rtol=1e-6, norm=True)
+    # bf16x3 tensor-core products (the default): about 2^-17 relative per product
+    assert_close(X_hat, out.C.double() @ U.double().t(), rtol=1e-5, norm=True)
 
 
 def test_supports():

@@ -78,9 +78,9 @@ from laser_triton.kernels import _contract
 import laser_triton.kernels.reconstruct
 mod = sys.modules["laser_triton.kernels.reconstruct"]
 C, U, out = torch.randn(37, 5), torch.randn(70, 5), torch.empty(37, 70)
-args = (C, U, out, 37, 70, 5, 5, 1, 5, 1)
-kw = dict(BLOCK_N=64, BLOCK_D=64, BLOCK_R=16, PRECISION="ieee", C_IS_BF16=False,
-          INTERPRET=False, num_warps=4, num_stages=2)
+args = (C, U, U, out, 37, 70, 5, 5, 1, 5, 1)  # "ieee": u_ptr and ulo_ptr are both U
+kw = dict(BLOCK_N=64, BLOCK_D=64, BLOCK_R=16, PRECISION="ieee", INTERPRET=False, num_warps=4,
+          num_stages=2)
 binder = _contract._Binder()
 binder.bind(_contract._Launch(mod._reconstruct_kernel, (1, 2), args, kw))  # the real launch
 try:

@@ -31,7 +31,10 @@ def test_reconstruct_matches_fp64(N, D, r, c_dtype, out_dtype):
     out = reconstruct(C, U, out_dtype)
     ref = C.double() @ U.double().t()
     assert out.dtype == out_dtype and out.shape == (N, D) and out.is_contiguous()
-    assert_close(out, ref, rtol=OUT_RTOL[out_dtype], atol=1e-6 * float(ref.abs().max()))
+    # The default bf16x3 products drop terms below about 2^-16 of each |c_k u_k| (2^-15: slack).
+    split_err = 2.0**-15 * float((C.double().abs() @ U.double().abs().t()).max())
+    assert_close(out, ref, rtol=OUT_RTOL[out_dtype],
+                 atol=max(1e-6 * float(ref.abs().max()), split_err))
 
 
 @pytest.mark.slow
@@ -43,4 +46,4 @@ def test_reconstruct_full_grid(N, D, r, dtype):
     U = random_orthonormal(D, r, seed=D + r).float().to(DEV)
     ref = reference.reconstruct(C, U, F32)
     out = reconstruct(C, U, F32)
-    assert_close(out, ref, rtol=1e-6, atol=1e-12, norm=True)
+    assert_close(out, ref, rtol=1e-5, atol=1e-12, norm=True)  # bf16x3 tensor-core products

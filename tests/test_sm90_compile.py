@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("triton")
 from laser_triton.kernels import _hopper  # noqa: E402
 from laser_triton.kernels._common import pow2  # noqa: E402
+from laser_triton.kernels._spec import SPECS  # noqa: E402
 from laser_triton.kernels.configs import (  # noqa: E402
     DEFAULTS,
     PATH_TABLE,
@@ -50,9 +51,9 @@ def _dtype_for(kernel: str) -> str:
     return "fp32" if kernel.startswith("orth") else "bf16"
 
 
-@pytest.mark.parametrize("kernel", _hopper.KERNEL_NAMES)
+@pytest.mark.parametrize("kernel", _hopper.kernel_names())
 def test_kernel_compiles_for_sm90(kernel):
-    info = _hopper.compile_info(kernel, 256, 16, _dtype_for(kernel), DEFAULTS[kernel])
+    info = _hopper.compile_info(kernel, 256, 16, _dtype_for(kernel), SPECS[kernel].defaults)
     assert info["cubin_bytes"] > 0 and ".target sm_90" in info["ptx"]
     assert 0 <= info["shared"] <= SHARED_LIMIT_SM90
     if kernel in ("orth_gram", "orth_apply"):  # the fp64 Gram and apply run on DMMA
@@ -63,8 +64,7 @@ def test_kernel_compiles_for_sm90(kernel):
 # that compiled Triton rejects (the reduction once reused a mask name across shapes), so each
 # variant a GPU run can launch is compiled here.
 _LAUNCHED_VARIANTS = [
-    ("compress_reduce", {"NEED_Y": True}), ("compress_reduce", {"NEED_Y": False}),
-    ("compress_fused", {"NEED_Y": False}), ("compress_coeff", {"WRITE_C32": False}),
+    ("compress_fused", {"NEED_Y": False}), ("compress_coeff", {"WRITE_CS": False}),
     ("orth_factor", {"MODE": "plain"}), ("orth_factor", {"MODE": "check"}),
     ("orth_apply", {"REPAIR": False}),
 ]
@@ -72,12 +72,11 @@ _OTHER_VARIANTS = [  # deterministic=False (atomics)
     ("compress_fused", {"ATOMIC": True}), ("compress_coeff", {"ATOMIC": True}),
     ("compress_y", {"ATOMIC": True}),
 ]
-_REDUCE_CFG = {"num_warps": 4, "num_stages": 3}  # the launcher's (Triton's default stages)
 
 
 def _compile_variant(kernel, flags):
-    cfg = {**DEFAULTS.get(kernel, _REDUCE_CFG), **flags}
-    info = _hopper.compile_info(kernel, 256, 16, _dtype_for(kernel), cfg)
+    info = _hopper.compile_info(kernel, 256, 16, _dtype_for(kernel), SPECS[kernel].defaults,
+                                flags=flags)
     assert info["cubin_bytes"] > 0 and 0 <= info["shared"] <= SHARED_LIMIT_SM90
 
 
@@ -95,11 +94,12 @@ def test_atomic_variants_compile_for_sm90(kernel, flags):
 
 def test_bf16x3_products_use_tensor_cores_and_ieee_does_not():
     cfg = DEFAULTS["compress_coeff"]
-    ieee = _hopper.compile_info("compress_coeff", 512, 16, "bf16", cfg)["ptx"]
+    ieee = _hopper.compile_info("compress_coeff", 512, 16, "bf16",
+                                {**cfg, "PRECISION": "ieee"})["ptx"]
     split = _hopper.compile_info("compress_coeff", 512, 16, "bf16",
                                  {**cfg, "PRECISION": "bf16x3"})["ptx"]
     assert "mma" not in ieee  # exact fp32 FMA products
-    assert "mma.sync.aligned" in split and ".bf16.bf16" in split
+    assert ("mma.sync.aligned" in split or "wgmma" in split) and ".bf16" in split
 
 
 def test_shipped_files_are_well_formed_and_recorded_fits():

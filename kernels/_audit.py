@@ -1,0 +1,147 @@
+"""Static audit of the sm_90 binaries: registers, spills, shared memory, SASS instruction mix.
+
+Each kernel config is compiled for sm_90 at the launch specialization (`_hopper`) and its
+cubin read with the tools that ship with Triton (`cuobjdump -res-usage`, `nvdisasm`):
+- REG / STACK / LOCAL (local memory) from the resource usage; spills show up as LOCAL/STACK
+  and as LDL/STL instructions;
+- counts of HMMA (mma.sync tensor cores), HGMMA (wgmma), DMMA (fp64 tensor cores), FFMA;
+- the loop structure: instructions of the innermost loop bodies (backward branches) and of
+  the loops around them, which the performance model turns into an issue-slot bound.
+`check(facts)` lists what breaks the budget (the CI gate and the autotune prune use it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import triton
+
+from ._hopper import compile_info
+from ._spec import SPECS
+
+__all__ = ["Facts", "audit", "check", "sass_facts", "MAX_REGS", "MAX_COMPILE_S"]
+
+MAX_REGS = 255  # per thread on sm_90 (more spills); the budget below is per warps
+REG_FILE = 65_536  # 32-bit registers per SM
+SHARED_LIMIT = 232_448
+MAX_COMPILE_S = 10.0
+_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)"
+                 r"(.*?);", re.M)
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclass
+class Facts:
+    kernel: str
+    config: str
+    regs: int
+    stack: int
+    local: int
+    spill_ops: int  # LDL + STL instructions
+    shared: int
+    num_warps: int
+    hmma: int
+    hgmma: int
+    dmma: int
+    ffma: int
+    instructions: int
+    loop_body: int  # instructions in the innermost loop bodies (per iteration, all of them)
+    outer_body: int  # instructions of the loops around those, outside the inner bodies
+    loop_mma: int  # tensor-core instructions in those bodies
+    compile_s: float
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def _tool(name: str, *args: str) -> str:
+    out = subprocess.run([str(_TOOLS / name), *args], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def sass_facts(cubin: bytes) -> dict:
+    """Resource usage and instruction counts of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = _RES.search(_tool("cuobjdump", "-res-usage", path))
+        sass = _tool("nvdisasm", "-c", path)
+    finally:
+        os.unlink(path)
+    ops = [(int(m[1], 16), m[2], m[4]) for m in _OP.finditer(sass)]
+    count = Counter(op for _, op, _ in ops)
+    # Labels (".L_x_3:") name the address of the next instruction.
+    labels, pending = {}, []
+    for line in sass.splitlines():
+        lab = re.match(r"^(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab[1])
+            continue
+        m = _OP.match(line + "\n")
+        if m and pending:
+            labels.update({name: int(m[1], 16) for name in pending})
+            pending = []
+    # Loops: a branch to an earlier address closes a body [target, branch]; innermost bodies
+    # are those that contain no other body (the self-loop at the end is the exit trap).
+    bodies = []
+    for addr, op, rest in ops:
+        target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" else None
+        if target and target[1] in labels and labels[target[1]] < addr:
+            bodies.append((labels[target[1]], addr))
+    inner = [b for b in bodies if not any(o != b and b[0] <= o[0] and o[1] <= b[1]
+                                          for o in bodies)]
+    in_loop = [(a, op) for a, op, _ in ops if any(lo <= a <= hi for lo, hi in inner)]
+    outer = [b for b in bodies if b not in inner and any(b[0] <= i[0] and i[1] <= b[1]
+                                                           for i in inner)]
+    in_outer = [a for a, _, _ in ops if any(lo <= a <= hi for lo, hi in outer)
+                and not any(lo <= a <= hi for lo, hi in inner)]
+    mma = ("HMMA", "HGMMA", "DMMA")
+    return {"regs": int(res[1]), "stack": int(res[2]), "local": int(res[4]),
+            "spill_ops": count["LDL"] + count["STL"], "hmma": count["HMMA"],
+            "hgmma": count["HGMMA"], "dmma": count["DMMA"], "ffma": count["FFMA"],
+            "instructions": len(ops), "loop_body": len(in_loop), "outer_body": len(in_outer),
+            "loop_mma": sum(op in mma for _, op in in_loop)}
+
+
+def config_label(cfg: dict, flags: dict | None = None) -> str:
+    items = {**cfg, **(flags or {})}
+    return ";".join(f"{k}={v}" for k, v in sorted(items.items()))
+
+
+def audit(kernel: str, D: int, r: int, dtype: str, cfg: dict, N: int | None = None,
+          flags: dict | None = None) -> Facts:
+    """Compile `cfg` (over the spec's defaults) at this shape for sm_90 and read its binary."""
+    cfg = {**SPECS[kernel].defaults, **cfg}
+    kw = {} if N is None else {"N": N}
+    info = compile_info(kernel, D, r, dtype, cfg, flags=flags, **kw)
+    sf = sass_facts(info["cubin"])
+    return Facts(kernel=kernel, config=config_label(cfg, flags), shared=info["shared"],
+                 num_warps=info["num_warps"], compile_s=round(info["compile_s"], 2), **sf)
+
+
+def check(facts: Facts, needs_tensor_cores: bool | None = None) -> list[str]:
+    """What breaks the static budget (empty when the variant is fine)."""
+    bad = []
+    if facts.local or facts.stack or facts.spill_ops:
+        bad.append(f"spills/local memory (LOCAL {facts.local}, STACK {facts.stack}, "
+                   f"{facts.spill_ops} LDL/STL)")
+    if facts.regs * 32 * facts.num_warps > REG_FILE:
+        bad.append(f"{facts.regs} registers x {facts.num_warps} warps exceed the register file")
+    if facts.shared > SHARED_LIMIT:
+        bad.append(f"shared memory {facts.shared} > {SHARED_LIMIT}")
+    if needs_tensor_cores is None:
+        needs_tensor_cores = SPECS[facts.kernel].tensor_cores and "PRECISION=ieee" not in \
+            facts.config
+    if needs_tensor_cores and facts.hmma + facts.hgmma == 0:
+        bad.append("no tensor-core instructions (HMMA/HGMMA)")
+    if facts.compile_s > MAX_COMPILE_S:
+        bad.append(f"compile time {facts.compile_s} s > {MAX_COMPILE_S} s")
+    return bad

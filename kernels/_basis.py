@@ -1,0 +1,67 @@
+"""The fp32 basis U split once per call into bf16 halves, hi + lo (docs/design.md §6.4).
+
+The tensor-core products (`_common.mma_pre`, "bf16x3") need U as two bf16 halves. Splitting
+a U tile inside the compress or reconstruct loop costs ~10 integer instructions per element
+for every row block that reuses it, which made the loop issue-bound; split once here, the
+loops load two bf16 tiles instead of one fp32 tile (same bytes) straight into the MMAs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _split_bf16, new_buffer, pow2
+from ._spec import KernelSpec, Shape, declare
+
+__all__ = ["split_basis", "basis_operands"]
+
+
+@triton.jit
+def _split_basis_kernel(u_ptr, hi_ptr, lo_ptr, D, R, stride_ud, stride_ur,
+                        BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, R_PAD)
+    mask = (rows < D)[:, None] & (cols < R)[None, :]
+    u = tl.load(u_ptr + rows[:, None] * stride_ud + cols[None, :] * stride_ur, mask=mask,
+                other=0.0)
+    hi, lo = _split_bf16(u)
+    tl.store(hi_ptr + rows[:, None] * R + cols[None, :], hi, mask=mask)
+    tl.store(lo_ptr + rows[:, None] * R + cols[None, :], lo, mask=mask)
+
+
+CONFIG = {"BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+
+
+def split_basis(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo): contiguous bf16 (D, r) tensors with hi + lo = U to about 2^-17 relative."""
+    D, R = U.shape
+    hi = new_buffer((D, R), torch.bfloat16, U.device)
+    lo = new_buffer((D, R), torch.bfloat16, U.device)
+    block = max(1, min(CONFIG["BLOCK_D"], 8192 // pow2(R)))  # <= 8192 elements per program
+    block = 1 << (block.bit_length() - 1)
+    _split_basis_kernel[(triton.cdiv(D, block),)](
+        U, hi, lo, D, R, U.stride(0), U.stride(1), BLOCK_D=block, R_PAD=pow2(R),
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return hi, lo
+
+
+def basis_operands(U: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """What a kernel's (u_ptr, ulo_ptr, stride_ud, stride_ur) get for `precision`."""
+    if precision == "ieee":
+        return U, U, U.stride(0), U.stride(1)
+    hi, lo = split_basis(U)
+    return hi, lo, hi.stride(0), hi.stride(1)
+
+
+def _signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
+    runtime = dict(u_ptr="*fp32", hi_ptr="*bf16", lo_ptr="*bf16", D=shape.D, R=shape.r,
+                   stride_ud=shape.r, stride_ur=1)  # row-major, as LASER's bases are
+    block = 1 << (max(1, min(cfg["BLOCK_D"], 8192 // pow2(shape.r))).bit_length() - 1)
+    return runtime, dict(BLOCK_D=block, R_PAD=pow2(shape.r))
+
+
+SPEC = declare(KernelSpec(
+    name="split_basis", fn=_split_basis_kernel, signature=_signature, defaults=CONFIG,
+    grid=lambda s, cfg, sms: (triton.cdiv(s.D, cfg["BLOCK_D"]),), stored=False))

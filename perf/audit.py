@@ -1,0 +1,202 @@
+"""Static sm_90 audit of what the dispatcher launches for TRM shapes, and a performance model.
+
+    laser-triton bench audit [--out perf/results/audit] [--full] [--cached]
+
+No GPU needed. For each TRM shape (D in 97 (mlp_t positions), 512 (hidden), 1536 (SwiGLU),
+3072; r in 8..128; N = 87,000 rows) and activation dtype, the launch plan of compress_pass
+(`launch_plan`, the launcher's own path choice and the config store of an H200 with the
+shipped files) and reconstruct is compiled for sm_90 at the launch specialization and its
+binary read (`kernels._audit`). Writes:
+- `audit.csv`: kernel, shape, config, registers, spills, shared memory, HMMA/HGMMA/DMMA/FFMA
+  counts, compile seconds, and what fails the budget;
+- `model.csv`: an ESTIMATE per op: predicted H200 time = sum over its kernels of
+  max(HBM bytes / 4.25 TB/s, tensor-core flops / MMA rate, issue-slot bound from the SASS
+  loop bodies) + launch gaps, the roofline time, the predicted fraction of roofline and the
+  goal (compress >= 0.80). Not a measurement: compare with `bench kernels` on a GPU.
+Compile times are measured with an empty Triton cache (`--cached` reuses ~/.triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+BW = 4.25e12  # bytes/s: measured H200 copy bandwidth (docs/design.md §11)
+MMA_RATE = {"HGMMA": 790e12, "HMMA": 0.6 * 790e12, "FFMA": 132 * 128 * 2 * 1.98e9}
+ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second (4 schedulers per SM)
+LAUNCH_S = 2e-6  # gap per extra kernel launch in a stream
+N_ROWS = 87_000
+TRM_D = (97, 512, 1536, 3072)
+TRM_R = (8, 16, 32, 64, 128)
+QUICK = [(512, 32), (512, 128), (97, 64), (1536, 64), (3072, 128)]
+GOAL = 0.80
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _compress_module():
+    """The module (the package re-exports the function under the same name)."""
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("laser_triton.kernels.compress_pass")
+
+
+def kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> dict:
+    """HBM bytes, tensor-core (or FMA) flops, grid size and loop trips of one launch."""
+    import math  # noqa: PLC0415
+
+    from laser_triton.kernels._spec import SPECS, Shape  # noqa: PLC0415
+
+    work = _kernel_work(kernel, N, D, r, dtype, cfg)
+    grid = SPECS[kernel].grid(Shape(N, D, r, dtype), cfg, 132)
+    work["programs"] = int(math.prod(grid))
+    return work
+
+
+def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> dict:
+    from laser_triton.kernels._common import pow2  # noqa: PLC0415
+
+    cp = _compress_module()
+    xb = _BYTES[dtype]
+    split = 2 if dtype == "bf16" else 3  # MMAs per product (bf16x3); 1 for ieee (FMA)
+    if cfg.get("PRECISION") == "ieee":
+        split = 1
+    if kernel == "compress_fused":
+        P, J = cp.fused_programs(N, D, r, cfg, 132)
+        byt = N * D * xb + N * r * xb + (J + 1) * N * 4 + P * D * r * 4
+        flops = 2 * N * D * r * split * 2
+        return dict(bytes=byt, flops=flops, outer=_cdiv(N, cfg["BLOCK_N"]) * J,
+                    inner=_cdiv(D, cfg["BLOCK_K"]))
+    if kernel == "compress_coeff":
+        byt = N * D * xb + N * r * xb + (N * r * 4 if dtype != "fp32" else 0) + 2 * N * 4
+        return dict(bytes=byt, flops=2 * N * D * r * split, outer=_cdiv(N, cfg["BLOCK_N"]),
+                    inner=_cdiv(D, cfg["BLOCK_D"]))
+    if kernel == "compress_y":
+        n_seg, rows = cp.y_segments(N, D, r, cfg, 132)
+        byt = N * D * xb + N * r * 4 + n_seg * D * r * 4
+        return dict(bytes=byt, flops=2 * N * D * r * split,
+                    outer=n_seg * _cdiv(D, cfg["BLOCK_D"]), inner=_cdiv(rows, cfg["BLOCK_N"]))
+    if kernel == "compress_finish":
+        if cp.fused_by_size(D, r):
+            P, J = cp.fused_programs(N, D, r, cp.SPEC_FUSED.defaults, 132)
+        else:
+            P, J = cp.y_segments(N, D, r, cp.SPEC_Y.defaults, 132)[0], 1
+        n_yblk, n_rb = cp.finish_grid(N, D, r, True, False)
+        byt = P * D * r * 4 + (J + 1) * N * 4 + D * r * 4
+        return dict(bytes=byt, flops=0, outer=n_yblk + n_rb, inner=max(_cdiv(P, 16), J))
+    if kernel == "split_basis":
+        return dict(bytes=D * r * 8, flops=0, outer=1, inner=1)
+    if kernel == "reconstruct":
+        byt = N * r * xb + N * D * xb
+        return dict(bytes=byt, flops=2 * N * D * r * split,
+                    outer=_cdiv(N, cfg["BLOCK_N"]) * _cdiv(D, cfg["BLOCK_D"]),
+                    inner=_cdiv(r, min(cfg["BLOCK_R"], pow2(r))))
+    raise KeyError(kernel)
+
+
+def predict(facts, work: dict) -> dict:
+    """Per-kernel estimate: the three bounds and their max (seconds). `work` has bytes, flops,
+    programs (grid size), outer (outer-loop trips, all programs) and inner (inner-loop trips
+    per outer trip)."""
+    unit = "HGMMA" if facts.hgmma else "HMMA" if facts.hmma else "FFMA"
+    t_mem = work["bytes"] / BW
+    t_mma = work["flops"] / MMA_RATE[unit]
+    # Instructions outside every loop run once per program; the outer loop's own body once
+    # per outer trip; the inner body once per inner trip. Without an outer loop, each
+    # program is one outer trip.
+    once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
+    per_outer = facts.outer_body + work["inner"] * facts.loop_body
+    outer = work["outer"] if facts.outer_body else work["programs"]
+    warp_instr = (work["programs"] * once + outer * per_outer) * facts.num_warps
+    t_issue = warp_instr / ISSUE_RATE
+    return dict(t_mem=t_mem, t_mma=t_mma, t_issue=t_issue, unit=unit,
+                t=max(t_mem, t_mma, t_issue),
+                bound=max((t_mem, "memory"), (t_mma, "tensor"), (t_issue, "issue"))[1])
+
+
+def roofline(op: str, N: int, D: int, r: int, dtype: str) -> float:
+    """The op's floor: one read of X (or C) and the outputs at full bandwidth, and the MMA
+    flops the fp32-class split needs at the full HGMMA rate."""
+    xb, split = _BYTES[dtype], 2 if dtype == "bf16" else 3
+    if op == "compress_pass":
+        byt = N * D * xb + N * r * xb + D * r * 4
+        flops = 4 * N * D * r * split
+    else:
+        byt = N * r * xb + N * D * xb
+        flops = 2 * N * D * r * split
+    return max(byt / BW, flops / MMA_RATE["HGMMA"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="laser-triton bench audit", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "audit")
+    p.add_argument("--full", action="store_true", help="every TRM (D, r), not the quick set")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="D:r",
+                   help="audit these (D, r) instead")
+    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_BYTES))
+    p.add_argument("--cached", action="store_true", help="reuse Triton's compile cache")
+    p.add_argument("--label", default="", help="a column naming this run (e.g. 'before')")
+    args = p.parse_args(argv)
+    if not args.cached:  # measure real compile times: an empty cache for this run
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="laser_audit_")
+    os.environ.pop("TRITON_INTERPRET", None)
+    from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
+    from laser_triton.kernels.configs import ConfigStore  # noqa: PLC0415
+
+    cp = _compress_module()
+    store = ConfigStore("NVIDIA H200", interpreter=False)
+    shapes = [(D, r) for D in TRM_D for r in TRM_R if r <= D] if args.full else QUICK
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    facts_rows, model_rows, failures = [], [], 0
+    for dtype in args.dtypes:
+        for D, r in shapes:
+            rec = store.lookup("reconstruct", D, r, dtype, N_ROWS)
+            plans = {"compress_pass": cp.launch_plan(store, N_ROWS, D, r, dtype),
+                     "reconstruct": ([("split_basis", dict(cp.BASIS_CONFIG), {})]
+                                     if rec["PRECISION"] != "ieee" else [])
+                     + [("reconstruct", rec, {})]}
+            for op, steps in plans.items():
+                total, parts = 0.0, []
+                for kernel, cfg, flags in steps:
+                    f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags)
+                    bad = check(f)
+                    failures += bool(bad)
+                    pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg))
+                    total += pred["t"]
+                    parts.append(f"{kernel}:{pred['t'] * 1e6:.1f}us/{pred['bound']}")
+                    facts_rows.append({"label": args.label, "op": op, "D": D, "r": r,
+                                       "dtype": dtype, **f.row(), "mma_unit": pred["unit"],
+                                       "problems": "; ".join(bad)})
+                    print(f"{op:13s} D={D:<4d} r={r:<3d} {dtype} {kernel:15s} regs {f.regs:3d} "
+                          f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
+                          f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
+                          f"{f.compile_s:5.1f}s {'; '.join(bad) or 'ok'}", flush=True)
+                total += LAUNCH_S * (len(steps) - 1)
+                roof = roofline(op, N_ROWS, D, r, dtype)
+                model_rows.append({
+                    "label": args.label, "op": op, "D": D, "r": r, "dtype": dtype, "N": N_ROWS,
+                    "predicted_us": round(total * 1e6, 1), "roofline_us": round(roof * 1e6, 1),
+                    "predicted_fraction": round(roof / total, 3),
+                    "goal_fraction": GOAL if op == "compress_pass" else "",
+                    "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)"})
+    for name, rows in (("audit.csv", facts_rows), ("model.csv", model_rows)):
+        with open(args.out / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    print(f"audit: {len(facts_rows)} kernel variants, {failures} failing; wrote "
+          f"{args.out / 'audit.csv'} and {args.out / 'model.csv'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

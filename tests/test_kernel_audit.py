@@ -1,0 +1,100 @@
+"""The static sm_90 audit as a gate: what the dispatcher launches for TRM shapes compiles
+with no spills or local memory, tensor cores in compress and reconstruct, registers and
+shared memory within budget, and compile time <= 10 s.
+
+Compiled on the CPU at the launch specialization (`kernels._hopper`), read with the ptxas
+tools that ship with Triton. Default tier: a representative set (the TRM's main width with
+the fused design, the widest split shape, the narrow mlp_t width); the whole TRM grid, both
+activation dtypes, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
+a rerun on the same machine costs seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+from laser_triton.kernels._audit import MAX_COMPILE_S, Facts, audit, check  # noqa: E402
+from laser_triton.kernels._hopper import TRM_N  # noqa: E402
+from laser_triton.kernels._spec import SPECS  # noqa: E402
+from laser_triton.kernels.configs import ConfigStore  # noqa: E402
+
+CP = importlib.import_module("laser_triton.kernels.compress_pass")
+TRM_SHAPES = [(D, r) for D in (97, 512, 1536, 3072) for r in (8, 16, 32, 64, 128) if r <= D]
+QUICK = [(512, 32, "bf16"), (3072, 128, "bf16"), (97, 64, "bf16")]
+
+
+def _h200_store() -> ConfigStore:
+    """The store an H200 uses: shipped files and built-in defaults (no interpreter)."""
+    return ConfigStore("NVIDIA H200", interpreter=False)
+
+
+def _launched(D: int, r: int, dtype: str):
+    store = _h200_store()
+    steps = CP.launch_plan(store, TRM_N, D, r, dtype)
+    steps.append(("reconstruct", store.lookup("reconstruct", D, r, dtype, TRM_N), {}))
+    return steps
+
+
+def _gate(D: int, r: int, dtype: str) -> list[str]:
+    problems = []
+    for kernel, cfg, flags in _launched(D, r, dtype):
+        f = audit(kernel, D, r, dtype, cfg, N=TRM_N, flags=flags)
+        # Tensor cores wherever the kernel multiplies, whatever precision a config asks for.
+        bad = check(f, needs_tensor_cores=SPECS[kernel].tensor_cores)
+        problems += [f"{kernel} D={D} r={r} {dtype} {f.config}: {b}" for b in bad]
+    return problems
+
+
+@pytest.mark.parametrize("D,r,dtype", QUICK, ids=[f"{d}x{r}-{t}" for d, r, t in QUICK])
+def test_launched_kernels_pass_the_static_audit(D, r, dtype):
+    assert _gate(D, r, dtype) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("D,r", TRM_SHAPES, ids=[f"{d}x{r}" for d, r in TRM_SHAPES])
+def test_every_trm_shape_passes_the_static_audit(D, r, dtype):
+    assert _gate(D, r, dtype) == []
+
+
+def test_the_gate_catches_spills_and_missing_tensor_cores():
+    """The checks can fail: facts with spills, FMA-only math and a slow compile."""
+    facts = Facts(kernel="compress_fused", config="PRECISION=bf16x3", regs=255, stack=48,
+                  local=0, spill_ops=27, shared=1024, num_warps=8, hmma=0, hgmma=0, dmma=0,
+                  ffma=4000, instructions=5000, loop_body=100, outer_body=0, loop_mma=0,
+                  compile_s=12.0)
+    bad = " | ".join(check(facts))
+    assert "spills" in bad and "tensor-core" in bad and "compile time" in bad
+    assert check(facts, needs_tensor_cores=False) != []
+
+
+@pytest.mark.slow
+def test_a_known_spilling_config_is_caught():
+    """A real binary: the fused design with a 1024 x 16 Y tile and 64-row blocks spills."""
+    f = audit("compress_fused", 1024, 32, "bf16", {"BLOCK_N": 64}, N=TRM_N)
+    assert any("spills" in b for b in check(f))
+
+
+def test_audit_command_writes_csvs_with_model(tmp_path):
+    perf = Path(__file__).resolve().parent.parent / "perf" / "audit.py"
+    spec = importlib.util.spec_from_file_location("laser_triton_perf_audit_test", perf)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--out", str(tmp_path), "--cached", "--shapes", "512:32",
+                      "--label", "test"])
+    assert rc == 0
+    audit_csv = (tmp_path / "audit.csv").read_text().splitlines()
+    model_csv = (tmp_path / "model.csv").read_text().splitlines()
+    assert audit_csv[0].startswith("label,op,D,r,dtype,kernel,config,regs,")
+    assert any(",compress_fused," in line for line in audit_csv)
+    header = model_csv[0].split(",")
+    row = dict(zip(header, model_csv[1].split(",")))
+    assert row["op"] == "compress_pass" and float(row["predicted_us"]) > 0
+    assert 0 < float(row["predicted_fraction"]) <= 1.0 and row["goal_fraction"] == "0.8"
+    compile_s = audit_csv[0].split(",").index("compile_s")
+    assert all(float(line.split(",")[compile_s]) <= MAX_COMPILE_S for line in audit_csv[1:])
