@@ -13,7 +13,8 @@ binary read (`kernels._audit`). Writes:
   max(HBM bytes / 4.25 TB/s, tensor-core flops / MMA rate, issue-slot bound from the SASS
   loop bodies) + launch gaps, the roofline time, the predicted fraction of roofline and the
   goal (compress >= 0.80). Not a measurement: compare with `bench kernels` on a GPU.
-Compile times are measured with an empty Triton cache (`--cached` reuses ~/.triton).
+Compile times are CPU seconds of the compiler and ptxas (independent of machine load), measured
+with an empty Triton cache (`--cached` reuses ~/.triton, where a hit costs ~0).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{op:13s} D={D:<4d} r={r:<3d} {dtype} {kernel:15s} regs {f.regs:3d} "
                           f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
                           f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
-                          f"{f.compile_s:5.1f}s {'; '.join(bad) or 'ok'}", flush=True)
+                          f"{f.compile_s:5.1f} CPU s {'; '.join(bad) or 'ok'}", flush=True)
                 total += LAUNCH_S * (len(steps) - 1)
                 roof = roofline(op, N_ROWS, D, r, dtype)
                 model_rows.append({

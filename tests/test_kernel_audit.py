@@ -67,7 +67,7 @@ def test_the_gate_catches_spills_and_missing_tensor_cores():
     facts = Facts(kernel="compress_fused", config="PRECISION=bf16x3", regs=255, stack=48,
                   local=0, spill_ops=27, shared=1024, num_warps=8, hmma=0, hgmma=0, dmma=0,
                   ffma=4000, instructions=5000, loop_body=100, outer_body=0, loop_mma=0,
-                  compile_s=12.0)
+                  compile_s=12.0, compile_wall_s=12.0)
     bad = " | ".join(check(facts))
     assert "spills" in bad and "tensor-core" in bad and "compile time" in bad
     assert check(facts, needs_tensor_cores=False) != []
