@@ -60,25 +60,29 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
-def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True) -> int:
+def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: bool = False) -> int:
     """Kernel launches one call of the launcher of `op` issues for these inputs (metadata only).
 
-    compress_pass: the basis split (tensor-core precision) + fused kernel + finishing kernel,
-    or the split + coefficient kernel [+ Y kernel] + finishing kernel (`launch_plan`);
+    compress_pass: fused kernel + finishing kernel, or coefficient kernel [+ Y kernel] +
+    finishing kernel (`launch_plan`), plus the basis split on a basis's first tensor-core use;
     orthonormalize(_batched): gram, 3 factor steps, 2 applies (6), plus one cat to pack several
-    (or non-fp32, non-contiguous) inputs; reconstruct: the basis split + 1 (1 with "ieee").
-    Buffers are allocated, never filled.
+    (or non-fp32, non-contiguous) inputs; reconstruct: 1 (+ the basis split on first use).
+    Buffers are allocated, never filled. The basis split counts unless its halves are cached
+    (`_basis.split_launches`); book=True (booking calls the kernels do not run) counts it on
+    a basis's first booked call only, as a GPU run would launch it.
     """
     if op == "compress_pass":  # what `launch_plan` lists: [split_basis +] kernels + finish
         import importlib  # noqa: PLC0415
 
+        from ._basis import split_launches  # noqa: PLC0415
         from ._common import DTYPE_NAMES  # noqa: PLC0415
         from .configs import get_store  # noqa: PLC0415
 
         cp = importlib.import_module(f"{__name__}.compress_pass")
         X, U = tensors[0], tensors[1]
-        return len(cp.launch_plan(get_store(X.device), X.shape[0], X.shape[1], U.shape[1],
-                                  DTYPE_NAMES[X.dtype], need_y))
+        plan = cp.launch_plan(get_store(X.device), X.shape[0], X.shape[1], U.shape[1],
+                              DTYPE_NAMES[X.dtype], need_y)
+        return sum(split_launches(U, book) if k == "split_basis" else 1 for k, _, _ in plan)
     if op == "orthonormalize":
         packed = len(tensors) == 1 and tensors[0].dtype == torch.float32 and \
             tensors[0].is_contiguous()
@@ -90,7 +94,9 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True) -> int:
         C, U = tensors[0], tensors[1]
         cfg = get_store(C.device).lookup("reconstruct", U.shape[0], C.shape[1],
                                          DTYPE_NAMES[C.dtype], C.shape[0])
-        return 1 + (cfg["PRECISION"] != "ieee")
+        from ._basis import split_launches  # noqa: PLC0415
+
+        return 1 + (split_launches(U, book) if cfg["PRECISION"] != "ieee" else 0)
     if op == "grad_coeff":  # the kernel, plus the sum of its row splits' partials if split
         from .grad_coeff import row_splits  # noqa: PLC0415
 

@@ -1,12 +1,15 @@
-"""The fp32 basis U split once per call into bf16 halves, hi + lo (docs/design.md §6.4).
+"""The fp32 basis U split into bf16 halves, hi + lo, once per basis (docs/design.md §6.4).
 
-The tensor-core products (`_common.mma_pre`, "bf16x3") need U as two bf16 halves. Splitting
-a U tile inside the compress or reconstruct loop costs ~10 integer instructions per element
-for every row block that reuses it, which made the loop issue-bound; split once here, the
-loops load two bf16 tiles instead of one fp32 tile (same bytes) straight into the MMAs.
-"""
+The tensor-core products of reconstruct (`_common.mma_pre`, "bf16x3") take U as two bf16
+halves. Splitting a U tile inside its loop costs ~10 integer instructions per element for
+every row block that reuses it; split once here (one small launch the first time a basis is
+used, cached while it lives), the loop loads two bf16 tiles instead of one fp32 tile (same
+bytes) straight into the MMAs. (compress_pass splits in registers instead: a basis is usually
+compressed with once per step, and its launch count is budgeted.)"""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -15,7 +18,7 @@ import triton.language as tl
 from ._common import _split_bf16, new_buffer, pow2
 from ._spec import KernelSpec, Shape, declare
 
-__all__ = ["split_basis", "basis_operands"]
+__all__ = ["split_basis", "basis_operands", "is_split", "split_launches"]
 
 
 @triton.jit
@@ -34,8 +37,61 @@ def _split_basis_kernel(u_ptr, hi_ptr, lo_ptr, D, R, stride_ud, stride_ur,
 CONFIG = {"BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
 
 
+# U -> (hi, lo), kept while U lives. LASER's bases are immutable (a new tensor per update,
+# never written in place), and each is used by many compress and reconstruct calls: splitting
+# once per basis instead of once per call keeps the per-call launch count of the tensor-core
+# path at the "ieee" path's (issue 13's budget). The halves take the bytes of U again.
+_SPLITS: dict[int, tuple[weakref.ref, tuple, torch.Tensor, torch.Tensor]] = {}
+
+
+def _identity(U: torch.Tensor) -> tuple:
+    return (U.data_ptr(), U._version, tuple(U.shape), U.stride(), U.device)
+
+
+def is_split(U: torch.Tensor) -> bool:
+    """Whether `split_basis(U)` would reuse its halves (no launch)."""
+    hit = _SPLITS.get(id(U))
+    return hit is not None and hit[0]() is U and hit[1] == _identity(U)
+
+
+_BOOKED: dict[int, weakref.ref] = {}
+
+
+def split_launches(U: torch.Tensor, book: bool = False) -> int:
+    """Launches the basis split adds to a call with `U`: 1 unless `split_basis` already holds
+    U's halves. book=True (launch booking without running the kernels: the torch backend
+    books what a GPU would launch) also remembers U, so only its first booked call counts
+    the split, as on a GPU."""
+    if is_split(U):
+        return 0
+    if not book:
+        return 1
+    key = id(U)
+    ref = _BOOKED.get(key)
+    if ref is not None and ref() is U:
+        return 0
+    _BOOKED[key] = weakref.ref(U, lambda _, k=key: _BOOKED.pop(k, None))
+    return 1
+
+
+def clear_cache() -> None:
+    """Forget every basis's halves (the next call with it splits again)."""
+    _SPLITS.clear()
+    _BOOKED.clear()
+
+
 def split_basis(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo): contiguous bf16 (D, r) tensors with hi + lo = U to about 2^-17 relative."""
+    """(hi, lo): contiguous bf16 (D, r) tensors with hi + lo = U to about 2^-17 relative;
+    computed once per basis (and again if U is modified in place)."""
+    if is_split(U):
+        return _SPLITS[id(U)][2:]
+    hi, lo = _split(U)
+    key = id(U)
+    _SPLITS[key] = (weakref.ref(U, lambda _, k=key: _SPLITS.pop(k, None)), _identity(U), hi, lo)
+    return hi, lo
+
+
+def _split(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     D, R = U.shape
     hi = new_buffer((D, R), torch.bfloat16, U.device)
     lo = new_buffer((D, R), torch.bfloat16, U.device)

@@ -34,7 +34,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import configs
+from . import _basis, configs
 from ._common import INTERPRET
 
 __all__ = ["Case", "Problem", "check", "run_check", "shipped_cases", "default_cases"]
@@ -321,6 +321,7 @@ def check(cases: Iterable[Case], front_end: bool = True) -> tuple[list[Problem],
                     store = _PinnedStore({**pins, case.table: dict(case.entry)})
                     configs._STORES[cpu_name] = store
                     sink.clear()
+                    _basis.clear_cache()  # each call launches what a first call launches
                     where = f"{case.source} {case.table} D={D},r={r},{dtype} {dict(case.entry)}" \
                             f" via {name}"
                     try:

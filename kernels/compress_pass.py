@@ -29,8 +29,6 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..results import CompressOut
-from ._basis import CONFIG as BASIS_CONFIG
-from ._basis import basis_operands
 from ._common import (
     DTYPE_NAMES,
     INTERPRET,
@@ -69,7 +67,7 @@ def _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j):
 
 @triton.jit
 def _compress_fused_kernel(
-    x_ptr, u_ptr, ulo_ptr, c_ptr, ypart_ptr, rows_ptr, amax_ptr,
+    x_ptr, u_ptr, c_ptr, ypart_ptr, rows_ptr, amax_ptr,
     N, D, R, stride_xn, stride_xd, stride_ud, stride_ur,
     NEED_Y: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
@@ -100,12 +98,11 @@ def _compress_fused_kernel(
             k_ok = dd < D
             x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            u_hi, u_lo = load_basis(u_ptr, ulo_ptr, dd[:, None] * stride_ud +
-                                    cols[None, :] * stride_ur, k_ok[:, None] & r_ok[None, :],
-                                    PRECISION)
+            u = tl.load(u_ptr + dd[:, None] * stride_ud + cols[None, :] * stride_ur,
+                        mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             xf = x.to(tl.float32)
             row_x += tl.sum(xf * xf, axis=1)
-            c = mma_basis(x, u_hi, u_lo, c, PRECISION, INTERPRET)
+            c = mma_split(x, u, c, PRECISION, INTERPRET)  # U split here: no extra launch
         tl.store(c_ptr + rows[:, None] * R + cols[None, :], c.to(c_ptr.dtype.element_ty),
                  mask=n_ok[:, None] & r_ok[None, :])
         amax = _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j)
@@ -125,7 +122,7 @@ def _compress_fused_kernel(
 
 @triton.jit
 def _compress_coeff_kernel(
-    x_ptr, u_ptr, ulo_ptr, c_ptr, cs_ptr, cslo_ptr, rows_ptr, amax_ptr,
+    x_ptr, u_ptr, c_ptr, cs_ptr, cslo_ptr, rows_ptr, amax_ptr,
     N, D, R, stride_xn, stride_xd, stride_ud, stride_ur,
     WRITE_CS: tl.constexpr, CS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -146,10 +143,9 @@ def _compress_coeff_kernel(
         d_ok = dd < D
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        u_hi, u_lo = load_basis(u_ptr, ulo_ptr, dd[:, None] * stride_ud +
-                                offs_r[None, :] * stride_ur, d_ok[:, None] & r_ok[None, :],
-                                PRECISION)
-        c = mma_basis(x, u_hi, u_lo, c, PRECISION, INTERPRET)
+        u = tl.load(u_ptr + dd[:, None] * stride_ud + offs_r[None, :] * stride_ur,
+                    mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        c = mma_split(x, u, c, PRECISION, INTERPRET)
         xf = x.to(tl.float32)
         row_x += tl.sum(xf * xf, axis=1)
     c_offs = rows[:, None] * R + offs_r[None, :]
@@ -290,8 +286,7 @@ def launch_plan(store, N: int, D: int, r: int, dtype: str,
                   {"WRITE_CS": need_y, "CS_SPLIT": y_cfg["PRECISION"] != "ieee"})]
         if need_y:
             steps.append(("compress_y", y_cfg, {}))
-    split = [("split_basis", dict(BASIS_CONFIG), {})] if steps[0][1]["PRECISION"] != "ieee" else []
-    return split + steps + [("compress_finish", dict(FINISH_CONFIG), {})]
+    return steps + [("compress_finish", dict(FINISH_CONFIG), {})]
 
 
 def fused_block_r(D: int, R: int, cfg: dict) -> int:
@@ -358,7 +353,7 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
     atomic = not deterministic
     sms = num_sms(dev)
     C = new_buffer((N, R), coeff_dtype, dev)
-    xs = (X.stride(0), X.stride(1))
+    xs, us = (X.stride(0), X.stride(1)), (U.stride(0), U.stride(1))
 
     def y_buffer(n_slabs: int) -> torch.Tensor:
         if not need_y:
@@ -371,10 +366,9 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         P, J = fused_programs(N, D, R, cfg, sms)
         ypart, amax = y_buffer(P), new_buffer((P * J,), torch.float32, dev)
         rows = new_buffer((J + 1, N), torch.float32, dev)
-        u, ulo, sud, sur = basis_operands(U, cfg["PRECISION"])
         # PROGRAMS_PER_SM sizes the grid only: the compiled launcher rejects unknown keywords.
         _compress_fused_kernel[(P, J)](
-            X, u, ulo, C, ypart, rows, amax, N, D, R, *xs, sud, sur, NEED_Y=need_y,
+            X, U, C, ypart, rows, amax, N, D, R, *xs, *us, NEED_Y=need_y,
             ATOMIC=atomic, D_PAD=pow2(D), INTERPRET=INTERPRET,
             **{**SPEC_FUSED.kernel_config(cfg), "BLOCK_R": fused_block_r(D, R, cfg)})
         return ypart, rows, amax, J
@@ -382,8 +376,7 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
     def run_coeff(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         rows, amax = new_buffer((2, N), torch.float32, dev), new_buffer(grid, torch.float32, dev)
-        u, ulo, sud, sur = basis_operands(U, cfg["PRECISION"])
-        _compress_coeff_kernel[grid](X, u, ulo, C, cs, cslo, rows, amax, N, D, R, *xs, sud, sur,
+        _compress_coeff_kernel[grid](X, U, C, cs, cslo, rows, amax, N, D, R, *xs, *us,
                                      WRITE_CS=cs is not C, CS_SPLIT=cs_split, R_PAD=pow2(R),
                                      INTERPRET=INTERPRET, **cfg)
         return rows, amax
@@ -447,10 +440,9 @@ def _dt(shape: Shape) -> str:
 
 
 def _x_args(shape: Shape, cfg: dict) -> dict:
-    """X and the basis operands as a launch with a row-major X passes them (the split basis
-    is contiguous; an "ieee" launch gets the fp32 U, row-major as LASER's bases are)."""
-    u = "*bf16" if cfg["PRECISION"] != "ieee" else "*fp32"
-    return dict(x_ptr=_dt(shape), u_ptr=u, ulo_ptr=u, N=shape.N, D=shape.D, R=shape.r,
+    """X and U as a launch passes them: row-major X, the fp32 basis row-major as LASER's
+    bases are (split into bf16 halves inside the kernels)."""
+    return dict(x_ptr=_dt(shape), u_ptr="*fp32", N=shape.N, D=shape.D, R=shape.r,
                 stride_xn=shape.D, stride_xd=1, stride_ud=shape.r, stride_ur=1)
 
 
@@ -510,7 +502,8 @@ SPEC_FUSED = declare(KernelSpec(
     tensor_cores=True, flags=("NEED_Y", "ATOMIC")))
 SPEC_COEFF = declare(KernelSpec(
     name="compress_coeff", fn=_compress_coeff_kernel, signature=_coeff_signature,
-    defaults={"BLOCK_N": 64, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 4,
+    # 128-row blocks: each U tile split in registers serves twice the rows (issue slots)
+    defaults={"BLOCK_N": 128, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 8,
               "num_stages": 3},
     interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
     tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8),

@@ -173,7 +173,7 @@ def _book(op: str, *tensors: torch.Tensor, need_y: bool = True):
     kernels = _triton_kernels()
     n = None
     if kernels is not None and kernels.supports(op, *tensors):
-        n = kernels.launch_count(op, *tensors, need_y=need_y)
+        n = kernels.launch_count(op, *tensors, need_y=need_y, book=True)
     return launches.booked(op, n)
 
 
