@@ -145,9 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached", action="store_true", help="reuse Triton's compile cache")
     p.add_argument("--label", default="", help="a column naming this run (e.g. 'before')")
     args = p.parse_args(argv)
+    saved = os.environ.get("TRITON_CACHE_DIR")
     if not args.cached:  # measure real compile times: an empty cache for this run
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="laser_audit_")
-    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return _run(args)
+    finally:  # a caller's environment (tests) is left as it was
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The audit and the model for `args` (see the module docstring). Under
+    TRITON_INTERPRET=1 the compiles run in a clean child process (`kernels._hopper`)."""
     import importlib  # noqa: PLC0415
 
     from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
