@@ -53,8 +53,12 @@ def test_default_configs_pass_tritons_front_end_in_every_mode():
 
 @pytest.mark.slow
 def test_shipped_configs_pass_tritons_front_end_in_every_mode():
+    """Every shipped entry compiles to TTIR. default.json leaves out tables with no proven
+    fitting entry (e.g. grad_coeff, orth_factor at r = 64): those launch the built-in defaults,
+    which the test above covers, so only the shipped tables must be exercised here."""
     problems, coverage = _contract.run_check(_contract.shipped_cases())
-    _assert_clean(problems, coverage)
+    assert not problems, "\n".join(f"{w}: {k}: {e}" for w, k, e in problems[:5])
+    assert not coverage["unused_tables"], f"tables no launcher used: {coverage['unused_tables']}"
 
 
 def test_contract_rejects_unknown_keyword_and_bad_constexpr():
