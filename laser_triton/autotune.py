@@ -98,7 +98,7 @@ def applies(kernel: str, D: int, r: int) -> bool:
     """Whether a kernel is worth tuning at (D, r) (the fused design only where it may fit)."""
     import importlib  # noqa: PLC0415
 
-    cp = importlib.import_module("laser_triton.kernels.compress_pass")
+    cp = importlib.import_module("laser_triton.kernels.compress_plan")
     if kernel == "compress_fused":
         return cp.pow2(D) * cp.pow2(r) <= 2 * cp.FUSED_MAX_ELEMS  # at most two rank tiles
     if kernel.startswith("orth"):

@@ -35,8 +35,8 @@ def param_id(value: object) -> str | None:
 
 def force_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """Make compress_pass take its fused (one launch) or split (coeff + y) path."""
-    cp = sys.modules["laser_triton.kernels.compress_pass"]
-    monkeypatch.setattr(cp, "FUSED_MAX_ELEMS", 1 << 40 if path == "fused" else 0)
+    plan = sys.modules["laser_triton.kernels.compress_plan"]
+    monkeypatch.setattr(plan, "FUSED_MAX_ELEMS", 1 << 40 if path == "fused" else 0)
 
 
 def inputs(N: int, D: int, r: int, dtype: torch.dtype, seed: int = 0):

@@ -37,8 +37,8 @@ def _orth_err(Q):
 def test_compress_pass_bf16_matches_fp64(kernels, N, D, r, path, monkeypatch):
     import sys
 
-    cp = sys.modules["laser_triton.kernels.compress_pass"]
-    monkeypatch.setattr(cp, "FUSED_MAX_ELEMS", 1 << 40 if path == "fused" else 0)
+    plan = sys.modules["laser_triton.kernels.compress_plan"]
+    monkeypatch.setattr(plan, "FUSED_MAX_ELEMS", 1 << 40 if path == "fused" else 0)
     from laser_triton.kernels._common import pow2
 
     # The fused program holds padded D x r tiles: beyond 32768 elements (520 x 33 pads to
