@@ -17,13 +17,13 @@ import torch
 from . import launches, ops
 from .distributed import LocalSync
 from .estimates import batch_error, host_error, plan_shrinks
-from .sites import SiteOrdinals
-from .storage import (
+from .partial_views import (
     column_view_parts,
     view_error,
     view_errors,
     view_target_scale,
 )
+from .sites import SiteOrdinals
 from .util import HostFuture, mm_fp32, to_device_async
 
 __all__ = ["Step", "close_batch", "poll"]

@@ -1,6 +1,7 @@
 """Autograd integration: `Laser.compress()`, `role()`, `raw()`, `report()` (docs/design.md §3, §5).
 
-Inside `compress()`, every tensor that autograd saves for backward goes through `_pack`:
+Inside `compress()`, every tensor that autograd saves for backward goes through `_pack`
+(`packing.PackHooks`, which `Laser` inherits):
 - ineligible tensors (integer/bool, weights and weight copies, narrow rows, too few rows,
   non-dense layouts, anything saved inside `raw()`) are kept as they are and counted;
 - eligible storages are compressed once per step by their site's `SiteTracker`; the site is
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -31,48 +31,17 @@ from .accounting import RawCount, build_report, step_bytes
 from .config import LaserConfig
 from .decisions import Step, close_batch, poll
 from .distributed import LocalSync, make_sync
+from .eager import disable_compile_on_bookkeeping, eager
+from .eligibility import WatchedModels
+from .packing import WIDTHS_PER_SITE, PackHooks
 from .sites import ModuleLabels
-from .storage import (
-    Entry,
-    Packed,
-    RawSaved,
-    WatchedModels,
-    dense_region,
-    region_view,
-    saved_key,
-    saved_nbytes,
-    storage_key,
-)
+from .storage import Packed, RawSaved
 from .tracker import SiteTracker
-from .util import own_math
 
 __all__ = ["Laser", "WIDTHS_PER_SITE"]
 
-# Trackers kept per site slot (role, module, ordinal) across row widths; see _note_width.
-WIDTHS_PER_SITE = 4
 
-# LASER's bookkeeping runs eagerly even when the model around it is compiled whole (traced by
-# dynamo it would graph-break on every host decision and recompile per shape and rank), and
-# without the caller's autocast (its fp32 products and error estimates stay fp32).
-# torch.compiler.disable imports dynamo (and with it sympy and Triton: seconds), so `_eager`
-# only records the function, and the first `Laser` built swaps in the disabled versions.
-_EAGER: list = []
-
-
-def _eager(fn):
-    fn = own_math(fn)  # functools.wraps: keeps __name__ and __qualname__ for the swap
-    _EAGER.append(fn)
-    return fn
-
-
-def _disable_compile_on_bookkeeping() -> None:
-    while _EAGER:
-        fn = _EAGER.pop()
-        owner = Laser if fn.__qualname__.startswith("Laser.") else sys.modules[__name__]
-        setattr(owner, fn.__name__, torch.compiler.disable(fn))
-
-
-class Laser:
+class Laser(PackHooks):
     """LASER for one model: per-site low-rank trackers that live across training steps.
 
     Inside `compress()`, every activation autograd saves for backward is stored as
@@ -117,7 +86,7 @@ class Laser:
     """
 
     def __init__(self, cfg: LaserConfig | None = None):
-        _disable_compile_on_bookkeeping()
+        disable_compile_on_bookkeeping()
         self.cfg = cfg or LaserConfig()
         if not isinstance(self.cfg, LaserConfig):
             raise TypeError(f"Laser expects a LaserConfig, got {type(self.cfg).__name__}")
@@ -213,7 +182,7 @@ class Laser:
             self._poll(step, block=False)
         self._check_no_inner_hooks(step)
 
-    @_eager
+    @eager
     def _check_no_inner_hooks(self, step: Step) -> None:
         """Checked at role() entry and exit and at the end of compress(), so a context opened
         and closed between two of these points (inside one network call) is not seen."""
@@ -258,147 +227,19 @@ class Laser:
         self._watched.add(model)
         return self._labels.watch(model)
 
-    def _active_step(self) -> Step | None:
-        step = self._step
-        if step is None or step.thread != threading.get_ident():
-            return None
-        return step
-
-    # ------------------------------------------------------------------ pack
-
-    def _count_raw(self, step: Step, t: torch.Tensor, category: str,
-                   site: str | None = None) -> torch.Tensor:
-        """Keep t raw and count its storage once: under `site` when a tracked site chose raw
-        (back-off), else under its rule's category."""
-        key = saved_key(t)
-        if key not in step.raw_seen:
-            step.raw_seen[key] = category
-            counts = step.raw_counts if site is None else step.site_raw
-            c = counts.setdefault(category if site is None else site, RawCount())
-            c.tensors += 1
-            c.nbytes += saved_nbytes(t)
-        entry = step.entries.get(key)
-        if entry is not None:
-            if t._version != entry.version:
-                # The storage was modified in place after the entry's save: plain autograd
-                # raises for that save at backward, whatever LASER holds for it.
-                entry.overwritten = t.detach()
-            elif entry.pinned is None:
-                entry.pin(t)  # the storage stays alive raw anyway: serve exact values
-        return RawSaved(t)
-
-    @_eager
-    def _pack_raw(self, t: torch.Tensor):
-        step = self._active_step()
-        if step is None:
-            return t
-        return self._count_raw(step, t, "raw()")
-
-    @_eager
-    @launches.counted("pack")
-    def _pack(self, t: torch.Tensor):
-        step = self._active_step()
-        if step is None:
-            return t
-        # Every save takes a slot, eligible or not, so the k-th save of a call names the same
-        # site in every call even when the first call's input is a leaf.
-        slot = self._next_slot(step)
-        if t.layout != torch.strided:  # sparse and other layouts: no dense rows to compress
-            return self._count_raw(step, t, "layout")
-        reason = self._watched.ineligible(t)
-        if reason == "parameter":
-            return RawSaved(t)  # the model owns it: no extra memory, nothing to count
-        if reason is not None:
-            return self._count_raw(step, t, reason)
-        key = storage_key(t)
-        if key in step.raw_seen:
-            return RawSaved(t)  # already held raw by another reference
-        entry = step.entries.get(key)
-        if entry is not None:
-            if (entry.version != t._version or t.dtype != entry.dtype
-                    or not entry.region.covers(t)):
-                return self._count_raw(step, t, "aliased")  # new contents, dtype or layout
-            return self._packed(entry, t)
-        region = dense_region(t)
-        if region is None:
-            return self._count_raw(step, t, "layout")
-        site, site_cfg = self._site_for(slot, region.width)
-        if site_cfg is None or not site_cfg.enabled:  # excluded, or tau = 0 at this site
-            return self._count_raw(step, t, "excluded")
-        if region.width < site_cfg.min_width:
-            return self._count_raw(step, t, "narrow")
-        if region.rows < site_cfg.max_rank:
-            return self._count_raw(step, t, "few rows")
-        tracker = self.trackers.get(site)
-        if tracker is None:
-            tracker = self.trackers[site] = SiteTracker(site, region.width, site_cfg, self._sync)
-            tracker.batched = True  # bases advance and shrink in the batched decision points
-        self._note_width(slot, site)
-        launches.note("saved")  # a tensor at a tracked site (the budget's unit)
-        if tracker.take_skip():
-            return self._count_raw(step, t, "backoff", site=site)
-        with torch.no_grad():
-            draft = tracker.draft(region_view(t, region))
-        launches.note("drafted")
-        entry = Entry(region, t.dtype, t, site, tracker, draft)
-        step.entries[key] = entry
-        step.batch.append(entry)
-        packed = self._packed(entry, t)
-        if len(step.batch) >= self.cfg.batch_size:
-            self._close_batch(step)
-            self._poll(step, block=False)
-        return packed
-
-    @staticmethod
-    def _packed(entry: Entry, t: torch.Tensor) -> Packed:
-        """Pack view t of entry. A view covering only part of the region must meet tau on its
-        own: checked with the batch while undecided, else the entry is served exactly."""
-        packed = Packed(entry, t)
-        if t.numel() < entry.region.numel and entry.pinned is None:
-            if entry.stored is None:
-                entry.views.append(packed)
-            elif not entry.stored.is_raw:
-                entry.pin(t)  # decided already; the storage is alive now, keep it exact
-        return packed
-
-    def _next_slot(self, step: Step) -> str:
-        return step.sites.next_site(self._labels.current())
-
-    def _note_width(self, slot: str, site: str) -> None:
-        """Bound the trackers of one slot: a site whose row width changes from step to step
-        (e.g. attention scores over varying sequence lengths) gets one tracker per width
-        ("slot@width"); past WIDTHS_PER_SITE the least recently used one is dropped (its
-        entries of this step keep their own reference) and counted in `dropped_sites`."""
-        used = self._widths.setdefault(slot, OrderedDict())
-        used[site] = None
-        used.move_to_end(site)
-        while len(used) > WIDTHS_PER_SITE:
-            old, _ = used.popitem(last=False)
-            if self.trackers.pop(old, None) is not None:
-                self.dropped_sites += 1
-
-    def _site_for(self, site: str, width: int) -> tuple[str, LaserConfig | None]:
-        tracker = self.trackers.get(site)
-        if tracker is not None and tracker.width != width:
-            site = f"{site}@{width}"
-            tracker = self.trackers.get(site)
-        if tracker is not None:
-            return site, tracker.cfg
-        return site, self.cfg.for_site(site)
-
     # ------------------------------------------------------------------ decisions
 
-    @_eager
+    @eager
     @launches.counted("decide")
     def _close_batch(self, step: Step) -> None:
         close_batch(step, self._sync)
 
-    @_eager
+    @eager
     @launches.counted("decide")
     def _poll(self, step: Step, block: bool) -> None:
         poll(step, block, self.cfg.decision_lag, self._sync)
 
-    @_eager
+    @eager
     @launches.counted("finish")
     def _finish(self, step: Step | None) -> None:
         if step is None:
@@ -460,7 +301,7 @@ class Laser:
                 "dropped_sites": self.dropped_sites}
 
 
-@_eager
+@eager
 @launches.counted(launches.BACKWARD)
 def _unpack(p):
     served = lowrank.serve(p)  # (C, U) for a lowrank.linear backward that asked for it

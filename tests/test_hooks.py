@@ -12,6 +12,7 @@ from models import Block, GatedMLP, low_rank_tokens
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import laser_triton as lt
+import laser_triton.eligibility as eligibility
 import laser_triton.storage as storage_mod
 
 TAU = 0.05
@@ -74,7 +75,7 @@ def test_attention_internals_and_weight_copies_are_exact(monkeypatch):
     orig_pack = laser._pack
 
     def pack(t):
-        if storage_mod.weight_leaf(t) is not None:
+        if eligibility.weight_leaf(t) is not None:
             weight_copies.append(t)
         assert t.dim() != 4, "an SDPA input or output reached the compressing hook"
         assert "ScaledDotProduct" not in type(t.grad_fn).__name__

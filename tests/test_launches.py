@@ -139,7 +139,8 @@ def test_column_view_bound_holds_for_what_unpack_returns(coeff):
     from models import low_rank_tokens
 
     import laser_triton as lt
-    from laser_triton.storage import Entry, Packed, column_view_parts, dense_region, view_errors
+    from laser_triton.partial_views import column_view_parts, view_errors
+    from laser_triton.storage import Entry, Packed, dense_region
     from laser_triton.tracker import SiteTracker
 
     cfg = lt.LaserConfig(tau=0.05, max_rank=48, rank=8, coeff_dtype=coeff)

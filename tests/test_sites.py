@@ -88,7 +88,7 @@ def test_names_survive_a_raising_submodule_and_match_laser(kind):
 
 def test_recorder_applies_laser_exclusion_rules():
     """The recorder keeps out what Laser keeps raw, under the same reasons (one definition,
-    storage.ineligible): a saved view of a parameter is a "parameter" (no extra memory), a
+    eligibility.ineligible): a saved view of a parameter is a "parameter" (no extra memory), a
     cast copy of it a "weight copy"; the activation itself is reported."""
     lin = torch.nn.Linear(160, 160, bias=False)
     x = torch.randn(300, 160)

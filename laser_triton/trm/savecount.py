@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from ..eligibility import weight_leaf
 from ..sites import ModuleLabels, SiteOrdinals
-from ..storage import saved_key, saved_nbytes, storage_key, weight_leaf
+from ..storage import saved_key, saved_nbytes, storage_key
 
 __all__ = ["SavedTensorCounter"]
 

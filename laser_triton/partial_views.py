@@ -1,0 +1,130 @@
+"""Error bounds for saved views that cover only part of their storage (docs/design.md §2.1).
+
+A storage is compressed once, but each saved view of it is rebuilt on its own, so a view
+holding little of the storage's energy (one half of a fused `gate_up`) must meet `tau` by
+itself. The batched decision reads `decision_error` (rebuilding to measure), or, when every
+view is a column block, `column_view_parts` on the device and `view_errors` on the host
+(no rebuild); a reset for such a storage aims lower by `view_target_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import magnitude
+from .storage import Entry, column_block
+from .util import reduced_fp32_matmul
+
+__all__ = ["decision_error", "view_error", "view_target_scale", "column_view_parts",
+           "view_errors"]
+
+
+def decision_error(entry: Entry) -> torch.Tensor:
+    """The error the decision reads: the region's, or its worst partial view's if larger."""
+    d = entry.draft
+    if not entry.views or d.C is None:
+        return d.err
+    return torch.maximum(d.err, view_error(entry, d.X))
+
+
+def view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
+    """Largest relative error over the entry's partial views, measured on what unpack returns."""
+    src = entry.stored if entry.stored is not None else entry.draft
+    C, U, scale = src.C, src.U, src.scale
+    X_hat = magnitude.rebuild(C, U, X.dtype, scale)
+    s = 1.0 if scale is None else scale  # norms of scale * X stay inside fp32's range
+    worst = torch.zeros((), device=X.device)
+    for p in entry.views:
+        v = magnitude.scaled(X.as_strided(p.size, p.stride, X.storage_offset() + p.offset)
+                             .float(), s)
+        v_hat = magnitude.scaled(X_hat.as_strided(p.size, p.stride, p.offset).float(), s)
+        num = torch.linalg.vector_norm(v - v_hat)
+        den = torch.linalg.vector_norm(v)
+        e = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
+        worst = torch.maximum(worst, torch.nan_to_num(e, nan=math.inf))
+    return worst
+
+
+def view_target_scale(entry: Entry) -> float:
+    """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
+    if not entry.views:
+        return 1.0
+    X = entry.draft.X  # energies in fp64: fp32 squares under/overflow at extreme magnitudes
+    total = float(torch.linalg.vector_norm(X, dtype=torch.float64).square())
+    shares = [float(torch.linalg.vector_norm(
+        X.as_strided(p.size, p.stride, X.storage_offset() + p.offset), dtype=torch.float64
+    ).square()) / total for p in entry.views] if total > 0 and math.isfinite(total) else [1.0]
+    return max(math.sqrt(max(min(shares), 0.0)), 1e-3)
+
+
+
+def column_view_parts(entry: Entry) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the host needs to bound each partial view's error without rebuilding the region,
+    when every view is a column block (as the gate and up halves of a fused gate_up):
+    per view, ||X_S|| and c_S = sum over its columns j of <U_j, (U M - 2 Y)_j>, M = U^T Y.
+
+    With Y = X^T X U from the same compress pass, ||X_S - X U U_S^T||^2 = ||X_S||^2 + c_S
+    exactly, so the projection error of view S comes from D x r quantities and one norm of X
+    per view: no rebuild, no (N, D) temporaries. c_S cancels ||X_S||^2 down to the error, so
+    the norm accumulates in fp64 (an fp32 sum over millions of elements was 0.6% off on CPU)
+    and the products in fp32 (fp64 where TF32 may apply): measured within 5e-8 ||X_S||^2 up to
+    N = 75000; `view_errors` adds 1e-6 ||X_S||^2 for that. Below exact_below every error is
+    measured instead (a rebuild).
+    Returns (norms, c) (k each); `view_errors` finishes on the host.
+    None when some view is not a column block (then `view_error` rebuilds).
+    """
+    d = entry.draft
+    blocks = [column_block(p.size, p.stride, p.offset, entry.region) for p in entry.views]
+    if d.C is None or d.Y is None or any(b is None for b in blocks):
+        return None
+    X, U, Y = d.X, d.U, d.Y
+    if reduced_fp32_matmul(U.device):  # TF32 would swamp the residual: products in fp64
+        U, Y = U.double(), Y.double()
+    M = d.shrink_gram if d.shrink_gram is not None and U.dtype == torch.float32 else U.t() @ Y
+    Z = torch.addmm(Y, U, M, beta=-2.0)  # U M - 2 Y
+    blocks.sort()
+    k, w = len(blocks), blocks[0][1]
+    if blocks == [(i * w, w) for i in range(k)] and k * w == entry.region.width:
+        # The views partition the columns in equal blocks: one reduction each.
+        norms = torch.linalg.vector_norm(X.unflatten(1, (k, w)), dim=(0, 2), dtype=torch.float64)
+        # U's rows are X's columns: block i is a contiguous run of U and Z; c = k dot products.
+        c = torch.bmm(U.reshape(k, 1, -1), Z.reshape(k, -1, 1)).view(k)
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(X[:, a:a + n], dtype=torch.float64)
+                             for a, n in blocks])
+        c = torch.stack([(U[a:a + n] * Z[a:a + n]).sum() for a, n in blocks])
+    return norms, c
+
+
+_VIEW_NOISE = 1e-6  # relative rounding of ||X_S||^2 + c_S (measured <= 5e-8, see above)
+
+
+def view_errors(parts: list[float], e_C: float, consts: tuple[float, ...],
+                scale: float | None) -> float:
+    """Largest relative error of the column views from `column_view_parts` (host values).
+
+    In the pass's (scaled) units, with R_S the projection residual (||R_S||^2 = ||X_S||^2 +
+    c_S) and round(C) - C at most rho_c ||C|| plus the subnormal term sqrt(N r) h_c:
+    ||v - cast(rebuild)|| <= (||R_S|| + rho_c ||C|| + sqrt(N r) h_c)(1 + rho_x) + rho_x ||v||
+    + sqrt(N D) h_x s (||U_S|| <= 1). An all-zero view gives 0 only when nothing is rebuilt
+    into it; NaN gives inf.
+    """
+    rho_c, rho_x, coeff2, out_sub = consts[:4]
+    s = 1.0 if scale is None else scale
+    k = len(parts) // 2
+    worst = 0.0
+    for norm, c in zip(parts[:k], parts[k:]):
+        norm *= s  # ||X_S|| was read unscaled; c_S comes from the scaled pass
+        e_v = norm * norm
+        res = e_v + c + _VIEW_NOISE * e_v  # the products' rounding, bounded from above
+        proj = math.sqrt(max(res, 0.0)) if res == res else math.inf
+        num = (proj + rho_c * math.sqrt(max(e_C, 0.0)) + math.sqrt(coeff2)) * (1.0 + rho_x)
+        if not e_v > 0:
+            err = 0.0 if num == 0.0 else math.inf
+        else:
+            err = (num + out_sub) / norm + rho_x
+        if not err <= worst:  # NaN-safe: NaN becomes inf
+            worst = err if err == err else math.inf
+    return worst
