@@ -25,6 +25,7 @@ except Exception as exc:  # not installed, or an install that fails on import
 import torch
 
 from .compress_pass import compress_pass
+from .compress_plan import rows_fit
 from .grad_coeff import grad_coeff
 from .orthonormalize import completion_matrix, orthonormalize, orthonormalize_batched
 from .reconstruct import reconstruct
@@ -42,8 +43,9 @@ MAX_ORTH_RANK = 64
 def supports(op: str, *tensors: torch.Tensor) -> bool:
     """True when the Triton kernels handle `op` on these tensors (metadata only, no sync).
 
-    The inputs are those `laser_triton.ops` validated (dtypes, ranks, shapes, devices); this
-    decides only whether the kernels cover their sizes.
+    The inputs are those `laser_triton.validation` accepted (dtypes, ranks, shapes, devices:
+    checked once there, by `ops` and the launchers alike); this decides only whether the
+    kernels cover their sizes.
     """
     if not tensors:
         return False
@@ -51,7 +53,7 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
         return tensors[1].shape[2] <= MAX_RANK
     if op == "compress_pass":
         X, U = tensors[0], tensors[1]
-        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK
+        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK and rows_fit(X.shape[0], U.shape[1])
     if op == "reconstruct":
         C = tensors[0]
         return C.shape[1] <= MAX_RANK

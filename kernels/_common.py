@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..util import to_device_async
-
 log = logging.getLogger("laser_triton")
 T = TypeVar("T")
 
@@ -62,10 +60,6 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else -1
     return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-# Host tensor to a device without a synchronizing copy: the torch side's helper, one copy.
-to_device = to_device_async
 
 
 def launch(name: str, run: Callable[[dict], T], config: dict,

@@ -14,6 +14,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from ..results import CompressOut
+from ..validation import check_compress_pass
 from ._common import DTYPE_NAMES, INTERPRET, launch, new_buffer, num_sms, pow2, shrink_config
 from .compress_finish import (
     FINISH_CONFIG,
@@ -30,7 +31,7 @@ from .compress_kernels import (
     _compress_fused_kernel,
     _compress_y_kernel,
 )
-from .compress_plan import fused_block_r, fused_by_size, fused_programs, y_segments
+from .compress_plan import fused_block_r, fused_by_size, fused_programs, rows_fit, y_segments
 from .configs import PATH_TABLE, get_store
 
 __all__ = ["compress_pass", "choose_path", "fused_block_r", "launch_plan", "fused_by_size",
@@ -71,14 +72,12 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
     column-major Q is fine). Matches `laser_triton.reference.compress_pass`. All results stay
     on the device; nothing synchronizes with the host.
     """
-    if X.dim() != 2 or U.dim() != 2 or U.shape[0] != X.shape[1] or U.dtype != torch.float32:
-        raise ValueError(f"compress_pass: X (N x D) and fp32 U (D x r) expected, got "
-                         f"X {tuple(X.shape)}, U {tuple(U.shape)} {U.dtype}")
-    if X.dtype not in DTYPE_NAMES or U.device != X.device:
-        raise ValueError(f"compress_pass: X dtype {X.dtype}, devices {X.device}/{U.device}")
-    coeff_dtype = X.dtype if coeff_dtype is None else coeff_dtype
+    coeff_dtype = check_compress_pass(X, U, coeff_dtype)
     N, D = X.shape
     R = U.shape[1]
+    if not rows_fit(N, R):
+        raise ValueError(f"compress_pass: N = {N} rows is too many for rank {R} (the kernels "
+                         "index up to (R + 1) N < 2^31 values; ops runs the reference there)")
     dev, dname = X.device, DTYPE_NAMES[X.dtype]
     store = get_store(dev)
     atomic = not deterministic
@@ -120,8 +119,6 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
             INTERPRET=INTERPRET, **{**cfg, "PRECISION": "bf16x3" if cs_split else "ieee"})
         return ypart
 
-    if (R + 1) * N >= 2**31:  # the row scratch holds up to R / 16 + 1 rows of N values
-        raise ValueError(f"compress_pass: N = {N} rows is too many for rank {R}")
     ypart = None
     if choose_path(D, R, dname, dev) == "fused":
         cfg = store.lookup("compress_fused", D, R, dname, N)

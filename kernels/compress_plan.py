@@ -12,12 +12,19 @@ import triton
 from ._common import pow2
 
 __all__ = ["FUSED_MAX_ELEMS", "MIN_BLOCK_R", "MAX_PARTIAL_ELEMS", "H100_SMS", "fused_by_size",
-           "fused_block_r", "fused_programs", "y_segments"]
+           "fused_block_r", "fused_programs", "y_segments", "rows_fit"]
 
 FUSED_MAX_ELEMS = 16384  # bound on the fused Y accumulator, D_PAD x BLOCK_R fp32
 MIN_BLOCK_R = 16  # the smallest rank tile (tl.dot's minimum)
 MAX_PARTIAL_ELEMS = 1 << 24  # cap on the Y partial slabs (64 MiB)
 H100_SMS = 132  # the grid sizes the compile signatures assume (H100/H200)
+
+
+def rows_fit(N: int, R: int) -> bool:
+    """Whether N rows at rank R stay within the kernels' int32 indexing of the row scratch,
+    which holds up to R / 16 + 1 rows of N values (bounded by (R + 1) N < 2^31). The launcher
+    raises beyond it and `kernels.supports` sends such inputs to the torch reference."""
+    return (R + 1) * N < 2**31
 
 
 def fused_by_size(D: int, r: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_grad_coeff
 from ._common import (
     DTYPE_NAMES,
     INTERPRET,
@@ -107,12 +108,7 @@ def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
     Matches `laser_triton.reference.grad_coeff`: fp32 products and accumulation.
     """
-    if G.dim() != 3 or C.dim() != 3 or G.shape[:2] != C.shape[:2]:
-        raise ValueError(f"grad_coeff: G (B, N, O) and C (B, N, R) expected, got "
-                         f"{tuple(G.shape)} and {tuple(C.shape)}")
-    if G.dtype not in DTYPE_NAMES or C.dtype not in DTYPE_NAMES or G.device != C.device:
-        raise ValueError(f"grad_coeff: dtypes {G.dtype}, {C.dtype} / devices {G.device}, "
-                         f"{C.device}")
+    check_grad_coeff(G, C, ndims=(3,))
     B, N, O = G.shape
     R = C.shape[2]
     store = get_store(G.device)

@@ -30,8 +30,10 @@ import triton
 import triton.language as tl
 
 from ..numerics import completion_matrix
+from ..util import to_device_async
+from ..validation import check_orthonormalize
 from ._cholesky import _orth_factor_kernel
-from ._common import launch, new_buffer, pow2, shrink_config, to_device
+from ._common import launch, new_buffer, pow2, shrink_config
 from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
 
@@ -146,7 +148,7 @@ class _Plan:
         self.offsets = offsets
         self.R_PAD = pow2(max(r for _, r in shapes))
         self.max_D = max(D for D, _ in shapes)
-        self.meta = to_device(torch.tensor([[off, D, r] for off, (D, r) in zip(offsets, shapes)],
+        self.meta = to_device_async(torch.tensor([[off, D, r] for off, (D, r) in zip(offsets, shapes)],
                                            dtype=torch.int64), device)
         if Zs is None:
             Zs = [completion_matrix(D, r, device) for D, r in shapes]
@@ -185,11 +187,9 @@ def orthonormalize_batched(
     """
     if len(Ys) == 0:
         return [], torch.zeros(0, dtype=torch.bool)
+    check_orthonormalize(Ys)
     device = Ys[0].device
     shapes = tuple((int(Y.shape[0]), int(Y.shape[1])) for Y in Ys)
-    if any(Y.dim() != 2 or Y.device != device or r > D or r < 1 for Y, (D, r) in zip(Ys, shapes)):
-        raise ValueError(f"orthonormalize: D x r inputs with 1 <= r <= D on one device; "
-                         f"got {[tuple(Y.shape) for Y in Ys]}")
     plan = _plan(shapes, device, Zs)
     R_PAD, S = plan.R_PAD, len(Ys)
     if S == 1 and Ys[0].dtype == torch.float32 and Ys[0].is_contiguous():
@@ -248,6 +248,7 @@ def orthonormalize_batched(
 
 def orthonormalize(Y: torch.Tensor, Z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal fp32 basis of span(Y) (D x r, r <= D) and a device bool scalar `ok`."""
+    check_orthonormalize([Y], ["Y"])
     Qs, ok = orthonormalize_batched([Y], None if Z is None else [Z])
     return Qs[0], ok[0]
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_reconstruct
 from ._basis import basis_operands
 from ._common import (
     DTYPE_NAMES,
@@ -63,12 +64,7 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
 
     Matches `laser_triton.reference.reconstruct`: fp32 products and accumulation, one rounding.
     """
-    if C.dim() != 2 or U.dim() != 2 or C.shape[1] != U.shape[1] or U.dtype != torch.float32:
-        raise ValueError(f"reconstruct: C (N x r) and fp32 U (D x r) expected, got "
-                         f"{tuple(C.shape)} and {tuple(U.shape)} {U.dtype}")
-    if C.dtype not in DTYPE_NAMES or C.device != U.device:
-        raise ValueError(f"reconstruct: C dtype {C.dtype} / devices {C.device}, {U.device}")
-    dtype = C.dtype if dtype is None else dtype
+    dtype = check_reconstruct(C, U, dtype)
     N, R = C.shape
     D = U.shape[0]
     out = new_buffer((N, D), dtype, C.device)

@@ -11,8 +11,8 @@ import weakref
 
 import torch
 
-from . import ops
 from .storage import storage_key
+from .validation import FLOAT_DTYPES
 
 __all__ = ["weight_leaf", "WatchedModels", "ineligible"]
 
@@ -90,7 +90,7 @@ def ineligible(t: torch.Tensor, model_state: set, weight_shapes: set) -> str | N
     "weight copy": a cast or shaped copy of a weight (history reaching a leaf through views
     and casts only, or, history-less under watch, shaped like a watched weight).
     """
-    if t.dtype not in ops.FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         return "dtype"
     if t.grad_fn is None:
         if t.requires_grad or storage_key(t) in model_state:

@@ -1,6 +1,7 @@
 """The one dispatch point between LASER's algorithm and its backends.
 
-Every public op validates its inputs from metadata only (no host synchronization) and then
+Every public op validates its inputs from metadata only (no host synchronization; the checks
+live in `validation`, which the kernel launchers run too, so both reject alike) and then
 runs either the Triton kernels (`laser_triton.kernels`) or the pure-torch reference
 (`laser_triton.reference`). Nothing else in the package picks a backend.
 
@@ -29,6 +30,13 @@ import torch
 from . import launches, reference
 from .results import CompressOut
 from .util import device_guard
+from .validation import (
+    FLOAT_DTYPES,
+    check_compress_pass,
+    check_grad_coeff,
+    check_orthonormalize,
+    check_reconstruct,
+)
 
 __all__ = [
     "compress_pass",
@@ -42,62 +50,7 @@ __all__ = [
 
 log = logging.getLogger("laser_triton")
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("auto", "torch", "triton")
-
-
-# ----------------------------------------------------------------------------- validation
-# The authoritative validation of every op's inputs (docs/design.md §6.5): types, dtypes,
-# shapes, ranks, devices, with errors that name the problem. `kernels.supports` and the
-# launchers receive only inputs that passed here.
-
-
-def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    """A non-empty `ndim`-D tensor of one of `dtypes`; TypeError / ValueError naming `name`."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    return t
-
-
-def _check_basis(U: object, device: torch.device, *, width: int | None = None,
-                 rank: int | None = None, what: str = "U",
-                 other: str = "the activation") -> torch.Tensor:
-    """An fp32 (D, r) basis with r <= D on `device` (and D == width, r == rank when given)."""
-    U = _check_tensor(what, U, 2, (torch.float32,))
-    D, r = U.shape
-    if width is not None and D != width:
-        raise ValueError(f"{what} has {D} rows but the activation width is {width}")
-    if rank is not None and r != rank:
-        raise ValueError(f"C has rank {rank} but {what} has rank {r}")
-    if r > D:
-        raise ValueError(f"rank {r} of {what} exceeds its width {D}")
-    if U.device != device:
-        raise ValueError(f"{what} is on {U.device} but {other} is on {device}")
-    return U
-
-
-def _check_orth_inputs(Ys: list, names: list[str]) -> None:
-    """Floating (D, r) matrices with r <= D, all on the first one's device."""
-    for name, Y in zip(names, Ys):
-        _check_tensor(name, Y, 2, FLOAT_DTYPES)
-        if Y.shape[1] > Y.shape[0]:
-            raise ValueError(f"{name}: rank {Y.shape[1]} exceeds width {Y.shape[0]}: "
-                             "cannot orthonormalize")
-        if Y.device != Ys[0].device:
-            raise ValueError(f"{name} is on {Y.device} but {names[0]} is on {Ys[0].device}")
-
-
-def _check_out_dtype(what: str, dtype: torch.dtype) -> torch.dtype:
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} {dtype} is not one of float32, bfloat16, float16")
-    return dtype
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -193,9 +146,7 @@ def compress_pass(
     Unpacks as (C, e_X, e_C, Y); `.row_err_max` and `.c_amax` are extra fields (see
     `CompressOut`). C has `coeff_dtype` (default X.dtype); the rest is fp32.
     """
-    X = _check_tensor("X", X, 2, FLOAT_DTYPES)
-    _check_basis(U, X.device, width=X.shape[1])
-    coeff_dtype = _check_out_dtype("coeff_dtype", X.dtype if coeff_dtype is None else coeff_dtype)
+    coeff_dtype = check_compress_pass(X, U, coeff_dtype)
     with _book("compress_pass", X, U, need_y=need_y):
         if backend_for("compress_pass", X, U) == "triton":
             with device_guard(X.device):
@@ -205,7 +156,7 @@ def compress_pass(
 
 def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal fp32 basis of span(Y) (D x r, r <= D) and a device bool `ok`."""
-    _check_orth_inputs([Y], ["Y"])
+    check_orthonormalize([Y], ["Y"])
     with _book("orthonormalize", Y):
         if backend_for("orthonormalize", Y) == "triton":
             with device_guard(Y.device):
@@ -216,7 +167,7 @@ def orthonormalize(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Orthonormalize the bases of many sites in one call; `ok` is a bool tensor per input."""
     Ys = list(Ys)
-    _check_orth_inputs(Ys, [f"Ys[{i}]" for i in range(len(Ys))])
+    check_orthonormalize(Ys)
     if not Ys:
         return reference.orthonormalize_batched(Ys)
     with _book("orthonormalize", *Ys):
@@ -228,9 +179,7 @@ def orthonormalize_batched(Ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tenso
 
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """X_hat = C U^T (N x D), computed in fp32 and returned in `dtype` (default C.dtype)."""
-    C = _check_tensor("C", C, 2, FLOAT_DTYPES)
-    _check_basis(U, C.device, rank=C.shape[1], other="C")
-    dtype = _check_out_dtype("output dtype", C.dtype if dtype is None else dtype)
+    dtype = check_reconstruct(C, U, dtype)
     with _book("reconstruct", C, U):
         if backend_for("reconstruct", C, U) == "triton":
             with device_guard(C.device):
@@ -242,18 +191,7 @@ def grad_coeff(G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """T = G^T C in fp32: (O, R) for G (N, O) and C (N, R); (B, O, R) for G (B, N, O) and C
     (B, N, R), where C may be expanded along B (stride 0). Any float dtypes; the products and
     their sums are fp32 (a linear layer's weight gradient in LASER's coefficient space)."""
-    if not isinstance(G, torch.Tensor) or not isinstance(C, torch.Tensor):
-        raise TypeError("grad_coeff: G and C must be torch.Tensors")
-    if G.dim() != C.dim() or G.dim() not in (2, 3):
-        raise ValueError(f"grad_coeff: G and C must both be 2-D or both 3-D, got shapes "
-                         f"{tuple(G.shape)} and {tuple(C.shape)}")
-    G = _check_tensor("G", G, G.dim(), FLOAT_DTYPES)
-    C = _check_tensor("C", C, C.dim(), FLOAT_DTYPES)
-    if G.shape[:-1] != C.shape[:-1]:
-        raise ValueError(f"grad_coeff: G {tuple(G.shape)} and C {tuple(C.shape)} must agree in "
-                         "every dimension but the last (the rows of the same activation)")
-    if G.device != C.device:
-        raise ValueError(f"C is on {C.device} but G is on {G.device}")
+    check_grad_coeff(G, C)
     flat = G.dim() == 2
     G3, C3 = (G.unsqueeze(0), C.unsqueeze(0)) if flat else (G, C)
     with _book("grad_coeff", G3, C3):

@@ -133,3 +133,90 @@ def test_sparse_saves_are_kept_raw_not_a_crash(layout):
     with counter.compress():
         loss_fn().backward()
     assert counter.total_bytes() > 0
+
+
+# Each case: op, its arguments (built fresh), the error type, and what the message must say.
+# Every input here is one that the launcher in laser_triton.kernels rejects too.
+_META = torch.device("meta")  # a second device on a CPU-only machine (metadata only)
+_BAD_INPUTS = {
+    "compress_pass: integer X": ("compress_pass", lambda: (torch.randint(0, 5, (8, 64)), _U()),
+                                 TypeError, "X has dtype torch.int64"),
+    "compress_pass: 3-D X": ("compress_pass", lambda: (torch.randn(8, 64, 2), _U()),
+                             ValueError, "X must be 2-D"),
+    "compress_pass: empty X": ("compress_pass", lambda: (torch.randn(0, 64), _U()),
+                               ValueError, "X is empty"),
+    "compress_pass: fp64 U": ("compress_pass", lambda: (torch.randn(8, 64), _U().double()),
+                              TypeError, "U has dtype torch.float64"),
+    "compress_pass: U rows != width": ("compress_pass", lambda: (torch.randn(8, 64), _U(32, 4)),
+                                       ValueError, "U has 32 rows but the activation width is 64"),
+    "compress_pass: rank > width": ("compress_pass", lambda: (torch.randn(8, 4), torch.randn(4, 6)),
+                                    ValueError, "rank 6 of U exceeds its width 4"),
+    "compress_pass: U on another device": (
+        "compress_pass", lambda: (torch.randn(8, 64), _U().to(_META)),
+        ValueError, "U is on meta but the activation is on cpu"),
+    "compress_pass: integer coeff_dtype": (
+        "compress_pass", lambda: (torch.randn(8, 64), _U(), True, torch.int8),
+        TypeError, "coeff_dtype torch.int8 is not one of float32"),
+    "compress_pass: X not a tensor": ("compress_pass", lambda: ([[1.0]], _U()),
+                                      TypeError, "X must be a torch.Tensor"),
+    "reconstruct: integer C": ("reconstruct", lambda: (torch.randint(0, 5, (5, 4)), _U()),
+                               TypeError, "C has dtype torch.int64"),
+    "reconstruct: rank mismatch": ("reconstruct", lambda: (torch.randn(5, 3), _U()),
+                                   ValueError, "C has rank 3 but U has rank 4"),
+    "reconstruct: rank > width": ("reconstruct", lambda: (torch.randn(5, 6), torch.randn(4, 6)),
+                                  ValueError, "rank 6 of U exceeds its width 4"),
+    "reconstruct: U on another device": ("reconstruct", lambda: (torch.randn(5, 4), _U().to(_META)),
+                                         ValueError, "U is on meta but C is on cpu"),
+    "reconstruct: integer output dtype": ("reconstruct", lambda: (torch.randn(5, 4), _U(), torch.int32),
+                                          TypeError, "output dtype torch.int32"),
+    "orthonormalize: integer Y": ("orthonormalize", lambda: (torch.randint(0, 3, (10, 2)),),
+                                  TypeError, "Y has dtype torch.int64"),
+    "orthonormalize: 1-D Y": ("orthonormalize", lambda: (torch.randn(10),),
+                              ValueError, "Y must be 2-D"),
+    "orthonormalize: rank > width": ("orthonormalize", lambda: (torch.randn(4, 9),),
+                                     ValueError, "rank 9 exceeds width 4"),
+    "orthonormalize: empty Y": ("orthonormalize", lambda: (torch.randn(10, 0),),
+                                ValueError, "Y is empty"),
+    "orthonormalize_batched: rank > width": (
+        "orthonormalize_batched", lambda: ([torch.randn(10, 2), torch.randn(2, 5)],),
+        ValueError, r"Ys\[1\]: rank 5 exceeds width 2"),
+    "orthonormalize_batched: two devices": (
+        "orthonormalize_batched", lambda: ([torch.randn(10, 2), torch.randn(10, 2, device=_META)],),
+        ValueError, r"Ys\[1\] is on meta but Ys\[0\] is on cpu"),
+    "grad_coeff: integer G": ("grad_coeff", lambda: (torch.randint(0, 3, (2, 7, 5)), torch.randn(2, 7, 3)),
+                              TypeError, "G has dtype torch.int64"),
+    "grad_coeff: rows differ": ("grad_coeff", lambda: (torch.randn(2, 7, 5), torch.randn(2, 6, 3)),
+                                ValueError, "must agree in every dimension but the last"),
+    "grad_coeff: empty C": ("grad_coeff", lambda: (torch.randn(2, 7, 5), torch.randn(2, 7, 0)),
+                            ValueError, "C is empty"),
+    "grad_coeff: two devices": ("grad_coeff", lambda: (torch.randn(2, 7, 5), torch.randn(2, 7, 3, device=_META)),
+                                ValueError, "C is on meta but G is on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS), ids=list(_BAD_INPUTS))
+def test_bad_input_gets_the_same_error_through_ops_and_the_launcher(case):
+    """One definition of each check (laser_triton.validation): ops and the Triton launcher
+    reject the same input with the same exception type and message, and the message names
+    the problem."""
+    kernels = pytest.importorskip("laser_triton.kernels")
+    op, make, exc, match = _BAD_INPUTS[case]
+    with pytest.raises(exc, match=match) as via_ops:
+        getattr(ops, op)(*make())
+    with pytest.raises(exc, match=match) as via_launcher:
+        getattr(kernels, op)(*make())
+    assert type(via_launcher.value) is type(via_ops.value)
+    assert str(via_launcher.value) == str(via_ops.value)
+
+
+def test_supports_sends_too_many_rows_to_the_reference():
+    """The launcher's int32 row-scratch bound is a size the kernels do not cover: `supports`
+    says so (auto dispatch then runs the reference) instead of the launcher raising."""
+    kernels = pytest.importorskip("laser_triton.kernels")
+    U = torch.empty(256, 255)
+    fits = torch.empty(1, 256).expand(2**31 // 256 - 1, 256)  # metadata only: stride 0 rows
+    too_many = torch.empty(1, 256).expand(2**31 // 256, 256)
+    assert kernels.supports("compress_pass", fits, U)
+    assert not kernels.supports("compress_pass", too_many, U)
+    with pytest.raises(ValueError, match="too many for rank 255"):
+        kernels.compress_pass(too_many, U)
