@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import laser_triton as lt
-from laser_triton.cliutil import apply_threads, choose_threads, nonnegative_int, positive_int
 from laser_triton.data.sudoku import PuzzleStream, generate
+from laser_triton.tools.cliutil import apply_threads, choose_threads, nonnegative_int, positive_int
 from laser_triton.trm import TRM, TRMConfig
 from laser_triton.trm.losses import act_loss
 
@@ -40,7 +40,7 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda:  # the ranks share the cores: auto gives each its share (the shared policy
-        # of laser_triton.cliutil caps it at 1 on a busy machine)
+        # of laser_triton.tools.cliutil caps it at 1 on a busy machine)
         share = max(1, (os.cpu_count() or 1) // world)
         threads, _ = choose_threads(args.threads)
         apply_threads(args.threads or min(threads or share, share))

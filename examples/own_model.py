@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import laser_triton as lt
-from laser_triton.cliutil import add_threads_argument, apply_threads, positive_int
+from laser_triton.tools.cliutil import add_threads_argument, apply_threads, positive_int
 
 
 class SharedBlock(nn.Module):

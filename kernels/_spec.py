@@ -12,7 +12,7 @@ Everything the rest of the package needs to know about a kernel lives in its spe
 - `tensor_cores`: whether the static audit requires HMMA/HGMMA in its SASS.
 
 The config store (`configs`), the sm_90 compile checks and audit (`_hopper`, `_audit`) and the
-sweep (`laser_triton.autotune`) read the registry `SPECS`; this module imports no kernel, so
+sweep (`laser_triton.tools.autotune`) read the registry `SPECS`; this module imports no kernel, so
 there is no import cycle (kernel modules import `configs`, which imports only this).
 """
 

@@ -40,8 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import laser_triton as lt
 from laser_triton import lowrank, ops
-from laser_triton.livebytes import LiveBytes
 from laser_triton.storage import region_view
+from laser_triton.tools.livebytes import LiveBytes
 from laser_triton.trm import TRM
 
 from .harness import backend_env, run_meta

@@ -94,7 +94,7 @@ EOF
 }
 
 install() {
-  if "$PY" -c 'import laser_triton.kernels, laser_triton.bench' 2>/dev/null; then
+  if "$PY" -c 'import laser_triton.kernels, laser_triton.tools.bench' 2>/dev/null; then
     echo "laser_triton already importable"; return 0
   fi
   if timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 &&
@@ -187,7 +187,7 @@ else
 fi
 # The sweep (tensor-core bf16x3 candidates, the default) writes its JSON after every entry.
 if [ "${AUTOTUNE:-auto}" != 0 ]; then
-  section autotune "$T_TUNE" 0 "$PY" -m laser_triton.cli autotune \
+  section autotune "$T_TUNE" 0 "$PY" -m laser_triton autotune \
     --hidden ${AUTOTUNE_HIDDEN:-512 1536} --rank ${AUTOTUNE_RANK:-32 64} \
     --dtype bf16 --max-candidates ${AUTOTUNE_CANDIDATES:-3} --out "$OUT"
 else

@@ -88,8 +88,8 @@ def markdown(t: pd.DataFrame, checkpoint: str, sweep: pd.DataFrame | None = None
 def grad_cosines(checkpoint: Path, tau: float, probes: int, seed: int = 1) -> dict:
     """Mean and minimum cos(g_LASER, g_exact) over `probes` fresh batches, and the noise
     reference cos(g_exact(A), g_exact(B)), bf16 forward, after 2 warm-up LASER steps."""
-    from laser_triton import study_ni
-    from laser_triton.train import Trainer
+    from laser_triton.tools.study import ni as study_ni
+    from laser_triton.tools.train import Trainer
 
     model = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]["model"]
     tr = Trainer.from_checkpoint(str(checkpoint), use_laser=True, laser={"tau": tau},

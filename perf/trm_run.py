@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from laser_triton.training import EMA
+from laser_triton.tools.training import EMA
 from laser_triton.trm import TRM, SparseSignSGD, TRMConfig, act_loss
 
 from .trm_variants import LiveBytes, state_bytes

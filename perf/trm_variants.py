@@ -32,7 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 import laser_triton as lt
-from laser_triton.livebytes import LiveBytes  # noqa: F401 - re-exported for trm_run
+from laser_triton.tools.livebytes import LiveBytes  # noqa: F401 - re-exported for trm_run
 
 __all__ = ["BASE_VARIANTS", "CheckpointedNet", "LiveBytes", "Variant", "install_variant",
            "parse_variant", "sac_policy", "state_bytes"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import laser_triton as lt
-from laser_triton import spectra
+from laser_triton.tools.analysis import spectra
 
 
 def _orth(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -148,8 +148,8 @@ _SMALL = {"batch_size": 8, "train_puzzles": 16, "test_puzzles": 8, "eval_batch_s
 
 
 def _small_trainer(use_laser: bool):
-    from laser_triton.train import Trainer
-    from laser_triton.training import TrainConfig
+    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.training import TrainConfig
 
     cfg = TrainConfig.for_preset("tiny", **_SMALL, use_laser=use_laser,
                                  laser={"tau": 0.3, "rank": 8, "max_rank": 64})
@@ -157,7 +157,7 @@ def _small_trainer(use_laser: bool):
 
 
 def test_recorder_sees_the_sites_and_matrices_laser_compresses():
-    from laser_triton.capture import ActivationRecorder
+    from laser_triton.tools.analysis.capture import ActivationRecorder
 
     las = _small_trainer(True)
     las.train_step()
@@ -188,8 +188,8 @@ def test_analyze_command_end_to_end(tmp_path):
 
     import pandas as pd
 
-    from laser_triton.analysis import cli_main
-    from laser_triton.analysis_plots import plot_all
+    from laser_triton.tools.analysis.analyze import cli_main
+    from laser_triton.tools.analysis.plots import plot_all
 
     out = tmp_path / "a"
     rc = cli_main(["--out", str(out), "--controls", "baseline", "--train-steps", "1",

@@ -13,7 +13,7 @@ from laser_triton.kernels import _common, configs  # noqa: E402
 from laser_triton.kernels.configs import DEFAULTS, ConfigStore, config_key, n_bucket  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from laser_triton import autotune  # noqa: E402
+from laser_triton.tools import autotune  # noqa: E402
 
 GPU = "NVIDIA H200"
 FILE = "NVIDIA_H200.json"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from laser_triton import bench
+from laser_triton.tools import bench
 
 pytestmark = pytest.mark.skipif(bench.find_perf_dir() is None, reason="needs a source checkout")
 

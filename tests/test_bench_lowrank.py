@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from laser_triton import bench
+from laser_triton.tools import bench
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
 

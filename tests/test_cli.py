@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from laser_triton import cli, cliutil
+from laser_triton.tools import cli, cliutil
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["--steps", "1", "--batch-size", "2", "--train-puzzles", "4", "--test-puzzles", "2",
@@ -138,10 +138,10 @@ def test_help_imports_no_compiler_stack():
     the first Laser built still runs its bookkeeping outside torch.compile."""
     probe = """
 import sys
-from laser_triton import cli
+from laser_triton.tools import cli
 assert cli.main(["--help"]) == 0
 assert "torch" not in sys.modules, "--help imported torch"
-import laser_triton, laser_triton.demo, laser_triton.train, laser_triton.evaluate
+import laser_triton, laser_triton.tools.demo, laser_triton.tools.train, laser_triton.tools.evaluate
 heavy = [m for m in ("torch._dynamo", "sympy", "triton", "matplotlib") if m in sys.modules]
 assert not heavy, heavy
 laser = laser_triton.Laser()
@@ -154,3 +154,18 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    """`python -m laser_triton` is the console script (the command table moved to
+    laser_triton/tools/cli.py, issue 18); `--help` still imports no torch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "laser_triton", "--help"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(f"  {name} " in out.stdout for name in cli.SUBCOMMANDS), out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()}
+    assert "laser_triton.tools.cli" in imported and "torch" not in imported
+    bad = subprocess.run([sys.executable, "-m", "laser_triton", "no-such-command"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr

@@ -104,6 +104,41 @@ def test_no_import_cycles_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+TOOLS = "laser_triton.tools"
+# Entry points that start the tools; nothing imports them.
+ENTRY_POINTS = {"laser_triton.__main__"}
+
+
+def _is_tool(module: str) -> bool:
+    return module == TOOLS or module.startswith(TOOLS + ".")
+
+
+def core_imports_of_tools(graph: dict[str, set[str]]) -> list[str]:
+    """`core -> tool` edges: a module of laser_triton (kernels included) outside
+    laser_triton.tools importing one inside it."""
+    return sorted(f"{a} -> {b}" for a, deps in graph.items()
+                  if a.startswith("laser_triton") and not _is_tool(a) and a not in ENTRY_POINTS
+                  for b in deps if _is_tool(b))
+
+
+def test_the_core_never_imports_the_tools():
+    """The tools (laser_triton/tools/: commands, studies, analysis) sit on the core; the core
+    (config, ops, tracker, storage, hooks, ..., trm/, data/, kernels) never imports them, at
+    module level or inside a function (docs/design.md §10)."""
+    graph = import_graph()
+    assert "laser_triton.tools.train" in graph and "laser_triton.hooks" in graph
+    assert "laser_triton.tools.cli" in graph["laser_triton.__main__"]  # the check sees tools
+    edges = core_imports_of_tools(graph)
+    assert not edges, "core modules import the tools: " + ", ".join(edges)
+
+
+def test_core_imports_of_tools_finds_one():
+    graph = {"laser_triton.hooks": {"laser_triton.tools.study.stats"},
+             "laser_triton.tools.train": {"laser_triton.hooks"},
+             "laser_triton.__main__": {"laser_triton.tools.cli"}}
+    assert core_imports_of_tools(graph) == ["laser_triton.hooks -> laser_triton.tools.study.stats"]
+
+
 def test_no_sys_path_edits():
     """Modules find each other as packages (relative imports), never by editing sys.path."""
     offenders = [f"{path.relative_to(ROOT)}:{node.lineno}"

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from laser_triton.kernels import _hopper, configs  # noqa: E402
 from laser_triton.kernels._spec import SPECS, Shape  # noqa: E402
 
-from laser_triton import autotune  # noqa: E402
+from laser_triton.tools import autotune  # noqa: E402
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SHAPE = Shape(N=1000, D=512, r=32, dtype="bf16")

@@ -16,7 +16,7 @@ from laser_triton.kernels import _contract  # noqa: E402
 from laser_triton.kernels._hopper import _worker_pool  # noqa: E402
 from laser_triton.kernels.configs import DEFAULTS  # noqa: E402
 
-from laser_triton.autotune import KERNELS, candidates  # noqa: E402
+from laser_triton.tools.autotune import KERNELS, candidates  # noqa: E402
 
 
 def _sweep_cases() -> list[_contract.Case]:

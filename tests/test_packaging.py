@@ -65,7 +65,7 @@ def test_shipped_configs_are_valid_json():
 
 
 def test_console_script_dispatches():
-    from laser_triton import cli
+    from laser_triton.tools import cli
 
     assert cli.main(["--help"]) == 0
     assert cli.main(["no-such-command"]) == 2

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from laser_triton import bench
+from laser_triton.tools import bench
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
 ISSUE_KERNEL_COLUMNS = ["kernel", "provider", "gpu", "N", "D", "r", "dtype", "ms_median", "ms_p20",
@@ -285,8 +285,8 @@ def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
 
 
 def test_tau_sweep_gradient_cosine_is_exact_at_tau_zero(tmp_path):
-    from laser_triton.train import Trainer
-    from laser_triton.training import TrainConfig
+    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.training import TrainConfig
 
     ls = bench.load_module(PERF, "learned_structural")
     cfg = TrainConfig.for_preset("tiny", steps=1, batch_size=8, train_puzzles=16, test_puzzles=8,

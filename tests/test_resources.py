@@ -6,8 +6,8 @@ import pytest
 from helpers import fitted_slope, live_tensor_bytes
 
 from laser_triton import numerics
-from laser_triton.train import Trainer
-from laser_triton.training import TrainConfig
+from laser_triton.tools.train import Trainer
+from laser_triton.tools.training import TrainConfig
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import laser_triton as lt
-from laser_triton.capture import ActivationRecorder
+from laser_triton.tools.analysis.capture import ActivationRecorder
 from laser_triton.trm.savecount import SavedTensorCounter
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from laser_triton import stats
+from laser_triton.tools.study import stats
 
 # Student (1908) / Cushny & Peebles: extra hours of sleep under two drugs, same 10 patients.
 SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]

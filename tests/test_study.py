@@ -9,9 +9,9 @@ import os
 import pandas as pd
 import pytest
 
-from laser_triton import stats
-from laser_triton.study import ARMS, RUN_COLUMNS, Study, StudyProtocol, analyze_runs
-from laser_triton.study_report import write_outputs
+from laser_triton.tools.study import stats
+from laser_triton.tools.study.report import write_outputs
+from laser_triton.tools.study.runner import ARMS, RUN_COLUMNS, Study, StudyProtocol, analyze_runs
 
 REQUIRED = ["seed", "arm", "loss", "exact_acc", "cell_acc", "activation_bytes"]
 
@@ -133,7 +133,7 @@ def test_analyze_runs_secondary_margins_are_relative():
 
 
 def test_smoke_study_on_a_tiny_trm(tmp_path):
-    from laser_triton.study_trm import trm_run_one
+    from laser_triton.tools.study.trm import trm_run_one
 
     proto = StudyProtocol(
         steps=2, pilot_seeds=2, min_seeds=2, max_seeds=2, checkpoint_every=1, memory_every=1,
@@ -157,7 +157,7 @@ def test_smoke_study_on_a_tiny_trm(tmp_path):
 def test_both_arms_share_initialization_and_data_order():
     import torch
 
-    from laser_triton.study_trm import make_trainer
+    from laser_triton.tools.study.trm import make_trainer
 
     proto = StudyProtocol(train={"batch_size": 4, "train_puzzles": 8, "test_puzzles": 4,
                                  "model": {"L_cycles": 1, "H_cycles": 1}},
@@ -173,7 +173,7 @@ def test_both_arms_share_initialization_and_data_order():
 
 
 def test_train_config_is_pinned_and_drift_refused(tmp_path):
-    from laser_triton.study_trm import pin_train_config
+    from laser_triton.tools.study.trm import pin_train_config
 
     proto = StudyProtocol(laser={"tau": 0.2})
     pin_train_config(str(tmp_path), proto)

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from laser_triton import study_ni
-from laser_triton.study_ni_report import decide
+from laser_triton.tools.study import ni as study_ni
+from laser_triton.tools.study.ni_report import decide
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "perf" / "results" / "study_ni_protocol.json"
 # A model and data small enough for tests; everything else as declared.

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import laser_triton as lt
-from laser_triton import demo, evaluate, train
-from laser_triton.train import Trainer
-from laser_triton.training import TrainConfig, lr_at, make_laser
+from laser_triton.tools import demo, evaluate, train
+from laser_triton.tools.train import Trainer
+from laser_triton.tools.training import TrainConfig, lr_at, make_laser
 
 FAST_MODEL = {"hidden_size": 32, "num_heads": 2, "expansion": 2.0, "H_cycles": 2,
               "L_cycles": 2, "halt_max_steps": 3}

@@ -13,11 +13,12 @@ import json
 import numpy as np
 import torch
 
+from laser_triton.data import sudoku
+from laser_triton.trm import TRM
+
 from .cliutil import add_threads_argument, apply_threads, int_in, positive_int
-from .data import sudoku
 from .train import evaluate_model
 from .training import TrainConfig, read_checkpoint, resolve_device
-from .trm import TRM
 
 __all__ = ["cli_main", "load_model", "held_out_set"]
 

@@ -35,7 +35,7 @@ __all__ = ["cli_main", "candidates", "prune", "ConfigStore", "get_store", "confi
            "sanitize_gpu_name", "SHARED_LIMIT_SM90"]
 
 try:  # the store needs Triton; the CLI reports a missing Triton itself
-    from .kernels.configs import (
+    from laser_triton.kernels.configs import (
         DEFAULTS,
         PATH_TABLE,
         SHARED_LIMIT_SM90,
@@ -53,7 +53,7 @@ KERNELS = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "ort
 
 
 def _spec(kernel: str):
-    from .kernels._spec import SPECS  # noqa: PLC0415
+    from laser_triton.kernels._spec import SPECS  # noqa: PLC0415
 
     return SPECS[kernel]
 
@@ -78,7 +78,7 @@ def candidates(kernel: str, allow_split: bool = True) -> list[dict]:
 def ladder(kernel: str) -> list[dict]:
     """The defaults, then what the launcher falls back to on an out-of-resource error
     (`shrink_config`: fewer stages, then the largest block halved), smallest last."""
-    from .kernels._common import shrink_config  # noqa: PLC0415
+    from laser_triton.kernels._common import shrink_config  # noqa: PLC0415
 
     spec = _spec(kernel)
     out = [dict(spec.defaults)]
@@ -89,7 +89,7 @@ def ladder(kernel: str) -> list[dict]:
 
 def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
     """The (D, r, dtype) a launcher uses as key (orthonormalize: fp32 and padded r)."""
-    from .kernels._spec import Shape  # noqa: PLC0415
+    from laser_triton.kernels._spec import Shape  # noqa: PLC0415
 
     return _spec(kernel).key(Shape(0, D, r, dtype))
 
@@ -102,7 +102,7 @@ def applies(kernel: str, D: int, r: int) -> bool:
     if kernel == "compress_fused":
         return cp.pow2(D) * cp.pow2(r) <= 2 * cp.FUSED_MAX_ELEMS  # at most two rank tiles
     if kernel.startswith("orth"):
-        from .kernels import MAX_ORTH_RANK  # noqa: PLC0415
+        from laser_triton.kernels import MAX_ORTH_RANK  # noqa: PLC0415
 
         return r <= MAX_ORTH_RANK
     return True
@@ -111,7 +111,7 @@ def applies(kernel: str, D: int, r: int) -> bool:
 def _audit_or_error(args) -> tuple[int | None, str]:
     """(shared bytes, "") for a candidate that passes the static audit, else (None, why)."""
     kernel, D, r, dtype, cfg, arch = args
-    from .kernels._audit import audit, check  # noqa: PLC0415
+    from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
 
     try:
         facts = audit(kernel, D, r, dtype, cfg)
@@ -159,8 +159,8 @@ def spread(items: list, k: int) -> list:
 
 def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device):
     """A closure running the op that `kernel` belongs to, and a check of its result."""
-    from . import reference  # noqa: PLC0415
-    from .kernels import compress_pass, orthonormalize, reconstruct  # noqa: PLC0415
+    from laser_triton import reference  # noqa: PLC0415
+    from laser_triton.kernels import compress_pass, orthonormalize, reconstruct  # noqa: PLC0415
 
     g = torch.Generator(device="cpu").manual_seed(0)
     U = torch.linalg.qr(torch.randn(D, r, generator=g))[0].to(device)
@@ -257,7 +257,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 1
     import triton  # noqa: PLC0415
 
-    from .kernels import configs  # noqa: PLC0415
+    from laser_triton.kernels import configs  # noqa: PLC0415
 
     fused_by_size = importlib.import_module("laser_triton.kernels.compress_pass").fused_by_size
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import sudoku
-from .trm import TRMConfig
+from laser_triton.data import sudoku
+from laser_triton.trm import TRMConfig
 
 __all__ = ["TrainConfig", "EMA", "lr_at", "load_data", "make_laser", "laser_config_kwargs",
            "read_checkpoint", "resolve_device"]
@@ -65,7 +65,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Values that mean nothing fail here, naming the field, before any work starts."""
-        from .trm.config import PRESETS
+        from laser_triton.trm.config import PRESETS
 
         if self.preset not in PRESETS:
             raise ValueError(f"unknown TRM preset {self.preset!r}; choose one of {sorted(PRESETS)}")

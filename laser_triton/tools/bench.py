@@ -36,7 +36,7 @@ def find_perf_dir() -> Path | None:
     if os.environ.get("LASER_TRITON_PERF_DIR"):
         candidates.append(Path(os.environ["LASER_TRITON_PERF_DIR"]))
     candidates.append(Path.cwd() / "perf")
-    candidates.append(Path(__file__).resolve().parent.parent / "perf")
+    candidates.append(Path(__file__).resolve().parents[2] / "perf")  # laser_triton/tools/bench.py
     for c in candidates:
         if all((c / s).is_file() for s in ("__init__.py", *SCRIPTS.values())):
             return c.resolve()

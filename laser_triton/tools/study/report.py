@@ -1,4 +1,4 @@
-"""CSV and markdown outputs of `laser-triton study` (see study.py)."""
+"""CSV and markdown outputs of `laser-triton study` (see runner.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 
 from . import stats
-from .study_protocol import RUN_COLUMNS, StudyProtocol
+from .protocol import RUN_COLUMNS, StudyProtocol
 
 __all__ = ["write_outputs", "verdict"]
 

@@ -13,10 +13,11 @@ Stages, each resumable from the work folder:
 3. `forks`: for every fork seed and arm, continue the trunk for the declared steps with the
    data stream, halting generator and torch RNG re-seeded from the fork seed; evaluate with EMA
    weights on the trunk's held-out puzzles (runs.csv, one row per run).
-4. analysis (study_ni_report.py): one-sided paired non-inferiority per LASER arm in the
+4. analysis (ni_report.py): one-sided paired non-inferiority per LASER arm in the
    declared order, secondaries, the Pareto table and plot.
 
-Before anything runs, the code is checked against the declared commit (`check_code`).
+Before anything runs, the code is checked against the declared commit (`code_check.check_code`,
+which also knows the issue 18 move of the tools).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import copy
 import json
 import math
 import os
-import subprocess
 import time
 
 import torch
 
-from .livebytes import LiveBytes
+from ..livebytes import LiveBytes
+from .code_check import check_code
 
 __all__ = ["load_protocol", "check_code", "fork_trainer", "grad_probe", "measure_steps",
            "run_trunk", "select_tau60", "run_fork", "pareto_taus", "arm_laser", "run_protocol"]
@@ -66,30 +67,6 @@ def load_protocol(path: str, smoke: dict | None = None) -> dict:
     return p
 
 
-def check_code(p: dict, repo: str = ".") -> dict:
-    """HEAD and whether the declared code paths equal the declared commit (work tree included).
-    Raises when they differ, unless the protocol is a smoke run (then recorded, not raised)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True,
-                              text=True).stdout
-
-    exempt = [f":(exclude){x}" for x in p.get("code_paths_exempt", [])]
-    paths = ["--", *p.get("code_paths", ["laser_triton", "kernels"]), *exempt]
-    try:
-        head = git("rev-parse", "HEAD").strip()
-        changed = git("diff", "--name-only", p["code_commit"], *paths).split()
-        changed += git("ls-files", "--others", "--exclude-standard", *paths).split()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise RuntimeError(f"cannot compare the code with the declared commit: {e}") from e
-    info = {"head": head, "code_commit": p["code_commit"], "code_changed": sorted(set(changed))}
-    if changed and not p["smoke"]:
-        raise RuntimeError(
-            f"the code differs from the protocol's commit {p['code_commit'][:10]} in "
-            f"{sorted(set(changed))[:8]}: declare a new protocol (a new file, before any run) "
-            "or check out that code")
-    return info
-
-
 def pareto_taus(p: dict) -> list[float]:
     return [float(t) for t in p["pareto"]["taus"]]
 
@@ -115,15 +92,15 @@ def arm_laser(p: dict, arm: str, tau60: float | None) -> dict | None:
 
 # -- training pieces -----------------------------------------------------------------------
 def _trainer(cfg_dict: dict, data=None):
-    from .train import Trainer
-    from .training import TrainConfig
+    from ..train import Trainer
+    from ..training import TrainConfig
 
     return Trainer(TrainConfig(**cfg_dict), data=data)
 
 
 def run_trunk(p: dict, work: str, log=print) -> str:
     """Train the trunk plainly (resuming from trunk_partial.pt); returns trunk.pt."""
-    from .train import Trainer
+    from ..train import Trainer
 
     path, partial = os.path.join(work, "trunk.pt"), os.path.join(work, "trunk_partial.pt")
     if os.path.exists(path):
@@ -149,8 +126,9 @@ def run_trunk(p: dict, work: str, log=print) -> str:
 def fork_trainer(trunk: str, seed: int, laser: dict | None, total_steps: int):
     """The trunk's Trainer continued as one arm of a fork: same weights, optimizer state, EMA,
     carry and data; data order, halting exploration and torch RNG re-seeded from `seed`."""
-    from .data.sudoku import PuzzleStream
-    from .train import Trainer
+    from laser_triton.data.sudoku import PuzzleStream
+
+    from ..train import Trainer
 
     over = {"seed": seed, "steps": total_steps, "use_laser": laser is not None,
             "laser": dict(laser or {})}
@@ -165,7 +143,7 @@ def fork_trainer(trunk: str, seed: int, laser: dict | None, total_steps: int):
 
 
 def _flat_grad(trainer, batch: dict, with_laser: bool) -> torch.Tensor:
-    from .trm import act_loss
+    from laser_triton.trm import act_loss
 
     model = trainer.model
     saved = model.laser
@@ -220,7 +198,7 @@ def measure_steps(trainer, steps: int, memory_every: int = 1, peak_every: int = 
                   log=None) -> list[dict]:
     """Run `steps` training steps, recording held bytes, peak bytes (byte accounting) and
     gradient cosines at the declared intervals; one dict per step that recorded anything."""
-    from .trm.savecount import SavedTensorCounter
+    from laser_triton.trm.savecount import SavedTensorCounter
 
     rows = []
     for _ in range(steps):
@@ -260,7 +238,7 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def _probe_stream(trainer, seed: int):
-    from .data.sudoku import PuzzleStream
+    from laser_triton.data.sudoku import PuzzleStream
 
     return PuzzleStream(trainer.data[0], trainer.data[1], trainer.cfg.batch_size,
                         seed=10_000 + seed, augment=trainer.cfg.augment)
@@ -301,7 +279,7 @@ def select_tau60(p: dict, work: str, trunk: str, log=print) -> dict:
 def run_fork(p: dict, work: str, trunk: str, seed: int, arm: str, tau60: float | None,
              log=print) -> dict:
     """One fork run (resumable at 25-step checkpoints); its row for runs.csv."""
-    from .train import Trainer
+    from ..train import Trainer
 
     run_dir = os.path.join(work, "runs", f"seed{seed}_{arm}")
     os.makedirs(run_dir, exist_ok=True)
@@ -350,7 +328,7 @@ def run_fork(p: dict, work: str, trunk: str, seed: int, arm: str, tau60: float |
 def run_protocol(protocol_path: str, work: str, results: str, name: str, stages: list[str],
                  smoke: dict | None = None, log=print) -> list[str]:
     """Run the requested stages in order (each resumes from `work`); returns written paths."""
-    from .study_ni_report import write_outputs
+    from .ni_report import write_outputs
 
     p = load_protocol(protocol_path, smoke)
     os.makedirs(work, exist_ok=True)

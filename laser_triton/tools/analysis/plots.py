@@ -1,4 +1,4 @@
-"""Plots and the markdown report of `laser-triton analyze` (see analysis.py)."""
+"""Plots and the markdown report of `laser-triton analyze` (see analyze.py)."""
 
 from __future__ import annotations
 

@@ -31,8 +31,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from laser_triton.data.sudoku import PuzzleStream, encode
+from laser_triton.trm import TRM, SparseSignSGD, act_loss
+
 from .cliutil import add_threads_argument, apply_threads
-from .data.sudoku import PuzzleStream, encode
 from .training import (
     EMA,
     TrainConfig,
@@ -42,7 +44,6 @@ from .training import (
     read_checkpoint,
     resolve_device,
 )
-from .trm import TRM, SparseSignSGD, act_loss
 
 __all__ = ["Trainer", "cli_main"]
 
@@ -224,7 +225,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        from .trm import Carry
+        from laser_triton.trm import Carry
 
         self.step = int(state["step"])
         self.model.load_state_dict(state["model"])

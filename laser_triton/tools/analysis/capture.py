@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .eligibility import WatchedModels
-from .sites import ModuleLabels, SiteOrdinals
-from .storage import dense_region, region_view, saved_key, storage_key
+from laser_triton.eligibility import WatchedModels
+from laser_triton.sites import ModuleLabels, SiteOrdinals
+from laser_triton.storage import dense_region, region_view, saved_key, storage_key
 
 __all__ = ["ActivationRecorder", "MatrixCallback"]
 

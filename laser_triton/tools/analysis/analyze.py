@@ -19,7 +19,7 @@ would compress, per site and per recursion step, as it arrives:
 
 Outputs under --out: steps.csv (one row per model, site and step), summary.csv (per model and
 mode), spectra.csv (mean normalized energies per site), analysis.md, and plots (spectra.png,
-rank_heatmap.png). Plotting lives in `analysis_plots.py`.
+rank_heatmap.png). Plotting lives in `plots.py`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ import time
 import pandas as pd
 import torch
 
+from laser_triton.config import LaserConfig
+
+from ..cliutil import add_threads_argument, apply_threads
 from . import spectra
 from .capture import ActivationRecorder
-from .cliutil import add_threads_argument, apply_threads
-from .config import LaserConfig
 
 __all__ = ["SiteAnalyzer", "capture_steps", "summarize", "summarize_roles", "cli_main"]
 
@@ -125,7 +126,7 @@ class SiteAnalyzer:
 
 
 def capture_steps(trainer, analyzer: SiteAnalyzer, steps: int) -> dict[str, int]:
-    """Run `steps` training steps of `trainer` (a `laser_triton.train.Trainer`) with an
+    """Run `steps` training steps of `trainer` (a `laser_triton.tools.train.Trainer`) with an
     ActivationRecorder in the model's LASER slot; returns the skipped-storage counts."""
     model = trainer.model
     cfg = analyzer.cfg
@@ -216,8 +217,8 @@ def summarize_roles(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1
 
 # -- controls -------------------------------------------------------------------------------
 def _trainer_for(args: argparse.Namespace, use_laser: bool, checkpoint: str | None):
-    from .train import Trainer
-    from .training import TrainConfig
+    from ..train import Trainer
+    from ..training import TrainConfig
 
     if checkpoint:
         return Trainer.from_checkpoint(checkpoint)
@@ -233,8 +234,8 @@ def _untrained(args: argparse.Namespace):
     """A fresh model: the checkpoint's configuration when one is given, without LASER."""
     if not args.checkpoint:
         return _trainer_for(args, False, None)
-    from .train import Trainer
-    from .training import TrainConfig
+    from ..train import Trainer
+    from ..training import TrainConfig
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig(**{**state["config"], "use_laser": False})
@@ -242,7 +243,7 @@ def _untrained(args: argparse.Namespace):
 
 
 def _probe_config(trainer, args: argparse.Namespace) -> LaserConfig:
-    from .training import laser_config_kwargs
+    from ..training import laser_config_kwargs
 
     kw = laser_config_kwargs(trainer.cfg.laser)
     if args.laser:
@@ -341,7 +342,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     spec.to_csv(os.path.join(args.out, "spectra.csv"), index=False, float_format="%.5g")
     with open(os.path.join(args.out, "controls.json"), "w") as f:
         json.dump(info, f, indent=1, default=str)
-    from .analysis_plots import plot_all, write_markdown
+    from .plots import plot_all, write_markdown
 
     write_markdown(os.path.join(args.out, "analysis.md"), steps, summary, info, vars(args),
                    time.time() - t0, roles)

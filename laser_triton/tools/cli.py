@@ -16,13 +16,13 @@ DEBUG_ENV = "LASER_TRITON_DEBUG"
 
 # name -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("laser_triton.demo", "train a small TRM with and without LASER and compare memory"),
-    "train": ("laser_triton.train", "train a TRM preset on Sudoku (generated or a CSV file)"),
-    "eval": ("laser_triton.evaluate", "evaluate a TRM checkpoint"),
-    "autotune": ("laser_triton.autotune", "sweep kernel launch configs on this GPU"),
-    "bench": ("laser_triton.bench", "run the benchmarks and write the perf report"),
-    "analyze": ("laser_triton.analysis", "activation-manifold analysis of a TRM"),
-    "study": ("laser_triton.study", "paired baseline-vs-LASER accuracy study"),
+    "demo": ("laser_triton.tools.demo", "train a small TRM with and without LASER and compare memory"),
+    "train": ("laser_triton.tools.train", "train a TRM preset on Sudoku (generated or a CSV file)"),
+    "eval": ("laser_triton.tools.evaluate", "evaluate a TRM checkpoint"),
+    "autotune": ("laser_triton.tools.autotune", "sweep kernel launch configs on this GPU"),
+    "bench": ("laser_triton.tools.bench", "run the benchmarks and write the perf report"),
+    "analyze": ("laser_triton.tools.analysis.analyze", "activation-manifold analysis of a TRM"),
+    "study": ("laser_triton.tools.study.runner", "paired baseline-vs-LASER accuracy study"),
 }
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import magnitude
-from .config import LaserConfig
-from .tracker import SiteTracker
+from laser_triton import magnitude
+from laser_triton.config import LaserConfig
+from laser_triton.tracker import SiteTracker
 
 __all__ = ["Spectrum", "spectrum", "energy_rank", "effective_rank", "participation_ratio",
            "rank_for_error", "optimal_error", "mean_profile", "basis_error", "row_errors", "principal_angles", "top_subspace",

@@ -1,6 +1,6 @@
-"""One study run on the TRM: train a seed in one arm, checkpointing, and evaluate (study.py).
+"""One study run on the TRM: train a seed in one arm, checkpointing, and evaluate (runner.py).
 
-Wraps `laser_triton.train.Trainer` without changing it:
+Wraps `laser_triton.tools.train.Trainer` without changing it:
 - both arms build `TrainConfig.for_preset(preset, seed=seed, ...)`, so model initialization
   (torch.manual_seed(seed) before the model), the data pool, data order and halting
   exploration are identical; the LASER arm only adds `use_laser` and its options;
@@ -26,8 +26,9 @@ from collections.abc import Iterator
 
 import torch
 
-from .storage import storage_key
-from .study_protocol import RunFn, StudyProtocol
+from laser_triton.storage import storage_key
+
+from .protocol import RunFn, StudyProtocol
 
 __all__ = ["SavedBytesCounter", "trm_run_one", "make_trainer", "resolved_train_configs",
            "pin_train_config"]
@@ -62,8 +63,8 @@ class SavedBytesCounter:
 
 
 def make_trainer(protocol: StudyProtocol, seed: int, arm: str, data=None):
-    from .train import Trainer
-    from .training import TrainConfig
+    from ..train import Trainer
+    from ..training import TrainConfig
 
     cfg = TrainConfig.for_preset(protocol.preset, seed=seed, steps=protocol.steps,
                                  use_laser=arm == "laser", **protocol.train)
@@ -74,7 +75,7 @@ def make_trainer(protocol: StudyProtocol, seed: int, arm: str, data=None):
 
 def resolved_train_configs(protocol: StudyProtocol) -> dict[str, dict]:
     """Both arms' full TrainConfig (seed left out), as the runs will build them."""
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     out = {}
     for arm in ("baseline", "laser"):
@@ -94,7 +95,7 @@ _MISSING = object()
 def _same(field_name: str, now: object, pinned: object) -> bool:
     """Equal, or a TrainConfig field added after pinning that still has its default."""
     if pinned is _MISSING and now is not _MISSING:
-        from .training import TrainConfig
+        from ..training import TrainConfig
 
         for f in dataclasses.fields(TrainConfig):
             if f.name == field_name and f.default is not dataclasses.MISSING:
@@ -127,7 +128,7 @@ def trm_run_one(protocol: StudyProtocol, progress: bool = True) -> RunFn:
     cache: dict = {}
 
     def run(seed: int, arm: str, run_dir: str) -> dict:
-        from .train import Trainer
+        from ..train import Trainer
 
         ckpt = os.path.join(run_dir, "last.pt")
         side = os.path.join(run_dir, "progress.json")

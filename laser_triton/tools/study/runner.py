@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from ..cliutil import add_threads_argument, apply_threads
 from . import stats
-from .cliutil import add_threads_argument, apply_threads
-from .study_protocol import ARMS, RUN_COLUMNS, RunFn, StudyProtocol
+from .protocol import ARMS, RUN_COLUMNS, RunFn, StudyProtocol
 
 __all__ = ["ARMS", "RUN_COLUMNS", "RunFn", "StudyProtocol", "Study", "analyze_runs", "cli_main"]
 
@@ -234,18 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from .study_report import write_outputs
-    from .study_trm import trm_run_one
+    from .report import write_outputs
+    from .trm import trm_run_one
 
     args.threads = apply_threads(args.threads, "cpu", prog="laser-triton study")
     if args.protocol:
-        from . import study_ni
+        from . import ni
 
         if args.estimate:
-            study_ni.estimate(args.protocol, args.work)
+            ni.estimate(args.protocol, args.work)
             return 0
         name = args.name if args.name != "study" else "study_ni"
-        paths = study_ni.run_protocol(args.protocol, args.work, args.results,
+        paths = ni.run_protocol(args.protocol, args.work, args.results,
                                       name + ("_smoke" if args.smoke else ""), args.stages,
                                       json.loads(args.smoke) if args.smoke else None)
         print("[study_ni] wrote " + ", ".join(paths))
@@ -257,7 +257,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         pilot_seeds=args.pilot_seeds, min_seeds=args.min_seeds, max_seeds=args.max_seeds,
         first_seed=args.first_seed, separate_pilot=args.separate_pilot,
         checkpoint_every=args.checkpoint_every, memory_every=args.memory_every)
-    from .study_trm import pin_train_config
+    from .trm import pin_train_config
 
     pin_train_config(args.work, protocol)
     study = Study(args.work, protocol, trm_run_one(protocol))

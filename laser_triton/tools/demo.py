@@ -5,7 +5,7 @@ Both arms start from the same seed, weights and data. The plain arm runs with a
 carrying cycle, per site and per storage; the LASER arm reports what LASER held for the same
 sites (`Laser.report()`). Both report the last training step: the bytes held for backward, and
 the peak of that step (the CUDA allocator's peak on a GPU; on CPU the byte accounting of
-`laser_triton.livebytes.LiveBytes`), above what was allocated when the step began. Then both arms'
+`laser_triton.tools.livebytes.LiveBytes`), above what was allocated when the step began. Then both arms'
 held-out accuracy. The command prints a per-site table, the totals and the accuracies side by
 side, and writes CSV files and (with matplotlib) a PNG to `--out`.
 
@@ -25,12 +25,13 @@ import time
 
 import pandas as pd
 
+from laser_triton.trm.config import PRESETS
+from laser_triton.trm.savecount import SavedTensorCounter
+
 from .cliutil import add_threads_argument, apply_threads, positive_float, positive_int
 from .livebytes import StepPeak
 from .train import Trainer
 from .training import TrainConfig, laser_config_kwargs, load_data, resolve_device
-from .trm.config import PRESETS
-from .trm.savecount import SavedTensorCounter
 
 __all__ = ["cli_main", "site_table"]
 

@@ -1,4 +1,4 @@
-"""Outputs of the non-inferiority study (study_ni.py): the decision, the runs, the Pareto curve.
+"""Outputs of the non-inferiority study (ni.py): the decision, the runs, the Pareto curve.
 
 Primary: per LASER arm in the declared order, a one-sided paired non-inferiority test of the
 primary endpoint against the plain arm of the same fork seed (`stats.paired_noninferiority`),
