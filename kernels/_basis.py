@@ -24,9 +24,12 @@ __all__ = ["split_basis", "basis_operands", "is_split", "split_launches"]
 @triton.jit
 def _split_basis_kernel(u_ptr, hi_ptr, lo_ptr, D, R, stride_ud, stride_ur,
                         BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+    """U = hi + lo + e (|e| <= 2^-18 |U|) with hi, lo in bf16, for one block of BLOCK_D rows of
+    the (D, R) fp32 basis; hi and lo are written as contiguous (D, R) bf16 tensors."""
     rows = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, R_PAD)
     mask = (rows < D)[:, None] & (cols < R)[None, :]
+    # tile (BLOCK_D, R_PAD) of U, any strides; padded columns are 0
     u = tl.load(u_ptr + rows[:, None] * stride_ud + cols[None, :] * stride_ur, mask=mask,
                 other=0.0)
     hi, lo = _split_bf16(u)

@@ -40,15 +40,18 @@ def _reconstruct_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """out[rows, cols] = C[rows, :] U[cols, :]^T for one (BLOCK_N, BLOCK_D) tile of the (N, D)
+    output, summed over rank chunks of BLOCK_R in fp32 and cast once to out's dtype."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     offs_k = tl.arange(0, BLOCK_R)
     n_ok = rows < N
     d_ok = cols < D
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # this tile of X_hat, fp32
     for k0 in range(0, R, BLOCK_R):
         kk = k0 + offs_k
         k_ok = kk < R
+        # C chunk (BLOCK_N, BLOCK_R) as stored (any float dtype); masked lanes are 0
         c = tl.load(c_ptr + rows[:, None] * stride_cn + kk[None, :] * stride_cr,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         # U^T chunk (BLOCK_R, BLOCK_D): fp32, or its bf16 halves (split once per call)

@@ -162,10 +162,15 @@ class LaserConfig:
     Integers and floats may be numpy scalars, in site_overrides too.
 
     Warning:
-        `tau` bounds the error of each stored activation, not of the gradients (in practice
-        a small multiple of tau). It must leave room for the rounding of `coeff_dtype`:
-        tau * reset_target must exceed twice its half-ulp, or construction raises
-        (e.g. fp16 or fp32 coefficients for very small tau).
+        - `tau` bounds the error of each stored activation, ||X - X_hat||_F <= tau ||X||_F for
+          every tensor rebuilt in backward (or X is kept exactly), not of the gradients (in
+          practice a small multiple of tau). It must leave room for the rounding of
+          `coeff_dtype`: tau * reset_target must exceed twice its half-ulp, or construction
+          raises (e.g. fp16 or fp32 coefficients for very small tau).
+        - A config does not make attention safe: run SDPA inside `Laser.raw()` (or exclude
+          its sites), since its backward needs exact q and k.
+        - The rules of use belong to `Laser`: one thread per Laser, no `fullgraph=True` around
+          `compress()`, and a saved tensor modified in place must not feed backward.
     """
 
     rank: int = 32

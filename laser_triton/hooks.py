@@ -118,11 +118,16 @@ class Laser(PackHooks):
         If the body raises, what can be settled is settled and the exception propagates.
 
         Warning:
-            Raises RuntimeError when this Laser is already active (nested, or from another
-            thread): one `compress()` per step, one Laser per thread. Not for use inside a
-            `torch.compile(fullgraph=True)` function (its decision points are graph breaks).
-            A tensor saved here and then modified in place raises autograd's in-place error
-            in backward instead of feeding it.
+            - Every tensor rebuilt in backward is within `tau` (relative Frobenius error) of
+              the values saved, or exact; gradients are not bounded by tau (in practice a
+              small multiple of it).
+            - Raises RuntimeError when this Laser is already active (nested, or from another
+              thread): one `compress()` per step, one Laser per thread.
+            - Run SDPA / attention inside `raw()`: its backward needs exact q, k.
+            - Not for use inside a `torch.compile(fullgraph=True)` function (its decision
+              points are graph breaks): compile the network inside it instead.
+            - A tensor saved here and then modified in place raises autograd's in-place error
+              in backward instead of feeding it.
         """
         with self._lock:
             if self._step is not None:
@@ -165,6 +170,13 @@ class Laser(PackHooks):
         the same sites and their bases are tracked across recursion steps. At exit, the call's
         fidelity decisions are sent to the host (a decision point). A no-op outside
         `compress()` (or from another thread). `name` must be non-empty and contain no '/'.
+
+        Warning:
+            - One thread per Laser: entered from a thread other than the one running
+              `compress()` it is a no-op, and that thread's saves are not compressed.
+            - Entry and exit are decision points, run eagerly: do not trace them with
+              `torch.compile(fullgraph=True)`; the network called inside may be compiled.
+            - The rules of `compress()` hold inside (SDPA in `raw()`, the in-place rule).
         """
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"role name must be a non-empty string without '/', got {name!r}")
@@ -196,9 +208,13 @@ class Laser(PackHooks):
         "(raw: raw())" in `report()`.
 
         Warning:
-            Run SDPA / attention here (or save only its input and recompute it, as the TRM
-            does): its backward uses the exact saved logsumexp, and rebuilt (lossy) q and k
-            make the softmax inconsistent with it, with dq errors several times tau.
+            - Run SDPA / attention here (or save only its input and recompute it, as the TRM
+              does): its backward uses the exact saved logsumexp, and rebuilt (lossy) q and k
+              make the softmax inconsistent with it, with dq errors several times tau.
+            - Innermost only: saved-tensor hooks do not stack, so a hooks context opened inside
+              `raw()` takes its saves (`compress()` raises when it finds one still open at a
+              `role()` boundary or at its end).
+            - One thread per Laser: from another thread it is a no-op.
         """
         step = self._active_step()
         if step is None or not self.cfg.enabled:
@@ -223,6 +239,12 @@ class Laser(PackHooks):
           history (as inside torch.compile'd regions, where activations are saved by one
           compiled Function) become eligible, except those shaped like a watched weight
           (compiled weight casts). Without watch(), such tensors are kept raw ("leaf").
+
+        Warning:
+            - Compile the model, never the function that holds `compress()`, and never with
+              `fullgraph=True` around LASER: its hooks run eagerly (graph breaks).
+            - Call it again after replacing the model; parameters moved with `model.to()` are
+              re-read at each `compress()` entry.
         """
         self._watched.add(model)
         return self._labels.watch(model)
