@@ -28,18 +28,31 @@ Anything else (raw, pinned, undecided or modified values, other layouts) takes t
 path through the rebuilt (or raw) tensor, and so does a compressed input whose rank is too high
 for the factored product to cost fewer flops than rebuilding and multiplying (`pays`).
 
-How the backward gets (C, U): `_Linear.backward` opens `request(index)` around
+A weightless RMSNorm saving its output y (`rms_norm`, the TRM's lean saves) feeds the next
+linear layer from the same storage, so its backward would rebuild the region the linear layer
+was just served without it. Its gradient dx = r (dy - y mean(dy y)) (r: the saved row scales)
+needs y only through mean(dy y) and one product with y, both taken from (C, U):
+
+    rows: mean(dy y) = rowsum((dy U) * C) / D,   dx = r dy - (r mean(dy y) C) U^T
+    cols: y[b] = U C_b^T, mean over L: rowsum((dy_b C_b) * U) / L,  dx_b = r dy_b - (r m U) C_b^T
+
+the second product accumulated into r dy (one N x D result, which is dx itself). It costs
+2 N D r flops more than the rebuild (4 N D r against 2 N D r) and saves its N x D tensor, so
+the norm takes (C, U) only while no rebuild of the region is alive (otherwise it reuses it).
+
+How the backward gets (C, U): `_Linear.backward` opens `request(index, accept)` around
 `ctx.saved_tensors`; LASER's unpack hook asks `serve(packed)` first, which for that one saved
-tensor, when held compressed in a handled layout, records a `LowRankInput` and returns a
-zero-stride placeholder of the right shape and dtype instead of rebuilding. Every other unpack,
-including other consumers of the same storage, is unchanged.
+tensor, when held compressed in a handled layout (and `accept` agrees), records a
+`LowRankInput` (`served_input()`) and returns a zero-stride placeholder of the right shape and
+dtype instead of rebuilding. Every other unpack, including other consumers of the same storage,
+is unchanged. `classify` says why a saved tensor is or is not served.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +62,8 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .storage import Packed
 
-__all__ = ["LowRankInput", "linear", "active", "serving", "request", "serve", "lowrank_input",
-           "pays", "weight_grad"]
+__all__ = ["LowRankInput", "linear", "rms_norm", "active", "serving", "request", "serve",
+           "served_input", "classify", "lowrank_input", "pays", "weight_grad", "norm_grad"]
 
 _tls = threading.local()
 
@@ -89,20 +102,30 @@ class LowRankInput:
     shape: tuple[int, ...]
 
 
-def lowrank_input(p: Packed) -> LowRankInput | None:
-    """x's (C, U) when its entry is held compressed and x is a layout handled here, else None."""
+def classify(p: object) -> tuple[LowRankInput | None, str]:
+    """(x's (C, U), "compressed") when saved tensor p is held compressed in a handled layout,
+    else (None, why not): "not held by LASER" (kept raw by rule: excluded, narrow, few rows,
+    parameters, ...), "undecided", "stored raw" (fidelity failed, back-off), "pinned",
+    "modified in place", "scaled" (extreme magnitudes), "flag off" or "layout"."""
+    if not isinstance(p, Packed):
+        return None, "not held by LASER"
     e = p.entry
     st = e.stored
-    if (st is None or st.raw is not None or e.pinned is not None or e.modified
-            or e.overwritten is not None):  # unpack serves exact values, or raises
-        return None
+    if st is None:
+        return None, "undecided"
+    if st.raw is not None:
+        return None, "stored raw"
+    if e.pinned is not None:  # unpack serves exact values
+        return None, "pinned"
+    if e.modified or e.overwritten is not None:  # unpack serves exact values, or raises
+        return None, "modified in place"
     if st.scale is not None:  # C = round(s X U) of an extreme-magnitude site: rebuild instead
-        return None
+        return None, "scaled"
     if not e.tracker.cfg.lowrank_backward:  # the flag also binds direct calls of `linear`
-        return None
+        return None, "flag off"
     size, stride, w = p.size, p.stride, e.region.width
     if not size or 0 in size or p.offset % w:
-        return None
+        return None, "layout"
     C, U = st.C, st.U
     r, (cs0, cs1), row0 = C.shape[1], C.stride(), p.offset // w
     # size-1 axes have no meaningful stride; count them as 0 rows apart
@@ -111,13 +134,18 @@ def lowrank_input(p: Packed) -> LowRankInput | None:
     if size[-1] == w and stride[-1] == 1 and None not in rows_step[:-1]:
         Cx = C.as_strided(tuple(size[:-1]) + (r,), tuple(k * cs0 for k in rows_step[:-1]) + (cs1,),
                           C.storage_offset() + row0 * cs0)
-        return LowRankInput(Cx.reshape(-1, r), U, "rows", size)
+        return LowRankInput(Cx.reshape(-1, r), U, "rows", size), "compressed"
     if (len(size) == 3 and size[1] == w and stride[1] == 1 and rows_step[0] is not None
             and rows_step[2] is not None):
         Cb = C.as_strided((size[0], size[2], r), (rows_step[0] * cs0, rows_step[2] * cs0, cs1),
                           C.storage_offset() + row0 * cs0)
-        return LowRankInput(Cb, U, "cols", size)
-    return None
+        return LowRankInput(Cb, U, "cols", size), "compressed"
+    return None, "layout"
+
+
+def lowrank_input(p: Packed) -> LowRankInput | None:
+    """x's (C, U) when its entry is held compressed and x is a layout handled here, else None."""
+    return classify(p)[0]
 
 
 def pays(x: LowRankInput, out: int) -> bool:
@@ -134,28 +162,35 @@ def pays(x: LowRankInput, out: int) -> bool:
 
 
 class _Request:
-    __slots__ = ("index", "out", "seen", "handle")
+    __slots__ = ("index", "accept", "seen", "handle")
 
-    def __init__(self, index: int, out: int) -> None:
-        self.index, self.out, self.seen, self.handle = index, out, 0, None
+    def __init__(self, index: int, accept: Callable[[LowRankInput, Packed], bool]) -> None:
+        self.index, self.accept, self.seen, self.handle = index, accept, 0, None
 
 
 @contextlib.contextmanager
-def request(index: int, out: int) -> Iterator[_Request]:
-    """Around `ctx.saved_tensors` of a linear layer with `out` outputs: the index-th saved
-    tensor may come back as a placeholder, its (C, U) in `.handle` (None when it was unpacked
-    as usual)."""
+def request(index: int, accept: Callable[[LowRankInput, Packed], bool]) -> Iterator[_Request]:
+    """Around `ctx.saved_tensors` of a Function whose backward can work from (C, U): the
+    index-th saved tensor may come back as a placeholder, its (C, U) in `.handle` (None when
+    it was unpacked as usual), if `accept(x, packed)` agrees."""
     prev = getattr(_tls, "request", None)
-    req = _tls.request = _Request(index, out)
+    req = _tls.request = _Request(index, accept)
     try:
         yield req
     finally:
         _tls.request = prev
 
 
+def served_input() -> LowRankInput | None:
+    """The (C, U) served to the innermost open `request` so far, or None."""
+    req = getattr(_tls, "request", None)
+    return None if req is None else req.handle
+
+
 def serve(p: object) -> torch.Tensor | None:
     """Called by LASER's unpack hook for every saved tensor: a placeholder for the requested
-    one when it is held compressed in a handled layout, else None (unpack as usual)."""
+    one when it is held compressed in a handled layout and accepted, else None (unpack as
+    usual)."""
     req = getattr(_tls, "request", None)
     if req is None:
         return None
@@ -163,9 +198,10 @@ def serve(p: object) -> torch.Tensor | None:
     if i != req.index or not isinstance(p, Packed):
         return None
     lr = lowrank_input(p)
-    if lr is None or not pays(lr, req.out):
+    if lr is None or not req.accept(lr, p):
         return None
     req.handle = lr
+    p.entry.served()  # counts as this view's unpack: a rebuild held for it can go
     # Zero strides: the shape and dtype autograd expects, one element of memory.
     return torch.empty((), dtype=p.entry.dtype, device=lr.C.device).expand(p.size)
 
@@ -197,7 +233,8 @@ class _Linear(torch.autograd.Function):
     @once_differentiable  # the placeholder input has no values to differentiate through
     def backward(ctx, dout: torch.Tensor):
         i = ctx.x_index
-        with request(i, dout.shape[-1]) as req:
+        out = dout.shape[-1]
+        with request(i, lambda lr, _p: pays(lr, out)) as req:
             saved = ctx.saved_tensors
         x, w = saved[i], saved[1 - i]
         dx = dw = None
@@ -226,3 +263,61 @@ def linear(x: torch.Tensor, weight: torch.Tensor, lean: bool = False) -> torch.T
     if not x.is_contiguous():
         return F.linear(x, w)
     return _Linear.apply(x, w, True)
+
+
+def norm_grad(dy: torch.Tensor, r: torch.Tensor, y: LowRankInput) -> torch.Tensor:
+    """dx = r (dy - y mean(dy y)) (fp32, dy's shape) of a weightless RMSNorm over the last axis,
+    y = its output held as (C, U), r = its saved row scales: never builds y (module docstring)."""
+    U = y.U
+    if y.layout == "rows":
+        D = dy.shape[-1]
+        C = y.C.float()
+        dy2 = dy.reshape(-1, D)
+        rr = r.reshape(-1, 1)
+        m = ((dy2.float() @ U) * C).sum(-1, keepdim=True) / D  # mean(dy y) per row
+        dx = torch.mul(dy2, rr)  # fp32 (r is): the one N x D tensor, dx itself
+        dx.addmm_(C * (rr * m), U.t(), alpha=-1.0)
+        return dx.view(dy.shape)
+    B, D, L = y.shape  # y[b] = U C_b^T (D x L), normalized over L
+    C = y.C.float()
+    m = (torch.bmm(dy.float(), C) * U).sum(-1, keepdim=True) / L  # (B, D, 1)
+    dx = torch.mul(dy, r).contiguous()
+    dx.baddbmm_(U * (r * m), C.transpose(1, 2), alpha=-1.0)
+    return dx
+
+
+def _norm_accepts(_x: LowRankInput, p: Packed) -> bool:
+    # With a rebuild of the region alive (another consumer unpacked it), use it: free.
+    return p.entry.rebuilt() is None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """`trm.lean.rms_norm_lean` (same forward and saves: output y and row scales r) whose
+    backward takes y from (C, U) when LASER holds it compressed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        y = (xf * r).to(x.dtype)
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    @once_differentiable  # the placeholder output has no values to differentiate through
+    def backward(ctx, dy: torch.Tensor):
+        with request(0, _norm_accepts) as req:
+            y, r = ctx.saved_tensors
+        if req.handle is not None:
+            return norm_grad(dy, r, req.handle).to(dy.dtype), None
+        # the ops of trm.lean's RMSNorm: bit-identical gradients for raw or rebuilt y
+        yf, dyf = y.float(), dy.float()
+        dx = r * (dyf - yf * (dyf * yf).mean(-1, keepdim=True))
+        return dx.to(dy.dtype), None
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm over the last axis in fp32, returned in x's dtype, saving its output
+    and row scales (as `trm.lean.rms_norm_lean`); backward works from the output's (C, U)
+    when LASER holds it compressed and no rebuild of it is alive (module docstring)."""
+    return _RMSNorm.apply(x, eps)

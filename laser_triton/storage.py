@@ -206,8 +206,13 @@ class Entry:
                 self._hold = X_hat
         return X_hat
 
+    def rebuilt(self) -> torch.Tensor | None:
+        """The region's rebuild if one is alive now (another unpack made it), else None."""
+        return self._cache() if self._cache is not None else None
+
     def served(self) -> None:
-        """One packed view was unpacked; drop the strong hold once all have been."""
+        """One packed view was unpacked (or served as (C, U), laser_triton/lowrank.py); drop
+        the strong hold once all have been."""
         self.unpacks += 1
         if self.unpacks >= self.packs:
             self._hold = None

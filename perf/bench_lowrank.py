@@ -102,7 +102,7 @@ class _Tally:
         def noted_serve(p):
             out = serve(p)
             if out is not None:
-                self._packed[id(lowrank._tls.request.handle)] = p
+                self._packed[id(lowrank.served_input())] = p
             return out
 
         def counted_wgrad(g, h):

@@ -8,7 +8,7 @@ import torch
 from helpers import sudoku_batch, trm_steps
 
 import laser_triton as lt
-from laser_triton import lowrank, ops
+from laser_triton import lowrank, ops, storage
 from laser_triton.storage import region_view
 from laser_triton.trm import TRM, TRMConfig
 
@@ -25,7 +25,10 @@ class _Recorder:
         self.calls = []  # (packed, handle, grad_out, dW)
         self.rebuilds = 0
         self._packed = {}
+        self.served_entries: set[int] = set()  # every (C, U) served: linear inputs and norms
+        self.rebuilt_entries: set[int] = set()
         pack, serve, wgrad, rebuild = laser._pack, lowrank.serve, lowrank.weight_grad, ops.reconstruct
+        matrix = storage.Entry.matrix
 
         def rec_pack(t):
             p = pack(t)
@@ -37,8 +40,16 @@ class _Recorder:
         def rec_serve(p):
             out = serve(p)
             if out is not None:
-                self._packed[id(lowrank._tls.request.handle)] = p
+                self._packed[id(lowrank.served_input())] = p
+                self.served_entries.add(id(p.entry))
             return out
+
+        def rec_matrix(entry):
+            st = entry.stored
+            if (st is not None and st.raw is None and entry.pinned is None
+                    and entry.rebuilt() is None):
+                self.rebuilt_entries.add(id(entry))  # this unpack rebuilds the region
+            return matrix(entry)
 
         def rec_wgrad(g, h):
             dw = wgrad(g, h)
@@ -53,6 +64,7 @@ class _Recorder:
         monkeypatch.setattr(lowrank, "serve", rec_serve)
         monkeypatch.setattr(lowrank, "weight_grad", rec_wgrad)
         monkeypatch.setattr(ops, "reconstruct", rec_rebuild)
+        monkeypatch.setattr(storage.Entry, "matrix", rec_matrix)
 
     def bound_ratios(self) -> list[float]:
         """||dW - G^T X|| / (||G||_2 tau ||X||) per served layer, X as it was saved."""
@@ -89,6 +101,9 @@ def test_trm_weight_gradients_from_coefficients(monkeypatch, lean, mlp_t):
     layouts = {h.layout for _, h, _, _ in rec.calls}
     assert len(rec.calls) >= 6
     assert "rows" in layouts and layouts <= ({"rows", "cols"} if lean and mlp_t else {"rows"})
+    # No served linear input is rebuilt for another consumer (under lean saves the RMSNorm
+    # saving the same output takes it from (C, U) too).
+    assert rec.served_entries and not rec.served_entries & rec.rebuilt_entries
     ratios = rec.bound_ratios()
     assert max(ratios) <= 1.0, ratios  # dW within ||G||_2 tau ||X|| on the TRM's activations
     n_on = rec.rebuilds

@@ -154,10 +154,16 @@ class Block(nn.Module):
         if self.mlp_t_enabled:
             # (B, L, D) -> (B, D, L): the SwiGLU and its RMSNorm both act on the sequence axis.
             ht = h.transpose(1, 2)
-            h = self.norm(ht + self.mlp_t(ht), self.eps).transpose(1, 2)
+            h = self._norm(ht + self.mlp_t(ht)).transpose(1, 2)
         else:
-            h = self.norm(h + self.self_attn(h, cos_sin), self.eps)
-        return self.norm(h + self.mlp(h), self.eps)
+            h = self._norm(h + self.self_attn(h, cos_sin))
+        return self._norm(h + self.mlp(h))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is rms_norm_lean and lowrank.active():
+            # its saved output is the next projection's input: backward from (C, U) as well
+            return lowrank.rms_norm(x, self.eps)
+        return self.norm(x, self.eps)
 
 
 class ReasoningNet(nn.Module):
