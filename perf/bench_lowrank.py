@@ -39,9 +39,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import laser_triton as lt
-from laser_triton import lowrank, ops
-from laser_triton.storage import region_view
 from laser_triton.tools.livebytes import LiveBytes
+from laser_triton.tools.lowrank_probe import SavedRegions, ServedGradients
 from laser_triton.trm import TRM
 
 from .harness import backend_env, run_meta
@@ -51,103 +50,25 @@ MiB = 1 << 20
 VARIANTS = ("plain", "laser_rebuild", "laser_lowrank")
 
 
-class _Originals:
-    """Copies of every compressed storage region as saved (during a forward), to measure the
-    served weight gradients against the exact G^T X afterwards."""
-
-    def __init__(self, laser: lt.Laser | None) -> None:
-        self.laser, self.regions = laser, {}
-
-    def __enter__(self) -> _Originals:
-        if self.laser is not None:
-            pack = self.laser._pack
-
-            def copying_pack(t):
-                p = pack(t)
-                e = getattr(p, "entry", None)
-                if e is not None and id(e) not in self.regions:
-                    self.regions[id(e)] = region_view(t, e.region).clone()
-                return p
-
-            self.laser._pack = copying_pack
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.laser is not None:
-            del self.laser._pack  # back to the class's method
-
-
-class _Tally:
-    """Rebuilds and served inputs during one backward (wraps ops.reconstruct, lowrank); with
-    `originals`, each served dW's error against the exact G^T X over ||G||_2 tau ||X||."""
-
-    def __init__(self, originals: _Originals | None = None, tau: float = 0.0) -> None:
-        self.rebuilds = self.rebuild_bytes = 0
-        self.served: list[tuple[str, tuple[int, ...], int, int]] = []  # layout, shape, r, out
-        self.bound_ratios: list[float] = []
-        self.originals, self.tau = originals, tau
-        self._orig = (ops.reconstruct, lowrank.weight_grad, lowrank.serve)
-        self._packed: dict[int, object] = {}
-        self._checks: list[tuple] = []
-
-    def __enter__(self) -> _Tally:
-        rebuild, wgrad, serve = self._orig
-
-        def counted_rebuild(C, U, dtype=None):
-            out = rebuild(C, U, dtype)
-            self.rebuilds += 1
-            self.rebuild_bytes += out.numel() * out.element_size()
-            return out
-
-        def noted_serve(p):
-            out = serve(p)
-            if out is not None:
-                self._packed[id(lowrank.served_input())] = p
-            return out
-
-        def counted_wgrad(g, h):
-            self.served.append((h.layout, h.shape, h.U.shape[1], g.shape[-1]))
-            dw = wgrad(g, h)
-            if self.originals is not None:  # measured after the flop counter closes
-                self._checks.append((self._packed[id(h)], g.detach().clone(), dw.detach().clone()))
-            return dw
-
-        ops.reconstruct, lowrank.weight_grad, lowrank.serve = (counted_rebuild, counted_wgrad,
-                                                               noted_serve)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        ops.reconstruct, lowrank.weight_grad, lowrank.serve = self._orig
-
-    def check_bound(self) -> None:
-        self.bound_ratios = [self._ratio(*c) for c in self._checks]
-        self._checks = []
-
-    def _ratio(self, p, g: torch.Tensor, dw: torch.Tensor) -> float:
-        region = self.originals.regions[id(p.entry)]
-        x = region.as_strided(p.size, p.stride, region.storage_offset() + p.offset).double()
-        X = x.reshape(-1, x.shape[-1])
-        G = g.reshape(-1, g.shape[-1]).double()
-        err = float((dw.double() - G.t() @ X).norm())
-        return err / (float(torch.linalg.matrix_norm(G, ord=2)) * self.tau * float(X.norm()))
-
-    def linear_flops(self) -> tuple[float, float, float]:
-        """(low-rank flops, rebuild-path flops, mean r/K) of the served weight gradients."""
-        low = full = 0.0
-        ratios = []
-        for layout, shape, r, out in self.served:
-            if layout == "rows":
-                n, K = 1, shape[-1]
-                for s in shape[:-1]:
-                    n *= s
-                low += 2 * n * out * r + 2 * out * r * K
-            else:
-                B, D, K = shape
-                n = B * D
-                low += 2 * B * D * out * r + 2 * B * K * out * r
-            full += 2 * n * K * r + 2 * n * out * K
-            ratios.append(r / K)
-        return low, full, (statistics.mean(ratios) if ratios else float("nan"))
+def _linear_flops(served: ServedGradients) -> tuple[float, float, float]:
+    """(low-rank flops, rebuild-path flops, mean r/K) of the served weight gradients."""
+    low = full = 0.0
+    ratios = []
+    for call in served.calls:
+        x, out = call.input, call.out
+        r = x.U.shape[1]
+        if x.layout == "rows":
+            n, K = 1, x.shape[-1]
+            for s in x.shape[:-1]:
+                n *= s
+            low += 2 * n * out * r + 2 * out * r * K
+        else:
+            B, D, K = x.shape
+            n = B * D
+            low += 2 * B * D * out * r + 2 * B * K * out * r
+        full += 2 * n * K * r + 2 * n * out * K
+        ratios.append(r / K)
+    return low, full, (statistics.mean(ratios) if ratios else float("nan"))
 
 
 def _setup(preset: str, batch: int, seed: int, weights: dict | None,
@@ -201,13 +122,13 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
             loss, xg = _forward(model, x, y, z)
             loss.backward()
             _grads(model, xg)
-        with _Originals(laser) as originals:  # counted backward
+        with SavedRegions(laser) as saved:  # counted backward
             loss, xg = _forward(model, x, y, z)
-        tau = laser.cfg.tau if laser is not None else 0.0
-        with _Tally(originals, tau) as tally, FlopCounterMode(display=False) as flops:
+        with ServedGradients(saved) as tally, FlopCounterMode(display=False) as flops:
             loss.backward()
-        tally.check_bound()
-        del originals
+        # measured after the flop counter closes; then the copies go
+        ratios = tally.bound_ratios(laser.cfg.tau) if laser is not None else []
+        tally.saved = saved = None
         grads[name] = _grads(model, xg)
         loss, xg = _forward(model, x, y, z)  # peak bytes of a backward
         with LiveBytes() as live:
@@ -220,22 +141,22 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
             loss.backward()
             times.append((time.perf_counter() - t0) * 1e3)
             _grads(model, xg)
-        low, full, rk = tally.linear_flops()
+        low, full, rk = _linear_flops(tally)
         row = dict(preset=preset, batch=batch, variant=name, tau=args.tau, max_rank=args.max_rank,
                    forward_dtype=args.forward_dtype,
                    bwd_gflop=flops.get_total_flops() / 1e9, bwd_ms=statistics.median(times),
                    bwd_peak_mib=live.peak / MiB, rebuilds=tally.rebuilds,
-                   rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.served),
+                   rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.calls),
                    lin_gflop_lowrank=low / 1e9, lin_gflop_rebuild=full / 1e9,
                    rank_over_width=rk,
-                   bound_ratio_max=max(tally.bound_ratios, default=float("nan")))
+                   bound_ratio_max=max(ratios, default=float("nan")))
         if laser is not None:
             s = laser.summary()
             row.update(laser_stored_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB)
         rows.append(row)
         print(f"{preset:18s} {name:14s} {row['bwd_gflop']:8.3f} GFLOP {row['bwd_ms']:9.1f} ms "
               f"peak {row['bwd_peak_mib']:8.2f} MiB  rebuilds {tally.rebuilds:3d}  served "
-              f"{len(tally.served):3d}", flush=True)
+              f"{len(tally.calls):3d}", flush=True)
     by = {r["variant"]: r for r in rows}
     for r in rows:
         ref = by["laser_rebuild"]

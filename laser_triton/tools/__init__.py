@@ -8,6 +8,7 @@ module imports `laser_triton.tools` (tests/test_imports.py checks it).
 - `train`, `training`, `evaluate`, `demo`: training and evaluating a TRM on Sudoku;
 - `autotune`, `bench`: the launch-config sweep and the benchmark runner (perf/);
 - `livebytes`: live activation-memory measurement shared by the demo, study and perf;
+- `lowrank_probe`: the weight gradients `lowrank` serves, against its bound (perf, tests);
 - `analysis/`: `laser-triton analyze` (is the saved activation low-rank?);
 - `study/`: `laser-triton study` (paired and pre-declared non-inferiority studies).
 """

@@ -17,7 +17,7 @@ from laser_triton.data import sudoku
 from laser_triton.trm import TRM
 
 from .cliutil import add_threads_argument, apply_threads, int_in, positive_int
-from .train import evaluate_model
+from .train import describe_accuracy, evaluate_model
 from .training import TrainConfig, read_checkpoint, resolve_device
 
 __all__ = ["cli_main", "load_model", "held_out_set"]
@@ -82,9 +82,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics))
     else:
         print(f"{args.checkpoint} (step {metrics['step']}, preset {cfg.preset}) on {source}:")
-        print(f"  cell accuracy {metrics['cell_acc']:.4f}   blank-cell accuracy "
-              f"{metrics['blank_acc']:.4f}   exact puzzles {metrics['exact_acc']:.4f}   "
-              f"({metrics['puzzles']} puzzles, loss {metrics['loss']:.4f})")
+        print(f"  {describe_accuracy(metrics)}")
     return 0
 
 

@@ -288,6 +288,12 @@ def evaluate_model(model: TRM, puzzles: np.ndarray, solutions: np.ndarray, batch
     return {k: v / max(n, 1) for k, v in sums.items()} | {"puzzles": n}
 
 
+def describe_accuracy(m: dict) -> str:
+    """One line of `evaluate_model`'s accuracies, as `train` and `eval` print them."""
+    return (f"cell accuracy {m['cell_acc']:.4f}, blank-cell accuracy {m['blank_acc']:.4f}, "
+            f"exact puzzles {m['exact_acc']:.4f} ({m['puzzles']} puzzles, loss {m['loss']:.4f})")
+
+
 # -- command line -------------------------------------------------------------------------
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str],
                         defaults: object) -> None:
@@ -416,9 +422,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     if trainer.laser is not None:
         trainer.laser.report().to_csv(os.path.join(args.out, "laser_report.csv"), index=False)
     last = evals[-1]
-    print(f"step {trainer.step} in {time.time() - t0:.1f}s: test cell acc {last['cell_acc']:.4f}, "
-          f"blank-cell acc {last['blank_acc']:.4f}, exact {last['exact_acc']:.4f} "
-          f"({last['puzzles']} puzzles); outputs in {args.out}")
+    print(f"step {trainer.step} in {time.time() - t0:.1f}s, test set: {describe_accuracy(last)}; "
+          f"outputs in {args.out}")
     return 0
 
 
