@@ -26,7 +26,7 @@ from .partial_views import (
 from .sites import SiteOrdinals
 from .util import HostFuture, mm_fp32, to_device_async
 
-__all__ = ["Step", "close_batch", "poll"]
+__all__ = ["Step", "close_batch", "poll", "note_drafted"]
 
 
 @dataclass
@@ -43,6 +43,20 @@ class Step:
     sites: SiteOrdinals = field(default_factory=SiteOrdinals)  # roles and save ordinals
     raw_depth: int = 0
     bad_bases: set = field(default_factory=set)  # ids of new bases that failed orthonormality
+    # Bytes the step's drafted entries hold: undecided ones their raw region plus C, decided
+    # ones what they store (read by a LaunchCounter: its held_peak_bytes).
+    held: int = 0
+
+
+def draft_bytes(entry) -> int:
+    """What an undecided entry holds: its raw region (kept for a possible reset) and C."""
+    C = entry.draft.C
+    return entry.raw_bytes() + (0 if C is None else C.numel() * C.element_size())
+
+
+def note_drafted(step: Step, entry) -> None:
+    step.held += draft_bytes(entry)
+    launches.note_held(step.held)
 
 
 def close_batch(step: Step, sync: LocalSync) -> None:
@@ -163,10 +177,11 @@ def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> No
     while step.pending:
         batch, fut, meta = step.pending[0]
         must = block or len(step.pending) > lag
-        if not must and (sync.active or not fut.ready()):
+        arrived = fut.ready() and not launches.device_behind()
+        if not must and (sync.active or not arrived):
             return
-        if must:
-            launches.note_wait()  # on a GPU: a stall unless the event has completed
+        if must and not arrived:  # the host stalls until the event completes
+            launches.note_wait(final=block)
         step.pending.pop(0)
         views, plan, moved, synced = meta
         vals = iter(v.tolist() for v in fut.get())
@@ -203,6 +218,7 @@ def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> No
                         rotation = W[:, :r_new]
                 # The scale feeds branches inside reset: every rank must use the same one.
                 scale = 1.0 if passed else sync.min_float(view_target_scale(entry), d.X.device)
+                undecided = draft_bytes(entry)
                 st = tr.finalize(d, passed, target_scale=scale, err=err, row_err=stats[i][2],
                                  rotation=rotation)
                 # Verify the sub-views against the reset basis, and against the tracked one
@@ -219,3 +235,4 @@ def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> No
                     entry.live = None  # compressed from the saved values: X may go
                 entry.draft = None  # drops X unless stored raw
                 entry.views = []
+                step.held += entry.held_bytes() - undecided

@@ -9,8 +9,14 @@ books:
 - every other aten op as one device launch, except views, metadata and allocations, which
   launch nothing;
 - host synchronizations: `.item()`/`bool()`/`float()` of a device value
-  (`_local_scalar_dense`), ops whose output size depends on data (`nonzero`, ...), and the
-  waits on a decision batch's event that LASER forces (`note_wait`).
+  (`_local_scalar_dense`), ops whose output size depends on data (`nonzero`, ...), linear
+  algebra that checks its status on the host on CUDA (`linalg.eigh`, `linalg.svd`, and the
+  non-`_ex` variants that call `_linalg_check_errors`: "synchronizes that device with the
+  CPU" in torch's docs), and the waits on a decision batch's event that LASER forces
+  (`note_wait`, also counted apart as `decision_waits`).
+With `device_behind=True` the counter plays a GPU that never catches up with the host:
+LASER's decision points see no batch's values arrived (`device_behind()`), so every wait its
+policy forces is counted (on CPU the values are always there at once).
 The model's own ops are outside every section and are not counted. Counts are per section;
 `forward` is everything LASER does before backward except resets (the slow path that rebuilds a
 basis with a range finder, synchronizing; booked under `reset`), `backward` the unpack hook.
@@ -25,7 +31,8 @@ from typing import TypeVar
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LaunchCounter", "counted", "booked", "note", "note_wait", "add", "active"]
+__all__ = ["LaunchCounter", "counted", "booked", "note", "note_wait", "add", "active",
+           "device_behind", "note_held"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,6 +47,10 @@ _FREE = {
 # Ops whose output size depends on the data: the host must wait for the device.
 _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
                    "unique_dim"}
+# Ops that launch work and then read a status back on the host on CUDA (torch documents
+# eigh and svd as synchronizing; the others appear as `_linalg_check_errors`).
+_STATUS_CHECKED = {"_linalg_eigh", "_linalg_svd", "_linalg_check_errors", "linalg_eig",
+                   "linalg_eigvals"}
 BACKWARD = "unpack"
 RESET = "reset"  # the slow path (range finder), booked apart from the per-tensor budget
 
@@ -60,7 +71,7 @@ class _Mode(TorchDispatchMode):
             name = func.overloadpacket.__name__
             if name == "_local_scalar_dense":
                 c.syncs[c.section] += 1
-            elif name in _DATA_DEPENDENT:
+            elif name in _DATA_DEPENDENT or name in _STATUS_CHECKED:
                 c.syncs[c.section] += 1
                 c.launches[c.section] += 1
             elif not (func.is_view or name in _FREE):
@@ -72,7 +83,11 @@ class _Mode(TorchDispatchMode):
 class LaunchCounter:
     """Books LASER's device launches and host synchronizations (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_behind: bool = False) -> None:
+        self.device_behind = device_behind
+        self.waits = 0  # forced waits on a decision batch's event at a network call's end
+        self.final_waits = 0  # ... and when compress() exits (every batch left is decided)
+        self.held_peak = 0  # most bytes LASER's drafted entries held at once (note_held)
         self.launches: Counter[str] = Counter()  # section -> device launches
         self.syncs: Counter[str] = Counter()  # section -> host synchronizations
         self.aten: Counter[tuple[str, str]] = Counter()  # (section, aten op) -> launches
@@ -134,7 +149,10 @@ class LaunchCounter:
                 "launches_reset": self.launches[RESET], "resets": self.events["reset"],
                 "launches_per_step": self.total_launches(),
                 "reconstructs_per_region": self.reconstructs_per_region(),
-                "host_syncs_per_step": self.host_syncs(), "tensors": self.events["drafted"],
+                "host_syncs_per_step": self.host_syncs(), "decision_waits": self.waits,
+                "final_waits": self.final_waits,
+                "held_peak_bytes": self.held_peak,
+                "tensors": self.events["drafted"],
                 "saved": self.events["saved"]}
 
 
@@ -205,8 +223,27 @@ def add(n: int) -> None:
         c.launches[c.section] += n
 
 
-def note_wait() -> None:
-    """The host waits on a decision batch's event (a stall whenever the GPU is behind)."""
+def note_wait(final: bool = False) -> None:
+    """The host waits on a decision batch's event (a stall whenever the GPU is behind):
+    mid-forward, at a network call's end, or `final`ly, when compress() exits."""
     c = _ACTIVE
     if c is not None:
         c.syncs[c.section or "decide"] += 1
+        if final:
+            c.final_waits += 1
+        else:
+            c.waits += 1
+
+
+def note_held(nbytes: int) -> None:
+    """Bytes the step's drafted entries hold now (undecided ones raw plus coefficients)."""
+    c = _ACTIVE
+    if c is not None and nbytes > c.held_peak:
+        c.held_peak = nbytes
+
+
+def device_behind() -> bool:
+    """True while a `LaunchCounter(device_behind=True)` plays a GPU that has not caught up:
+    decision points must treat every batch's values as not arrived yet."""
+    c = _ACTIVE
+    return c is not None and c.device_behind

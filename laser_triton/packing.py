@@ -15,7 +15,7 @@ import torch
 from . import launches
 from .accounting import RawCount
 from .config import LaserConfig
-from .decisions import Step
+from .decisions import Step, note_drafted
 from .distributed import LocalSync
 from .eager import eager
 from .eligibility import WatchedModels
@@ -136,6 +136,7 @@ class PackHooks:
         entry = Entry(region, t.dtype, t, site, tracker, draft)
         step.entries[key] = entry
         step.batch.append(entry)
+        note_drafted(step, entry)
         packed = self._packed(entry, t)
         if len(step.batch) >= self.cfg.batch_size:
             self._close_batch(step)

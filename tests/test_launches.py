@@ -94,6 +94,22 @@ def test_counter_books_ops_counts_aten_and_host_syncs():
     _bookkeeping(X, U)  # no counter: runs as usual
 
 
+@launches.counted("decide")
+def _linalg(A: torch.Tensor) -> None:
+    torch.linalg.cholesky_ex(A)  # reports its status in a tensor: no host read
+    torch.linalg.eigh(A)  # on CUDA: reads its status back ("synchronizes" in torch's docs)
+    torch.linalg.cholesky(A)  # cholesky_ex, then _linalg_check_errors reads the status
+
+
+def test_counter_books_linear_algebra_that_reads_its_status_as_a_host_sync():
+    A = torch.randn(3, 6, 6, dtype=torch.float64)
+    A = A @ A.mT + torch.eye(6, dtype=torch.float64)
+    with launches.LaunchCounter() as c:
+        _linalg(A)
+    assert c.syncs["decide"] == 2, c.aten
+    assert c.summary()["host_syncs_per_step"] == 2
+
+
 # ----------------------------------------------------------------------------- the budget
 
 
