@@ -62,8 +62,9 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .storage import Packed
 
-__all__ = ["LowRankInput", "linear", "rms_norm", "active", "serving", "request", "serve",
-           "served_input", "classify", "lowrank_input", "pays", "weight_grad", "norm_grad"]
+__all__ = ["LowRankInput", "linear", "rms_norm", "RMSNormSavingOutput",
+           "active", "serving", "request", "serve", "served_input", "classify", "lowrank_input",
+           "pays", "weight_grad", "norm_grad"]
 
 _tls = threading.local()
 
@@ -291,17 +292,35 @@ def _norm_accepts(_x: LowRankInput, p: Packed) -> bool:
     return p.entry.rebuilt() is None
 
 
-class _RMSNorm(torch.autograd.Function):
-    """`trm.lean.rms_norm_lean` (same forward and saves: output y and row scales r) whose
-    backward takes y from (C, U) when LASER holds it compressed."""
+class RMSNormSavingOutput(torch.autograd.Function):
+    """Weightless RMSNorm over the last axis in fp32, returned in x's dtype, that saves its
+    output y and the row scales r = rsqrt(mean(x^2) + eps) instead of its input: backward
+    needs only dx = r (dy - y mean(dy y)). `trm.lean.rms_norm_lean` applies it; `rms_norm`
+    applies its subclass whose backward may take y from (C, U)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)  # (..., 1) fp32
         y = (xf * r).to(x.dtype)
         ctx.save_for_backward(y, r)
         return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, r = ctx.saved_tensors
+        return _rms_norm_input_grad(dy, y, r), None
+
+
+def _rms_norm_input_grad(dy: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """dx = r (dy - y mean(dy y)), in fp32, returned in dy's dtype."""
+    yf, dyf = y.float(), dy.float()
+    return (r * (dyf - yf * (dyf * yf).mean(-1, keepdim=True))).to(dy.dtype)
+
+
+class _RMSNorm(RMSNormSavingOutput):
+    """`RMSNormSavingOutput` (same forward and saves) whose backward takes y from (C, U) when
+    LASER holds it compressed."""
 
     @staticmethod
     @once_differentiable  # the placeholder output has no values to differentiate through
@@ -310,10 +329,8 @@ class _RMSNorm(torch.autograd.Function):
             y, r = ctx.saved_tensors
         if req.handle is not None:
             return norm_grad(dy, r, req.handle).to(dy.dtype), None
-        # the ops of trm.lean's RMSNorm: bit-identical gradients for raw or rebuilt y
-        yf, dyf = y.float(), dy.float()
-        dx = r * (dyf - yf * (dyf * yf).mean(-1, keepdim=True))
-        return dx.to(dy.dtype), None
+        # trm.lean's RMSNorm: bit-identical gradients for raw or rebuilt y
+        return _rms_norm_input_grad(dy, y, r), None
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

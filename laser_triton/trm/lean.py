@@ -24,24 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..lowrank import RMSNormSavingOutput
+
 __all__ = ["linear_lean", "rms_norm_lean", "swiglu_down"]
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-        y = (xf * r).to(x.dtype)
-        ctx.save_for_backward(y, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        y, r = ctx.saved_tensors
-        yf, dyf = y.float(), dy.float()
-        dx = r * (dyf - yf * (dyf * yf).mean(-1, keepdim=True))
-        return dx.to(dy.dtype), None
 
 
 class _Linear(torch.autograd.Function):
@@ -65,7 +50,7 @@ def linear_lean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_lean(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMSNorm in fp32, returned in x's dtype; saves its output and row scales."""
-    return _RMSNorm.apply(x, eps)
+    return RMSNormSavingOutput.apply(x, eps)
 
 
 class _SwiGLUDown(torch.autograd.Function):
