@@ -43,7 +43,7 @@ import torch
 
 from laser_triton import ops
 
-from .harness import backend_env, run_meta
+from .harness import add_threads_option, backend_env, run_meta, set_threads
 
 COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype", "ms_median",
            "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms", "frac_of_roofline",
@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; stops the grid")
     ap.add_argument("--no-orth", action="store_true", help="skip orthonormalize")
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # small CPU ops: one thread beats a contended pool
+    set_threads(args.threads, torch.cuda.is_available())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"

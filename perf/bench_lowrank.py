@@ -12,7 +12,9 @@ so they hold identical coefficients; only their backward differs. Per variant, o
 - `bwd_ms`: median wall-clock over `--reps` backwards (no counter active), and its ratio to
   `laser_rebuild`'s, next to the flop ratio;
 - `bwd_peak_mib`: peak bytes of storages created during backward and alive (LiveBytes), the
-  parameter gradients included;
+  parameter gradients included; `peak_node`: the autograd node running at that peak;
+- `norms_served`: lean RMSNorm backwards from (C, U); `served_rebuilt`: served entries that an
+  unpack rebuilt anyway for another consumer (0 means no N x D rebuild for them);
 - `rebuilds`, `rebuild_mib`: ops.reconstruct calls in backward and the bytes they produced;
 - `served`: linear inputs whose weight gradient came from (C, U); `lin_gflop_lowrank` and
   `lin_gflop_rebuild`: for those inputs, the weight-gradient flops this way (2 n out r + 2 out r K
@@ -22,6 +24,9 @@ so they hold identical coefficients; only their backward differs. Per variant, o
   with X the activation as it was saved (the stated bound is 1);
 - `grad_err_vs_rebuild`, `grad_err_vs_plain`: max over parameters (and the cycle's input) of
   ||g - g_ref|| / ||g_ref||.
+`--layers-out`: laser_lowrank's per-layer table (perf/lowrank_layers.py): per projection and
+lean norm, calls, width D, compressed calls and their mean rank r, served calls, the flops of the
+input-dependent part by the rebuild path and from (C, U), and why the others were not served.
 Untrained weights unless `--weights`. On CPU the times are wall-clock of the torch backend on
 one thread: they rank the variants on this machine and claim nothing about GPUs.
 """
@@ -29,6 +34,7 @@ one thread: they rank the variants on this machine and claim nothing about GPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -39,11 +45,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import laser_triton as lt
-from laser_triton.tools.livebytes import LiveBytes
 from laser_triton.tools.lowrank_probe import SavedRegions, ServedGradients
 from laser_triton.trm import TRM
 
-from .harness import backend_env, run_meta
+from .harness import add_threads_option, backend_env, run_meta, set_threads
+from .lowrank_layers import LayerTable, PeakAt
 from .trm_run import make_batches, preset_config
 
 MiB = 1 << 20
@@ -115,23 +121,29 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
     for laser in lasers.values():
         if laser is not None:
             laser.watch(model.net)
-    rows, grads = [], {}
+    rows, grads, layer_rows = [], {}, []
     for name, laser in lasers.items():
         model.laser = laser
         for _ in range(args.warmup):  # first bases (resets)
             loss, xg = _forward(model, x, y, z)
             loss.backward()
             _grads(model, xg)
-        with SavedRegions(laser) as saved:  # counted backward
-            loss, xg = _forward(model, x, y, z)
-        with ServedGradients(saved) as tally, FlopCounterMode(display=False) as flops:
-            loss.backward()
+        per_layer = laser is not None and laser.cfg.lowrank_backward
+        table = LayerTable(model.net, laser) if per_layer else contextlib.nullcontext()
+        with table:  # per-layer outcomes of the counted forward and backward
+            with SavedRegions(laser) as saved:  # counted backward
+                loss, xg = _forward(model, x, y, z)
+            with ServedGradients(saved) as tally, FlopCounterMode(display=False) as flops:
+                loss.backward()
+        if per_layer:
+            layer_rows += [dict(preset=preset, batch=batch, tau=args.tau, max_rank=args.max_rank,
+                                forward_dtype=args.forward_dtype, **r) for r in table.rows()]
         # measured after the flop counter closes; then the copies go
         ratios = tally.bound_ratios(laser.cfg.tau) if laser is not None else []
         tally.saved = saved = None
         grads[name] = _grads(model, xg)
         loss, xg = _forward(model, x, y, z)  # peak bytes of a backward
-        with LiveBytes() as live:
+        with PeakAt() as live:
             loss.backward()
         _grads(model, xg)
         times = []
@@ -145,10 +157,12 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
         row = dict(preset=preset, batch=batch, variant=name, tau=args.tau, max_rank=args.max_rank,
                    forward_dtype=args.forward_dtype,
                    bwd_gflop=flops.get_total_flops() / 1e9, bwd_ms=statistics.median(times),
-                   bwd_peak_mib=live.peak / MiB, rebuilds=tally.rebuilds,
+                   bwd_peak_mib=live.peak / MiB, peak_node=live.node, rebuilds=tally.rebuilds,
                    rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.calls),
                    lin_gflop_lowrank=low / 1e9, lin_gflop_rebuild=full / 1e9,
                    rank_over_width=rk,
+                   norms_served=table.norms_served() if per_layer else 0,
+                   served_rebuilt=table.served_rebuilt() if per_layer else 0,
                    bound_ratio_max=max(ratios, default=float("nan")))
         if laser is not None:
             s = laser.summary()
@@ -165,7 +179,7 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
         r["peak_ratio_vs_rebuild"] = r["bwd_peak_mib"] / ref["bwd_peak_mib"]
         r["grad_err_vs_rebuild"] = _max_rel(grads[r["variant"]], grads["laser_rebuild"])
         r["grad_err_vs_plain"] = _max_rel(grads[r["variant"]], grads["plain"])
-    return rows
+    return rows, layer_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,15 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.05, help="LaserConfig.tau of both LASER runs")
     ap.add_argument("--max-rank", type=int, default=128, help="LaserConfig.max_rank of both")
     ap.add_argument("--forward-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--weights", type=Path, default=None, help="trained TRM state dict")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="trained TRM: a state dict, or a `laser-triton train` checkpoint")
+    ap.add_argument("--weights-note", default="", help="how the weights were trained (CSV)")
+    ap.add_argument("--layers-out", type=Path, default=None,
+                    help="per-layer table of laser_lowrank's backward (perf/lowrank_layers.py)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    args.weights_name = args.weights.name if args.weights else "initialised (untrained)"
-    args.weights = torch.load(args.weights, map_location="cpu") if args.weights else None
-    rows = []
+    set_threads(args.threads, False)
+    args.weights_name = ((f"{args.weights.name} ({args.weights_note})" if args.weights_note
+                          else args.weights.name) if args.weights else "initialised (untrained)")
+    args.weights = _load_weights(args.weights) if args.weights else None
+    rows, layer_rows = [], []
     with backend_env("torch"):
         for preset in args.presets:
-            rows += bench_preset(preset, args.batch, args)
+            got, layers = bench_preset(preset, args.batch, args)
+            rows += got
+            layer_rows += layers
     df = pd.DataFrame(rows)
     df["weights"] = args.weights_name
     for k, v in run_meta(torch.device("cpu")).items():
@@ -195,7 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     print(f"wrote {len(df)} rows to {args.out}")
+    if args.layers_out is not None:
+        layers = pd.DataFrame(layer_rows)
+        layers["weights"] = args.weights_name
+        args.layers_out.parent.mkdir(parents=True, exist_ok=True)
+        layers.to_csv(args.layers_out, index=False)
+        print(f"wrote {len(layers)} rows to {args.layers_out}")
     return 0
+
+
+def _load_weights(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" in state and isinstance(state["model"], dict):  # a training checkpoint
+        return state["model"]
+    return state
 
 
 if __name__ == "__main__":

@@ -61,7 +61,17 @@ from laser_triton.launches import LaunchCounter
 from laser_triton.trm import TRMConfig
 from laser_triton.trm.savecount import SavedTensorCounter
 
-from .harness import Timeout, backend_env, cleanup, compile_stats, parse_value, run_meta, time_limit
+from .harness import (
+    Timeout,
+    add_threads_option,
+    backend_env,
+    cleanup,
+    compile_stats,
+    parse_value,
+    run_meta,
+    set_threads,
+    time_limit,
+)
 from .trm_run import (
     CPU_BATCH,
     CPU_PRESETS,
@@ -268,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                          "only when given, e.g. aot_eager to check the autograd path quickly")
     ap.add_argument("--time-budget", type=float, default=600.0, help="seconds for all runs")
     ap.add_argument("--variant-timeout", type=float, default=180.0)
+    add_threads_option(ap)
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(1)  # small CPU ops: one thread beats a contended pool
+    set_threads(args.threads, cuda)
     presets = args.presets or (list(GPU_PRESETS) if cuda else list(CPU_PRESETS))
     variants = args.variants or list(GPU_VARIANTS if cuda else CPU_VARIANTS)
     for v in variants:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["Timeout", "backend_env", "cleanup", "compile_stats", "parse_value", "run_meta",
+__all__ = ["Timeout", "add_threads_option", "backend_env", "set_threads", "cleanup", "compile_stats", "parse_value", "run_meta",
            "time_limit"]
 
 
@@ -100,3 +100,22 @@ def cleanup(cuda: bool) -> None:
         from torch._dynamo.utils import counters
 
         counters.clear()
+
+
+def add_threads_option(ap) -> None:
+    """`--threads N` of every benchmark script (and so of `laser-triton bench <script>`)."""
+    from laser_triton.tools.cliutil import nonnegative_int
+
+    ap.add_argument("--threads", type=nonnegative_int, default=0,
+                    help="intra-op CPU threads; 0 (the default): 1 on a CPU run (these small "
+                         "ops run faster on one thread than on a contended pool), torch's "
+                         "default on a GPU run")
+
+
+def set_threads(threads: int, cuda: bool) -> int:
+    """Apply `--threads`; returns the thread count torch now uses."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif not cuda:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()

@@ -2,9 +2,13 @@
 
     laser-triton bench kernels --out perf/results/h200/kernels.csv [bench_kernels options]
     laser-triton bench trm --out perf/results/h200/trm.csv [bench_trm options]
+    laser-triton bench lowrank --out perf/results/cpu/lowrank.csv [bench_lowrank options]
     laser-triton bench report [--results perf/results]
     laser-triton bench audit [--full]   # static sm_90 audit + performance model (CPU, no GPU)
     laser-triton bench all [--results perf/results] [--set NAME]   # both benchmarks + report
+
+kernels, trm, lowrank and all take --threads N (intra-op CPU threads; 0, the default: 1 on a
+CPU run, torch's default on a GPU run).
 
 The benchmark scripts live in `perf/` of a source checkout and are not part of the wheel:
 they write CSVs and plots into the repository's perf/results/ and are meant to be run from a
@@ -25,8 +29,8 @@ from types import ModuleType
 
 __all__ = ["cli_main", "find_perf_dir", "load_script", "load_module", "PACKAGE"]
 
-SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "report": "report.py",
-           "audit": "audit.py"}
+SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "lowrank": "bench_lowrank.py",
+           "report": "report.py", "audit": "audit.py"}
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -84,10 +88,12 @@ def _run_all(perf: Path, argv: list[str]) -> int:
     p.add_argument("--results", type=Path, default=perf / "results")
     p.add_argument("--set", default=None, help="subfolder (default: 'cpu' or <gpu>_<date>)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds per benchmark")
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: 1 on CPU)")
     args = p.parse_args(argv)
     out = args.results / (args.set or _set_name())
     out.mkdir(parents=True, exist_ok=True)
     budget = [] if args.time_budget is None else ["--time-budget", str(args.time_budget)]
+    budget += ["--threads", str(args.threads)]
     rc = load_script(perf, "kernels").main(["--out", str(out / "kernels.csv"), *budget])
     rc |= load_script(perf, "trm").main(["--out", str(out / "trm.csv"), *budget])
     return rc | load_script(perf, "report").main(["--results", str(args.results)])
@@ -96,12 +102,12 @@ def _run_all(perf: Path, argv: list[str]) -> int:
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|report|audit> --help` for a "
+        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|lowrank|report|audit> --help` for a "
               "script's options.")
         return 0
     what, rest = argv[0], argv[1:]
     if what not in (*SCRIPTS, "all"):
-        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, report, audit or all",
+        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, lowrank, report, audit or all",
               file=sys.stderr)
         return 2
     perf = find_perf_dir()
