@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from laser_triton import launches, ops
+from laser_triton.storage import Packed
 
 kernels = pytest.importorskip("laser_triton.kernels")
 
@@ -195,6 +196,40 @@ def test_backward_rebuilds_a_region_once_for_all_its_saves():
             y.backward()
     # Regions: x (saved by both products) and x * w2 (saved by square).
     assert c.ops[(launches.BACKWARD, "reconstruct")] == len(c.regions) == 2
+
+
+def test_backward_rebuilds_a_gate_up_region_once_for_both_halves(monkeypatch):
+    """gate and up, two column views of one fused gate_up output, are unpacked separately in
+    backward (silu saves gate, the product saves up): one reconstruct per region serves both,
+    and each half as unpacked meets tau (measured against the saved values)."""
+    from helpers import UnpackTap, rel_err
+    from models import low_rank_tokens
+
+    import laser_triton as lt
+
+    laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64))
+    model = _gated_steps(laser, 3)
+    tap = UnpackTap(laser, monkeypatch)
+    x = low_rank_tokens(2, 150, 160, rank=6, seed=7).requires_grad_()
+    with laser.compress():
+        loss = model(model(x)).square().mean()  # two gate_up regions, halves of each saved
+    halves = {}
+    for _, p, _ in tap.records:  # saved views half as wide as their region: gate and up
+        if isinstance(p, Packed) and p.size[-1] * 2 == p.entry.region.width:
+            halves.setdefault(id(p.entry), []).append(p)
+    compressed = [k for k, ps in halves.items()
+                  if ps[0].entry.stored is not None and not ps[0].entry.stored.is_raw
+                  and ps[0].entry.pinned is None]
+    assert compressed and all(len(halves[k]) == 2 for k in compressed), halves
+    with launches.LaunchCounter() as c:
+        loss.backward()
+    assert c.ops[(launches.BACKWARD, "reconstruct")] == len(c.regions)
+    assert set(compressed) <= c.regions  # each gate_up region rebuilt, once
+    for k in compressed:  # both halves were unpacked, each within tau
+        for p in halves[k]:
+            res = [r for r in tap.records if r[1] is p][0]
+            assert len(res[2]) == 1 and rel_err(res[2][0], res[0]) <= 0.05
+    assert all(e <= 0.05 for e, _ in tap.errors())
 
 
 def test_failed_orthonormalization_keeps_the_old_basis_and_fails_its_drafts(monkeypatch):
