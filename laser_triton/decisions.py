@@ -18,6 +18,7 @@ from . import launches, ops
 from .distributed import LocalSync
 from .estimates import batch_error, host_error, plan_shrinks
 from .partial_views import (
+    batch_products,
     column_view_parts,
     view_error,
     view_errors,
@@ -73,14 +74,18 @@ def close_batch(step: Step, sync: LocalSync) -> None:
         parts = [e.draft.stats for e in batch]  # (4,) each; HostFuture packs all in one cat
         # Partial views must meet tau on their own: column blocks (gate/up halves) are bounded
         # from the pass's D x r products without a rebuild; other views are rebuilt.
+        # Below exact_below every error is measured: the views' too (a rebuild).
+        viewed = [i for i, e in enumerate(batch) if e.views and e.draft.C is not None]
+        products = batch_products(batch, [i for i in viewed if not batch[i].draft.measured])
         views = []
-        for i, e in enumerate(batch):
-            if e.views and e.draft.C is not None:
-                # Below exact_below every error is measured: the views' too (a rebuild).
-                cols = None if e.draft.measured else column_view_parts(e)
-                views.append((i, cols is not None))
-                parts += list(cols) if cols is not None else [view_error(e, e.draft.X)]
-        checks = [(e.tracker, e.draft) for e in batch if e.draft.shrink_gram is not None]
+        for i in viewed:
+            e = batch[i]
+            cols = products.get(i)
+            if cols is None and not e.draft.measured:
+                cols = column_view_parts(e)  # column blocks of unequal widths
+            views.append((i, cols is not None))
+            parts += list(cols) if cols is not None else [view_error(e, e.draft.X)]
+        checks = [(e.tracker, e.draft) for e in batch if e.draft.shrink_due]
         plan = None
         if checks:
             Ws, r_new, slot = plan_shrinks(checks, sync)
@@ -210,7 +215,7 @@ def poll(step: Step, block: bool, lag: int, sync: LocalSync | None = None) -> No
                 if passed and d.U is not None and id(d.U) in step.bad_bases:
                     passed = False  # drafted with a basis whose orthonormalization failed
                 rotation = None
-                if d.shrink_gram is not None:
+                if d.shrink_due:
                     W = plan[0][check]
                     r_new = int(ranks[plan[1][check]])
                     check += 1

@@ -29,6 +29,9 @@ class Draft:
     consts: tuple[float, ...]  # of `error_consts`: what turns `stats` into the error
     measured: bool = False
     shrink_gram: torch.Tensor | None = None  # U^T Y (r x r) when a shrink check is due
+    # A shrink check is due. A batched tracker leaves shrink_gram to its decision batch,
+    # which computes every due draft's gram in one product per (width, rank).
+    shrink_due: bool = False
     scale: float | None = None  # C = round(scale * X U) (see magnitude.py); None: unscaled
     Y: torch.Tensor | None = None  # the pass's power product X^T X U (partial-view checks)
     _err: torch.Tensor | None = None

@@ -74,6 +74,7 @@ class _Mode(TorchDispatchMode):
             elif name in _DATA_DEPENDENT or name in _STATUS_CHECKED:
                 c.syncs[c.section] += 1
                 c.launches[c.section] += 1
+                c.aten[(c.section, name)] += 1
             elif not (func.is_view or name in _FREE):
                 c.launches[c.section] += 1
                 c.aten[(c.section, name)] += 1

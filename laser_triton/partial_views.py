@@ -18,7 +18,7 @@ from .storage import Entry, column_block
 from .util import reduced_fp32_matmul
 
 __all__ = ["decision_error", "view_error", "view_target_scale", "column_view_parts",
-           "view_errors"]
+           "batch_products", "view_errors"]
 
 
 def decision_error(entry: Entry) -> torch.Tensor:
@@ -96,6 +96,71 @@ def column_view_parts(entry: Entry) -> tuple[torch.Tensor, torch.Tensor] | None:
                              for a, n in blocks])
         c = torch.stack([(U[a:a + n] * Z[a:a + n]).sum() for a, n in blocks])
     return norms, c
+
+
+def _equal_blocks(entry: Entry) -> int | None:
+    """k when the entry's views partition its columns in k equal blocks, else None."""
+    blocks = [column_block(p.size, p.stride, p.offset, entry.region) for p in entry.views]
+    if not blocks or any(b is None for b in blocks):
+        return None
+    blocks.sort()
+    k, w = len(blocks), blocks[0][1]
+    ok = blocks == [(i * w, w) for i in range(k)] and k * w == entry.region.width
+    return k if ok else None
+
+
+def batch_products(batch: list[Entry], views: list[int]) -> dict[int, tuple]:
+    """The D x r products a decision batch needs, in one set of batched ops per (width, rank)
+    instead of a few per tensor: the Ritz gram M = U^T Y of every draft with a shrink check
+    due (set as its `shrink_gram`), and `column_view_parts` of the entries `views` (indices
+    into batch) whose views split their columns in equal blocks (the gate/up halves), which
+    also need M. Returns {index: (norms, c)} for those entries; the others (views that are no
+    equal column blocks) are left to `column_view_parts` or a rebuild.
+
+    Per group: two stacks, one bmm for M, and for views one baddbmm (Z = U M - 2 Y) and one
+    bmm for every entry's k dot products; one fp64 norm of X per view entry (X is not
+    stacked: copying activations would cost more than a launch)."""
+    split = {i: _equal_blocks(batch[i]) for i in views}
+    want = [i for i, e in enumerate(batch)
+            if (e.draft.shrink_due and e.draft.shrink_gram is None) or split.get(i)]
+    groups: dict[tuple, list[int]] = {}
+    for i in want:
+        d = batch[i].draft
+        groups.setdefault((tuple(d.U.shape), d.U.device, d.Y.dtype), []).append(i)
+    parts: dict[int, tuple] = {}
+    for idx in groups.values():
+        U = _stacked([batch[i].draft.U for i in idx])
+        Y = _stacked([batch[i].draft.Y for i in idx])
+        if reduced_fp32_matmul(U.device):  # TF32 would swamp the residual: products in fp64
+            U, Y = U.double(), Y.double()
+        M = torch.bmm(U.mT, Y)
+        M32 = M if M.dtype == torch.float32 else M.float()
+        for j, i in enumerate(idx):
+            d = batch[i].draft
+            if d.shrink_due and d.shrink_gram is None:
+                d.shrink_gram = M32[j]
+        ks = {split[i] for i in idx if split.get(i)}
+        if not ks:
+            continue
+        Z = torch.baddbmm(Y, U, M, beta=-2.0)  # U M - 2 Y
+        B, D, r = U.shape
+        c_by_k = {}
+        for k in ks:  # (one k in practice: gate/up halves)
+            # U's rows are X's columns: block b of each matrix is a contiguous run of U and Z.
+            c_by_k[k] = torch.bmm(U.reshape(B * k, 1, -1), Z.reshape(B * k, -1, 1)).view(B, k)
+        for j, i in enumerate(idx):
+            k = split.get(i)
+            if k:
+                X = batch[i].draft.X
+                norms = torch.linalg.vector_norm(X.unflatten(1, (k, D // k)), dim=(0, 2),
+                                                 dtype=torch.float64)
+                parts[i] = (norms, c_by_k[k][j])
+    return parts
+
+
+def _stacked(ts: list[torch.Tensor]) -> torch.Tensor:
+    """(B, ...) from B same-shaped tensors: a view for one, one launch for more."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
 _VIEW_NOISE = 1e-6  # relative rounding of ||X_S||^2 + c_S (measured <= 5e-8, see above)

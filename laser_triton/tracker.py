@@ -174,7 +174,9 @@ class SiteTracker:
         self.since_shrink_check += 1
         if self.since_shrink_check >= cfg.shrink_every and U.shape[1] > cfg.min_rank:
             self.since_shrink_check = 0
-            d.shrink_gram = mm_fp32(U.t(), out.Y)  # Ritz matrix U^T X^T X U, read with the decision
+            d.shrink_due = True
+            if not self.batched:  # Ritz matrix U^T X^T X U, read with the decision
+                d.shrink_gram = mm_fp32(U.t(), out.Y)
         self.pending_Y = d.Y = out.Y
         return d
 
