@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import DTYPE_NAMES  # noqa: F401  (re-exported for the launchers)
+
 log = logging.getLogger("laser_triton")
 T = TypeVar("T")
 
@@ -38,7 +40,6 @@ PRECISIONS = ("ieee", "bf16x3")
 
 TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
              torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def pow2(n: int, lo: int = 16) -> int:

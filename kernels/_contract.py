@@ -34,6 +34,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from ..validation import DTYPES_BY_NAME
 from . import _basis, configs
 from ._common import INTERPRET
 
@@ -41,7 +42,6 @@ __all__ = ["Case", "Problem", "check", "run_check", "shipped_cases", "default_ca
 
 SM90 = GPUTarget("cuda", 90, 32)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's grid dimension limits (x, y, z)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def scenarios(D: int, r: int, dtype: str) -> list[tuple[str, dict, Callable[[], 
     from . import compress_pass, grad_coeff, orthonormalize_batched, reconstruct  # noqa: PLC0415
     from .orthonormalize import orthonormalize  # noqa: PLC0415
 
-    dt = _DTYPES[dtype]
+    dt = DTYPES_BY_NAME[dtype]
     N = 1000 + 37  # not a multiple of any block size
     r = min(r, D)
     gen = torch.Generator().manual_seed(D * 1009 + r)

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Shape", "KernelSpec", "SPECS", "declare", "LAUNCH_OPTIONS"]
+__all__ = ["Shape", "KernelSpec", "SPECS", "declare", "LAUNCH_OPTIONS", "SIGNATURE_SMS"]
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # config fields that are compile options
+# SMs of the GPU the compile signatures, grids and audit models assume (H100 SXM / H200)
+SIGNATURE_SMS = 132
 
 
 @dataclass(frozen=True)

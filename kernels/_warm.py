@@ -29,14 +29,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import torch
 from triton.backends.compiler import GPUTarget
 
+from ..validation import DTYPES_BY_NAME
 from . import _contract, configs
+from ._spec import SIGNATURE_SMS
 
 __all__ = ["laser_variants", "compile_variants", "main"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-H200_SMS = 132
 
 
 def _gpu_target() -> tuple[GPUTarget, str, int]:
@@ -47,7 +45,7 @@ def _gpu_target() -> tuple[GPUTarget, str, int]:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return (driver.active.get_current_target(), torch.cuda.get_device_name(),
                 props.multi_processor_count)
-    return GPUTarget("cuda", 90, 32), "NVIDIA H200", H200_SMS
+    return GPUTarget("cuda", 90, 32), "NVIDIA H200", SIGNATURE_SMS
 
 
 def laser_variants(hidden: list[int], ranks: list[int], rows: list[int], dtype: str,
@@ -68,7 +66,7 @@ def laser_variants(hidden: list[int], ranks: list[int], rows: list[int], dtype: 
         try:
             for mod, _ in patched:
                 mod.num_sms = lambda device: sms
-            _record_laser_calls(hidden, ranks, rows, _DTYPES[dtype], _DTYPES[coeff_dtype])
+            _record_laser_calls(hidden, ranks, rows, DTYPES_BY_NAME[dtype], DTYPES_BY_NAME[coeff_dtype])
         finally:
             for mod, orig in patched:
                 mod.num_sms = orig
@@ -192,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, nargs="+", required=True, help="activation widths D")
     ap.add_argument("--rank", type=int, nargs="+", required=True, help="basis ranks r")
     ap.add_argument("--rows", type=int, nargs="+", default=[776, 1552], help="row counts N")
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype")
-    ap.add_argument("--coeff-dtype", choices=sorted(_DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default="bf16", help="activation dtype")
+    ap.add_argument("--coeff-dtype", choices=sorted(DTYPES_BY_NAME), default="bf16")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--time-budget", type=float, default=None, help="seconds, then stop")
     ap.add_argument("--csv", default=None, help="write one row per variant here")

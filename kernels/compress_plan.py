@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 
 from ._common import pow2
+from ._spec import SIGNATURE_SMS
 
 __all__ = ["FUSED_MAX_ELEMS", "MIN_BLOCK_R", "MAX_PARTIAL_ELEMS", "H100_SMS", "fused_by_size",
            "fused_block_r", "fused_programs", "y_segments", "rows_fit"]
@@ -17,7 +18,7 @@ __all__ = ["FUSED_MAX_ELEMS", "MIN_BLOCK_R", "MAX_PARTIAL_ELEMS", "H100_SMS", "f
 FUSED_MAX_ELEMS = 16384  # bound on the fused Y accumulator, D_PAD x BLOCK_R fp32
 MIN_BLOCK_R = 16  # the smallest rank tile (tl.dot's minimum)
 MAX_PARTIAL_ELEMS = 1 << 24  # cap on the Y partial slabs (64 MiB)
-H100_SMS = 132  # the grid sizes the compile signatures assume (H100/H200)
+H100_SMS = SIGNATURE_SMS  # the grid sizes the compile signatures assume (H100/H200)
 
 
 def rows_fit(N: int, R: int) -> bool:

@@ -31,7 +31,7 @@ from ._common import (
     pow2,
     shrink_config,
 )
-from ._spec import KernelSpec, Shape, declare
+from ._spec import SIGNATURE_SMS, KernelSpec, Shape, declare
 from .configs import get_store
 
 __all__ = ["grad_coeff", "row_splits"]
@@ -139,7 +139,7 @@ def _signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     N, O, R, x = shape.N, shape.D, shape.r, f"*{shape.dtype}"
     block_o, block_r = min(cfg["BLOCK_O"], pow2(O)), min(cfg["BLOCK_R"], pow2(R))
     tiles = triton.cdiv(O, block_o) * triton.cdiv(R, block_r)
-    want = max(1, PROGRAMS_PER_SM * 132 // tiles)
+    want = max(1, PROGRAMS_PER_SM * SIGNATURE_SMS // tiles)
     rows = triton.cdiv(triton.cdiv(N, min(want, triton.cdiv(N, cfg["BLOCK_N"]))),
                        cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     runtime = dict(g_ptr=x, c_ptr=x, part_ptr="*fp32", N=N, O=O, R=R, B=1, rows_per_split=rows,

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .validation import DTYPES_BY_NAME, FLOAT_DTYPES
+
 __all__ = ["LaserConfig", "rounding_error"]
 
-_COEFF_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Names accepted for coeff_dtype besides the torch dtypes themselves (JSON, command lines).
-_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+# Names accepted for coeff_dtype besides the torch dtypes themselves (JSON, command lines):
+# torch's ("bfloat16"), the short ones ("bf16") and two aliases.
+_DTYPE_NAMES = {**{str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}, **DTYPES_BY_NAME,
+                "half": torch.float16, "float": torch.float32}
 _MODES = ("lagged", "refresh")
 _INT_FIELDS = ("rank", "max_rank", "min_rank", "power_iters", "min_width", "oversample",
                "reset_power_iters", "shrink_every", "batch_size", "decision_lag", "seed")
@@ -49,7 +50,7 @@ def _as_coeff_dtype(v: object) -> torch.dtype:
             raise TypeError(f"LaserConfig: coeff_dtype {v!r} is not a known name; use "
                             f"torch.bfloat16, torch.float16 or torch.float32, or one of {names}")
         return dt
-    if v not in _COEFF_DTYPES:
+    if v not in FLOAT_DTYPES:
         raise TypeError(f"LaserConfig: coeff_dtype must be torch.bfloat16, torch.float16 or "
                         f"torch.float32 (or one of {names}), got {v!r}")
     return v  # type: ignore[return-value]

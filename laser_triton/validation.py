@@ -15,11 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_tensor", "check_basis", "check_out_dtype", "check_compress_pass",
+__all__ = ["FLOAT_DTYPES", "DTYPE_NAMES", "DTYPES_BY_NAME", "check_tensor", "check_basis", "check_out_dtype", "check_compress_pass",
            "check_reconstruct", "check_orthonormalize", "check_grad_coeff"]
 
-# The activation, coefficient and output dtypes every op takes.
+# The activation, coefficient and output dtypes every op takes, and their short names (the
+# config store's keys, command lines).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = dict(zip(FLOAT_DTYPES, ("fp32", "bf16", "fp16")))
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:

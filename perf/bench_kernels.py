@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from laser_triton import ops
+from laser_triton.validation import DTYPES_BY_NAME
 
 from .harness import add_threads_option, backend_env, run_meta, set_threads
 
@@ -49,7 +50,6 @@ COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype"
            "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms", "frac_of_roofline",
            "speedup_vs_torch", "target_ms", "rel_err", "bytes", "flops", "copy_gbps",
            "matmul_tflops", "valid_timing", "torch_version", "triton_version", "date", "error"]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("torch", "reference", "triton")
 RANK_PRIORITY = (32, 64, 16, 128, 8)
 # (layout, D, Ns): rows of the mlp_t layouts are batch 768 x hidden 512 of the Sudoku preset.
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, nargs="*", default=None, help="custom grid: N values")
     ap.add_argument("--hidden", type=int, nargs="*", default=None, help="custom grid: D values")
     ap.add_argument("--rank", type=int, nargs="*", default=None, help="custom grid: r values")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES_BY_NAME))
     ap.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per point")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; stops the grid")
     ap.add_argument("--no-orth", action="store_true", help="skip orthonormalize")
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    dtype = DTYPES_BY_NAME[args.dtype] if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     rates = machine_rates(device)
     meta = dict(**run_meta(device), dtype=str(dtype).replace("torch.", ""), copy_gbps=rates[0],

@@ -14,6 +14,8 @@ import pytest
 import torch
 from helpers import assert_close, random_orthonormal
 
+from laser_triton.validation import DTYPE_NAMES
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Marks for every kernel test module: interpreter runs, NaN-poisoned outputs, and the Triton 3.6
@@ -24,8 +26,6 @@ KERNEL_MARKS = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
 ]
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def param_id(value: object) -> str | None:

@@ -19,6 +19,8 @@ pytest.importorskip("triton")
 from laser_triton.kernels import _common, compress_pass, configs, reconstruct  # noqa: E402
 from laser_triton.kernels._basis import split_basis  # noqa: E402
 
+from laser_triton.validation import DTYPE_NAMES  # noqa: E402
+
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
 CP = sys.modules["laser_triton.kernels.compress_pass"]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +75,7 @@ def test_fused_rank_tiles_match_fp64(dtype, store_entries, monkeypatch):
     """r = 40 in rank tiles of 16 (J = 3 programs per row block, the last one ragged), row
     blocks of 64 over 300 rows, 5 finishing row programs (the last-block counter runs)."""
     monkeypatch.setitem(CP.FINISH_CONFIG, "ROWS", 64)
-    name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    name = DTYPE_NAMES[dtype]
     store_entries({"compress_fused": {f"D=70,r=40,dtype={name}": {
         "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "PRECISION": "bf16x3"}},
         "compress_path": {f"D=70,r=40,dtype={name}": "fused"}})

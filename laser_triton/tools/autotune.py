@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from laser_triton.validation import DTYPES_BY_NAME
+
 __all__ = ["cli_main", "candidates", "prune", "ConfigStore", "get_store", "config_key",
            "sanitize_gpu_name", "SHARED_LIMIT_SM90"]
 
@@ -47,7 +49,6 @@ try:  # the store needs Triton; the CLI reports a missing Triton itself
 except ImportError:  # pragma: no cover - exercised only without Triton
     DEFAULTS = {}
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
            "orth_factor", "orth_apply")  # the tunable kernels (their specs hold the grids)
 
@@ -194,7 +195,7 @@ def _time_kernel(store, kernel, D, r, dtype_name, N, fitting, best, device) -> t
 
     kD, kr, kdt = shape_key(kernel, D, r, dtype_name)
     n_key = None if kernel.startswith("orth") else N
-    run, check = _bench_op(kernel, D, r, DTYPES[dtype_name], N, device)
+    run, check = _bench_op(kernel, D, r, DTYPES_BY_NAME[dtype_name], N, device)
     timed = []
     for cfg, _shared in fitting:
         store._cache.clear()
@@ -235,7 +236,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="laser-triton autotune", description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1536])
     p.add_argument("--rank", type=int, nargs="+", default=[8, 16, 32, 64, 128])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default="bf16")
     p.add_argument("--rows", type=int, default=65536, help="N of the timed activations")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))

@@ -31,7 +31,7 @@ from laser_triton.trm.savecount import SavedTensorCounter
 from .cliutil import add_threads_argument, apply_threads, positive_float, positive_int
 from .livebytes import StepPeak
 from .train import Trainer
-from .training import TrainConfig, laser_config_kwargs, load_data, resolve_device
+from .training import TrainConfig, load_data, resolve_device
 
 __all__ = ["cli_main", "site_table"]
 
@@ -243,7 +243,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     laser_opts["coeff_dtype"] = coeff
     import laser_triton as lt  # validates the options before any training
 
-    lt.LaserConfig(**laser_config_kwargs(laser_opts))
+    lt.LaserConfig(**laser_opts)
     os.makedirs(args.out, exist_ok=True)
 
     t0 = time.time()

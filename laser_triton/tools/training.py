@@ -21,7 +21,7 @@ import torch
 from laser_triton.data import sudoku
 from laser_triton.trm import TRMConfig
 
-__all__ = ["TrainConfig", "EMA", "lr_at", "load_data", "make_laser", "laser_config_kwargs",
+__all__ = ["TrainConfig", "EMA", "lr_at", "load_data", "make_laser",
            "read_checkpoint", "resolve_device"]
 
 
@@ -190,23 +190,10 @@ def load_data(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return train.puzzles[:-k], train.solutions[:-k], train.puzzles[-k:], train.solutions[-k:]
 
 
-_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
-
-def laser_config_kwargs(options: dict[str, object]) -> dict[str, object]:
-    """LaserConfig keyword arguments from JSON-friendly values (dtype names become dtypes)."""
-    out = dict(options)
-    dt = out.get("coeff_dtype")
-    if isinstance(dt, str):
-        out["coeff_dtype"] = _DTYPE_NAMES[dt.removeprefix("torch.")]
-    return out
-
-
 def make_laser(cfg: TrainConfig):
     """The run's `laser_triton.Laser`, or None when LASER is switched off."""
     if not cfg.use_laser:
         return None
     import laser_triton as lt
 
-    return lt.Laser(lt.LaserConfig(**laser_config_kwargs(cfg.laser)))
+    return lt.Laser(lt.LaserConfig(**cfg.laser))  # LaserConfig reads dtype names ("bf16")

@@ -243,11 +243,9 @@ def _untrained(args: argparse.Namespace):
 
 
 def _probe_config(trainer, args: argparse.Namespace) -> LaserConfig:
-    from ..training import laser_config_kwargs
-
-    kw = laser_config_kwargs(trainer.cfg.laser)
+    kw = dict(trainer.cfg.laser)  # LaserConfig reads dtype names ("bf16") itself
     if args.laser:
-        kw.update(laser_config_kwargs(json.loads(args.laser)))
+        kw.update(json.loads(args.laser))
     if args.tau is not None:
         kw["tau"] = args.tau
     return LaserConfig(**kw)
