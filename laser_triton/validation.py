@@ -31,9 +31,12 @@ def _names(dtypes: Sequence[torch.dtype]) -> str:
 
 def check_tensor(name: str, t: object, ndim: int,
                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor:
-    """A non-empty `ndim`-D tensor of one of `dtypes`; TypeError / ValueError naming `name`."""
+    """A non-empty, dense `ndim`-D tensor of one of `dtypes` (any strides); TypeError /
+    ValueError naming `name`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse layouts have no strides for the kernels to follow
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_names(dtypes)}")
     if t.dim() != ndim:

@@ -159,8 +159,13 @@ _BAD_INPUTS = {
         TypeError, "coeff_dtype torch.int8 is not one of float32"),
     "compress_pass: X not a tensor": ("compress_pass", lambda: ([[1.0]], _U()),
                                       TypeError, "X must be a torch.Tensor"),
+    "compress_pass: sparse X": ("compress_pass", lambda: (torch.randn(8, 64).to_sparse(), _U()),
+                                TypeError, "X must be a dense .strided. tensor, got layout "
+                                           "torch.sparse_coo"),
     "reconstruct: integer C": ("reconstruct", lambda: (torch.randint(0, 5, (5, 4)), _U()),
                                TypeError, "C has dtype torch.int64"),
+    "reconstruct: sparse CSR C": ("reconstruct", lambda: (torch.randn(5, 4).to_sparse_csr(), _U()),
+                                  TypeError, "C must be a dense .strided. tensor"),
     "reconstruct: rank mismatch": ("reconstruct", lambda: (torch.randn(5, 3), _U()),
                                    ValueError, "C has rank 3 but U has rank 4"),
     "reconstruct: rank > width": ("reconstruct", lambda: (torch.randn(5, 6), torch.randn(4, 6)),
