@@ -241,8 +241,8 @@ class Laser(PackHooks):
           (compiled weight casts). Without watch(), such tensors are kept raw ("leaf").
 
         Warning:
-            - Compile the model, never the function that holds `compress()`, and never with
-              `fullgraph=True` around LASER: its hooks run eagerly (graph breaks).
+            - Compile the network after `watch()`; never compile a function holding
+              `compress()` with `fullgraph=True`: LASER's hooks run eagerly (graph breaks).
             - Call it again after replacing the model; parameters moved with `model.to()` are
               re-read at each `compress()` entry.
         """
