@@ -35,9 +35,15 @@ Measured, per (preset, scope, variant):
   `launches_fwd_per_saved` (forward launches, decisions included, per tensor saved at a
   tracked site, compressed or kept raw by the site's reset back-off; resets, the slow path,
   are left out), `launches_fwd_per_tensor` (the same per tensor LASER compressed),
+  `launches_fwd`, `launches_bwd`, `launches_reset` (the step's totals per section),
   `launches_per_step`, `reconstructs_per_region` (backward) and `host_syncs_per_step`
-  (reads of device values, data-dependent shapes, forced waits on decision events);
-  `laser_tensors` = tensors compressed in that step.
+  (reads of device values, data-dependent shapes, linear algebra that reads its status back
+  on CUDA such as eigh, waits on decision events whose values had not arrived: none on CPU);
+  `laser_tensors` = tensors compressed in that step; `held_peak_mib` the most LASER's
+  drafted entries held at once (undecided ones raw plus coefficients). One more step under
+  `LaunchCounter(device_behind=True)` plays a GPU that never catches up with the host:
+  `decision_waits_behind` (waits at network-call ends that `decision_lag` forces),
+  `final_waits_behind` (at compress() exit) and `held_peak_behind_mib`.
 Ratios compare with `plain` and with `plain+compile` of the same preset and scope.
 
 LASER runs on an untrained network with synthetic data unless `--weights` loads a trained
@@ -93,11 +99,16 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "mem_ratio_vs_compiled_plain", "act_ratio_vs_compiled_plain",
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
            "laser_tensors", "launches_fwd_per_saved", "launches_fwd_per_tensor",
-           "launches_per_step",
-           "reconstructs_per_region", "host_syncs_per_step",
+           "launches_fwd", "launches_bwd", "launches_reset", "launches_per_step",
+           "reconstructs_per_region", "host_syncs_per_step", "decision_waits_behind",
+           "final_waits_behind", "held_peak_mib", "held_peak_behind_mib",
            "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "forward_dtype",
            "status",
            "torch_version", "triton_version", "date"]
+LAUNCH_COLUMNS = ("launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_fwd",
+                  "launches_bwd", "launches_reset", "launches_per_step",
+                  "reconstructs_per_region", "host_syncs_per_step", "decision_waits_behind",
+                  "final_waits_behind", "held_peak_mib", "held_peak_behind_mib")
 SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
                 "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
 def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, batch: int,
@@ -130,6 +141,12 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
             with LaunchCounter() as counter:
                 run.step(lambda name: None)
             launch_row = counter.summary()
+            with LaunchCounter(device_behind=True) as behind:  # and as if the GPU lagged
+                run.step(lambda name: None)
+            launch_row.update(decision_waits_behind=behind.waits,
+                              final_waits_behind=behind.final_waits,
+                              held_peak_mib=launch_row["held_peak_bytes"] / MiB,
+                              held_peak_behind_mib=behind.held_peak / MiB)
     times = sorted(r["ms"] for r in results)
     row.update(peak_mem_mib=max(r["peak"] for r in results) / MiB,
                act_peak_mib=max(r["act_peak"] for r in results) / MiB,
@@ -142,10 +159,7 @@ def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, ba
         row.update(saved_mib=s["stored_bytes"] / MiB, laser_raw_mib=s["raw_bytes"] / MiB,
                    laser_stored_mib=s["stored_bytes"] / MiB, laser_resets=int(rep.resets.sum()),
                    laser_tensors=launch_row["tensors"],
-                   **{k: launch_row[k] for k in ("launches_fwd_per_saved",
-                                                 "launches_fwd_per_tensor", "launches_per_step",
-                                                 "reconstructs_per_region",
-                                                 "host_syncs_per_step")})
+                   **{k: launch_row[k] for k in LAUNCH_COLUMNS})
         sites = [dict(site=r.site, width=r.width, rank=r.rank, tensors=r.tensors,
                       raw_bytes=r.raw_bytes, stored_bytes=r.stored_bytes,
                       max_rel_err=r.max_rel_err, resets=r.resets, raw_fallbacks=r.raw_fallbacks)

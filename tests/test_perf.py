@@ -82,10 +82,14 @@ def test_bench_trm_tiny_byte_accounting(scripts, tmp_path):
     assert 0.9 <= act["plain"] / ran.loc["plain", "saved_mib"] <= 1.15
     assert ran.loc["laser_torch", "saved_mib"] == ran.loc["laser_torch", "laser_stored_mib"]
     # The launch budget columns (issue 13): counted for LASER, absent for the others.
-    budget = ["launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_per_step", "reconstructs_per_region",
-              "host_syncs_per_step", "laser_tensors"]
+    budget = ["launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_per_step",
+              "reconstructs_per_region", "host_syncs_per_step", "laser_tensors",
+              "decision_waits_behind", "final_waits_behind", "held_peak_mib",
+              "held_peak_behind_mib"]
     assert ran.loc["laser_torch", budget].notna().all() and ran.loc["laser_torch",
                                                                     "laser_tensors"] > 0
+    # With the GPU never catching up, every batch is waited on once: mid-forward or at exit.
+    assert ran.loc["laser_torch", "final_waits_behind"] >= 1
     assert ran.loc["plain", budget].isna().all()
     assert abs(ran.loc["sac", "act_ratio_vs_plain"] - act["sac"] / act["plain"]) < 1e-9
     sites = pd.read_csv(tmp_path / "trm_sites.csv")
