@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from . import magnitude
+from . import launches, magnitude
 from .storage import Entry, column_block
 from .util import reduced_fp32_matmul
 
@@ -47,6 +47,7 @@ def view_error(entry: Entry, X: torch.Tensor) -> torch.Tensor:
     return worst
 
 
+@launches.counted(launches.RESET)  # read only for a failed decision: the reset's first step
 def view_target_scale(entry: Entry) -> float:
     """Reset tightening so each partial view meets tau: sqrt(smallest view energy share)."""
     if not entry.views:

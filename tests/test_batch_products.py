@@ -88,3 +88,23 @@ def test_view_checks_and_shrink_grams_launch_per_group_not_per_tensor(monkeypatc
     assert 0 < c.aten[("decide", "baddbmm")] <= norms  # per group, at most one per entry
     assert c.aten[("decide", "baddbmm")] < len(views)
     assert all(e <= 0.05 for e, _ in tap.errors())
+
+
+def test_view_target_scale_is_booked_with_the_reset_it_prepares():
+    """Only a failed decision reads the views' energy shares (a host read per view), to aim
+    its reset lower: the counter books that with the reset (the slow path), not the batch."""
+    from laser_triton.partial_views import view_target_scale
+
+    tr = SiteTracker("s", 320, lt.LaserConfig(tau=0.05, max_rank=48, rank=8))
+    tr.reset(low_rank_tokens(1, 301, 320, rank=10, seed=1, noise=0.02)[0])
+    e = _entry(tr, low_rank_tokens(1, 257, 320, rank=10, seed=2, noise=0.02))
+
+    @launches.counted("decide")
+    def decide() -> float:
+        return view_target_scale(e)
+
+    with launches.LaunchCounter() as c:
+        s = decide()
+    assert 0 < s <= 1
+    assert c.launches["decide"] == 0 and c.syncs["decide"] == 0
+    assert c.launches[launches.RESET] > 0 and c.syncs[launches.RESET] >= 3
