@@ -71,8 +71,10 @@ class _Mode(TorchDispatchMode):
             name = func.overloadpacket.__name__
             if name == "_local_scalar_dense":
                 c.syncs[c.section] += 1
+                c.sync_ops[(c.section, name)] += 1
             elif name in _DATA_DEPENDENT or name in _STATUS_CHECKED:
                 c.syncs[c.section] += 1
+                c.sync_ops[(c.section, name)] += 1
                 c.launches[c.section] += 1
                 c.aten[(c.section, name)] += 1
             elif not (func.is_view or name in _FREE):
@@ -92,6 +94,7 @@ class LaunchCounter:
         self.launches: Counter[str] = Counter()  # section -> device launches
         self.syncs: Counter[str] = Counter()  # section -> host synchronizations
         self.aten: Counter[tuple[str, str]] = Counter()  # (section, aten op) -> launches
+        self.sync_ops: Counter[tuple[str, str]] = Counter()  # (section, aten op) -> host syncs
         self.ops: Counter[tuple[str, str]] = Counter()  # (section, ops.* name) -> calls
         self.events: Counter[str] = Counter()  # what LASER noted: "drafted", "rebuild", ...
         self.regions: set[int] = set()  # entries rebuilt in backward (by id)

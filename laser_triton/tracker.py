@@ -216,10 +216,18 @@ class SiteTracker:
                 self._plan_shrink(*shrink, device=d.X.device, dtype=d.X.dtype)
             st = Stored(C=d.C, U=d.U, err=d.err if err is None else err,
                         row_err=d.row_err if row_err is None else row_err, scale=d.scale)
+            self._note(st)
         else:
-            st = self.reset(d.X, d.e_X, target_scale)
-        self._note(st)
+            st = self._reset_noted(d.X, d.e_X, target_scale)
         st.err = st.row_err = None  # folded into the site maxima; entries need not hold them
+        return st
+
+    @launches.counted(launches.RESET)
+    def _reset_noted(self, X: torch.Tensor, e_X: torch.Tensor, target_scale: float) -> Stored:
+        """A reset, and the host read of its device errors into the site maxima: part of the
+        slow path (which has synchronized already), booked with it."""
+        st = self.reset(X, e_X, target_scale)
+        self._note(st)
         return st
 
     def _note(self, st: Stored) -> None:

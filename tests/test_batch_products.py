@@ -8,7 +8,7 @@ from helpers import UnpackTap, rel_err
 from models import GatedMLP, low_rank_tokens
 
 import laser_triton as lt
-from laser_triton import launches
+from laser_triton import launches, magnitude
 from laser_triton.partial_views import batch_products, column_view_parts
 from laser_triton.storage import Entry, Packed, dense_region
 from laser_triton.tracker import SiteTracker
@@ -108,3 +108,24 @@ def test_view_target_scale_is_booked_with_the_reset_it_prepares():
     assert 0 < s <= 1
     assert c.launches["decide"] == 0 and c.syncs["decide"] == 0
     assert c.launches[launches.RESET] > 0 and c.syncs[launches.RESET] >= 3
+
+
+def test_a_failed_decision_books_its_host_reads_with_its_reset():
+    """finalize(passed=False) resets, then folds the reset's device errors into the site's
+    host maxima: those reads belong to the slow path, so the decision itself reads nothing."""
+    tr = SiteTracker("s", 320, lt.LaserConfig(tau=0.05, max_rank=48, rank=8))
+    tr.reset(low_rank_tokens(1, 301, 320, rank=10, seed=1, noise=0.02)[0])
+    X = low_rank_tokens(1, 257, 320, rank=10, seed=2, noise=0.02)[0]
+    d = tr.draft(X)
+
+    @launches.counted("decide")
+    def decide():
+        return tr.finalize(d, False)
+
+    with launches.LaunchCounter() as c:
+        st = decide()
+    assert c.syncs["decide"] == 0 and c.launches["decide"] == 0, c.sync_ops
+    assert c.syncs[launches.RESET] > 0
+    assert tr.max_err is not None and tr.max_err <= 0.05
+    X_hat = st.raw if st.is_raw else magnitude.rebuild(st.C, st.U, X.dtype, st.scale)
+    assert rel_err(X_hat, X) <= 0.05  # what unpack would rebuild, against X
