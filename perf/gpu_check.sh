@@ -199,7 +199,7 @@ if [ "$PLAN" = 1 ]; then
 fi
 if want report; then
   echo "## report: start at $(elapsed)s"  # always, even when the budget is spent
-  timeout -k 5 30 "$PY" perf/report.py --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
+  timeout -k 5 30 "$PY" -m perf.report --results "$OUT" --summary "$OUT/SUMMARY.md" --no-plots
   RESULTS+=("report: rc=$?")
 fi
 

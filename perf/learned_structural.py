@@ -13,8 +13,9 @@ plain `tiny` with the same weights: `plain` on `tiny+lean` is the structural alt
 `--grad-probes K` adds a tau sweep on the same weights (tau_sweep.csv, tau_sweep.png): after
 two LASER training steps from the weights (bases warm), K probes each compare LASER's gradient
 of a fresh batch with the exact gradient of that batch, and the exact gradients of two
-different batches (the minibatch noise), as `study_ni.grad_probe` does. It is a description of
-these weights, not the declared study's Pareto curve (no trunk, no fork, no accuracy).
+different batches (the minibatch noise), as the study's `ni_measure.grad_probe` does. It is a
+description of these weights, not the declared study's Pareto curve (no trunk, no fork, no
+accuracy).
 """
 
 from __future__ import annotations
@@ -88,16 +89,16 @@ def markdown(t: pd.DataFrame, checkpoint: str, sweep: pd.DataFrame | None = None
 def grad_cosines(checkpoint: Path, tau: float, probes: int, seed: int = 1) -> dict:
     """Mean and minimum cos(g_LASER, g_exact) over `probes` fresh batches, and the noise
     reference cos(g_exact(A), g_exact(B)), bf16 forward, after 2 warm-up LASER steps."""
-    from laser_triton.tools.study import ni as study_ni
-    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.study import ni_measure
+    from laser_triton.tools.trainer import Trainer
 
     model = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]["model"]
     tr = Trainer.from_checkpoint(str(checkpoint), use_laser=True, laser={"tau": tau},
                                  model={**model, "forward_dtype": "bfloat16"}, seed=seed)
     for _ in range(2):
         tr.train_step()
-    stream = study_ni._probe_stream(tr, seed)
-    got = [study_ni.grad_probe(tr, stream) for _ in range(probes)]
+    stream = ni_measure.probe_batches(tr, seed)
+    got = [ni_measure.grad_probe(tr, stream) for _ in range(probes)]
     return {"tau": tau, "grad_cos": sum(g["grad_cos"] for g in got) / probes,
             "grad_cos_min": min(g["grad_cos"] for g in got),
             "grad_cos_noise": sum(g["grad_cos_noise"] for g in got) / probes}

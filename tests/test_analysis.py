@@ -148,7 +148,7 @@ _SMALL = {"batch_size": 8, "train_puzzles": 16, "test_puzzles": 8, "eval_batch_s
 
 
 def _small_trainer(use_laser: bool):
-    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.trainer import Trainer
     from laser_triton.tools.training import TrainConfig
 
     cfg = TrainConfig.for_preset("tiny", **_SMALL, use_laser=use_laser,

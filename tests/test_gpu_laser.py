@@ -117,7 +117,7 @@ def test_no_allocator_growth_over_training_steps():
     max_rank, checked here), have a fitted growth below 1% of their level."""
     from helpers import fitted_slope, live_tensor_bytes
 
-    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.trainer import Trainer
     from laser_triton.tools.training import TrainConfig
 
     cfg = TrainConfig.for_preset("tiny", batch_size=16, steps=90, use_laser=True,

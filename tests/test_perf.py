@@ -289,7 +289,7 @@ def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
 
 
 def test_tau_sweep_gradient_cosine_is_exact_at_tau_zero(tmp_path):
-    from laser_triton.tools.train import Trainer
+    from laser_triton.tools.trainer import Trainer
     from laser_triton.tools.training import TrainConfig
 
     ls = bench.load_module(PERF, "learned_structural")

@@ -6,7 +6,7 @@ import pytest
 from helpers import fitted_slope, live_tensor_bytes
 
 from laser_triton import numerics
-from laser_triton.tools.train import Trainer
+from laser_triton.tools.trainer import Trainer
 from laser_triton.tools.training import TrainConfig
 
 

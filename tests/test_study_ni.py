@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from laser_triton.tools.study import ni as study_ni
+from laser_triton.tools.study import ni_measure
 from laser_triton.tools.study.ni_report import decide
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "perf" / "results" / "study_ni_protocol.json"
@@ -124,9 +125,10 @@ def test_forks_reseed_and_the_gradient_probe_leaves_training_unchanged(tmp_path)
     assert torch.equal(first[0], first[2]) and not torch.equal(first[0], first[3])
     for t in (a, b):  # put the streams back in step
         t.stream = study_ni.fork_trainer(trunk, 1, None, total).stream
-    rows = study_ni.measure_steps(a, 2, probe_every=1, probe_stream=study_ni._probe_stream(a, 1),
-                                  fork_step0=a.step)
-    study_ni.measure_steps(b, 2, fork_step0=b.step)
+    rows = ni_measure.measure_steps(a, 2, probe_every=1,
+                                    probe_stream=ni_measure.probe_batches(a, 1),
+                                    fork_step0=a.step)
+    ni_measure.measure_steps(b, 2, fork_step0=b.step)
     assert all(0.0 < r["grad_cos"] <= 1.0 + 1e-9 and "grad_cos_noise" in r for r in rows)
     assert all("held_bytes" in r and r["peak_bytes"] > 0 for r in rows)
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):

@@ -12,7 +12,7 @@ import torch
 
 import laser_triton as lt
 from laser_triton.tools import demo, evaluate, train
-from laser_triton.tools.train import Trainer
+from laser_triton.tools.trainer import Trainer
 from laser_triton.tools.training import TrainConfig, lr_at, make_laser
 
 FAST_MODEL = {"hidden_size": 32, "num_heads": 2, "expansion": 2.0, "H_cycles": 2,

@@ -5,7 +5,8 @@ Dependencies point one way: the tools import the core (`laser_triton.config`, `h
 module imports `laser_triton.tools` (tests/test_imports.py checks it).
 
 - `cli`: the subcommand table; `cliutil`: shared command-line helpers (threads, int checks);
-- `train`, `training`, `evaluate`, `demo`: training and evaluating a TRM on Sudoku;
+- `trainer` (the `Trainer`), `training` (its configuration and helpers), `train` (its command
+  line), `evaluate`, `demo`: training and evaluating a TRM on Sudoku;
 - `autotune`, `bench`: the launch-config sweep and the benchmark runner (perf/);
 - `livebytes`: live activation-memory measurement shared by the demo, study and perf;
 - `lowrank_probe`: the weight gradients `lowrank` serves, against its bound (perf, tests);

@@ -30,7 +30,7 @@ from laser_triton.trm.savecount import SavedTensorCounter
 
 from .cliutil import add_threads_argument, apply_threads, positive_float, positive_int
 from .livebytes import StepPeak
-from .train import Trainer
+from .trainer import Trainer
 from .training import TrainConfig, load_data, resolve_device
 
 __all__ = ["cli_main", "site_table"]

@@ -17,7 +17,7 @@ from laser_triton.data import sudoku
 from laser_triton.trm import TRM
 
 from .cliutil import add_threads_argument, apply_threads, int_in, positive_int
-from .train import describe_accuracy, evaluate_model
+from .trainer import describe_accuracy, evaluate_model
 from .training import TrainConfig, read_checkpoint, resolve_device
 
 __all__ = ["cli_main", "load_model", "held_out_set"]

@@ -1,6 +1,6 @@
 """Training configuration and helpers: data, LASER construction, EMA, learning-rate schedule.
 
-The trainer itself (`Trainer`) lives in `train.py`; this module holds what it and the demo/eval
+The trainer itself (`Trainer`) lives in `trainer.py`; this module holds what it and the demo/eval
 commands share. Hyper-parameters of the paper presets follow the reference's Sudoku command
 (pretrain.py with `lr=1e-4 puzzle_emb_lr=1e-4 weight_decay=1.0 puzzle_emb_weight_decay=1.0
 ema=True`, global batch 768, 2000 warm-up steps, constant learning rate after warm-up).

@@ -217,7 +217,7 @@ def summarize_roles(steps: pd.DataFrame, warmup: int = 2, ratio_bound: float = 1
 
 # -- controls -------------------------------------------------------------------------------
 def _trainer_for(args: argparse.Namespace, use_laser: bool, checkpoint: str | None):
-    from ..train import Trainer
+    from ..trainer import Trainer
     from ..training import TrainConfig
 
     if checkpoint:
@@ -234,7 +234,7 @@ def _untrained(args: argparse.Namespace):
     """A fresh model: the checkpoint's configuration when one is given, without LASER."""
     if not args.checkpoint:
         return _trainer_for(args, False, None)
-    from ..train import Trainer
+    from ..trainer import Trainer
     from ..training import TrainConfig
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)

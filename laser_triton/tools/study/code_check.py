@@ -10,7 +10,7 @@ old paths, on purpose: it is frozen. Rule at the new layout:
 - the files the move added (`ADDED_BY_MOVE`: package docstrings, `python -m` entry) and new
   modules under laser_triton/tools/study/ (split out of the study runner and its reports,
   which the declared protocol exempts whole) are tooling;
-- a moved file that is not exempt (the trainer `train.py`, `training.py`) counts as unchanged
+- a moved file that is not exempt (the trainer: `train.py`, `training.py`) counts as unchanged
   only when it is the declared file with its imports re-pointed through `MOVED`
   (`same_after_move`); any other edit is a change.
 Everything under laser_triton/tools/ is NOT exempt wholesale: the trainer lives there and

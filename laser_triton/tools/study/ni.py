@@ -22,7 +22,6 @@ which also knows the issue 18 move of the tools).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -30,10 +29,10 @@ import time
 
 import torch
 
-from ..livebytes import LiveBytes
 from .code_check import check_code
+from .ni_measure import measure_steps, probe_batches
 
-__all__ = ["load_protocol", "check_code", "fork_trainer", "grad_probe", "measure_steps",
+__all__ = ["load_protocol", "check_code", "fork_trainer",
            "run_trunk", "select_tau60", "run_fork", "pareto_taus", "arm_laser", "run_protocol"]
 
 STAGES = ("trunk", "select", "forks", "report")
@@ -92,7 +91,7 @@ def arm_laser(p: dict, arm: str, tau60: float | None) -> dict | None:
 
 # -- training pieces -----------------------------------------------------------------------
 def _trainer(cfg_dict: dict, data=None):
-    from ..train import Trainer
+    from ..trainer import Trainer
     from ..training import TrainConfig
 
     return Trainer(TrainConfig(**cfg_dict), data=data)
@@ -100,7 +99,7 @@ def _trainer(cfg_dict: dict, data=None):
 
 def run_trunk(p: dict, work: str, log=print) -> str:
     """Train the trunk plainly (resuming from trunk_partial.pt); returns trunk.pt."""
-    from ..train import Trainer
+    from ..trainer import Trainer
 
     path, partial = os.path.join(work, "trunk.pt"), os.path.join(work, "trunk_partial.pt")
     if os.path.exists(path):
@@ -128,7 +127,7 @@ def fork_trainer(trunk: str, seed: int, laser: dict | None, total_steps: int):
     carry and data; data order, halting exploration and torch RNG re-seeded from `seed`."""
     from laser_triton.data.sudoku import PuzzleStream
 
-    from ..train import Trainer
+    from ..trainer import Trainer
 
     over = {"seed": seed, "steps": total_steps, "use_laser": laser is not None,
             "laser": dict(laser or {})}
@@ -142,106 +141,9 @@ def fork_trainer(trunk: str, seed: int, laser: dict | None, total_steps: int):
     return trainer
 
 
-def _flat_grad(trainer, batch: dict, with_laser: bool) -> torch.Tensor:
-    from laser_triton.trm import act_loss
-
-    model = trainer.model
-    saved = model.laser
-    model.laser = trainer.laser if with_laser else None
-    params = [p for _, p in trainer._main_named() if p.requires_grad]
-    try:
-        model.train()
-        carry = model.initial_carry(batch)
-        gen = torch.Generator(device=trainer.device).manual_seed(12345)
-        carry, out = model(carry, batch, generator=gen)
-        loss, _ = act_loss(out["logits"], out["q_halt_logits"], carry.data["labels"],
-                           carry.halted, carry.steps)
-        grads = torch.autograd.grad(loss / batch["inputs"].shape[0], params, allow_unused=True)
-    finally:
-        model.laser = saved
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
-                      for p, g in zip(params, grads)])
-
-
-def grad_probe(trainer, probe_stream) -> dict[str, float]:
-    """cos(g_LASER(A), g_exact(A)) and the noise reference cos(g_exact(A), g_exact(B)) on two
-    fresh batches; LASER's state and torch's RNG are restored, so training is unchanged."""
-    dev = trainer.device
-    a = {k: v.to(dev) for k, v in next(probe_stream).items()}
-    b = {k: v.to(dev) for k, v in next(probe_stream).items()}
-    rng = torch.get_rng_state()
-    # state_dict() does not copy its tensors, and the probe's steps update them in place.
-    laser_state = (copy.deepcopy(trainer.laser.state_dict()) if trainer.laser is not None
-                   else None)
-    cos = torch.nn.functional.cosine_similarity
-    try:
-        g_a = _flat_grad(trainer, a, False)
-        g_b = _flat_grad(trainer, b, False)
-        out = {"grad_cos_noise": float(cos(g_a, g_b, dim=0))}
-        if trainer.laser is not None:
-            out["grad_cos"] = float(cos(_flat_grad(trainer, a, True), g_a, dim=0))
-    finally:
-        torch.set_rng_state(rng)
-        if laser_state is not None:
-            trainer.laser.load_state_dict(laser_state)
-    return out
-
-
-def _held_bytes(trainer, counter) -> int:
-    if trainer.laser is not None:
-        return int(trainer.laser.summary()["stored_bytes"])
-    return int(counter.total_bytes())
-
-
-def measure_steps(trainer, steps: int, memory_every: int = 1, peak_every: int = 1,
-                  probe_every: int = 0, probe_stream=None, fork_step0: int = 0,
-                  log=None) -> list[dict]:
-    """Run `steps` training steps, recording held bytes, peak bytes (byte accounting) and
-    gradient cosines at the declared intervals; one dict per step that recorded anything."""
-    from laser_triton.trm.savecount import SavedTensorCounter
-
-    rows = []
-    for _ in range(steps):
-        k = trainer.step - fork_step0  # fork steps done before this one
-        row: dict = {"fork_step": k}
-        if probe_every and k % probe_every == 0 and probe_stream is not None:
-            row.update(grad_probe(trainer, probe_stream))
-        counter = None
-        if trainer.laser is None and (k + 1) % memory_every == 0:
-            counter = SavedTensorCounter()
-            trainer.model.laser = counter
-        live = LiveBytes() if (k + 1) % peak_every == 0 else None
-        try:
-            if live is not None:
-                with live:
-                    out = trainer.train_step()
-            else:
-                out = trainer.train_step()
-        finally:
-            if counter is not None:
-                trainer.model.laser = None
-        row["loss"] = out["loss"]
-        if (k + 1) % memory_every == 0:
-            row["held_bytes"] = _held_bytes(trainer, counter)
-        if live is not None:
-            row["peak_bytes"] = live.peak
-        if len(row) > 2:
-            rows.append(row)
-        if log and trainer.step % 25 == 0:
-            log(f"  step {trainer.step}: loss {out['loss']:.3f}")
-    return rows
-
-
 def _mean(rows: list[dict], key: str) -> float:
     v = [r[key] for r in rows if key in r and r[key] == r[key]]
     return sum(v) / len(v) if v else math.nan
-
-
-def _probe_stream(trainer, seed: int):
-    from laser_triton.data.sudoku import PuzzleStream
-
-    return PuzzleStream(trainer.data[0], trainer.data[1], trainer.cfg.batch_size,
-                        seed=10_000 + seed, augment=trainer.cfg.augment)
 
 
 def select_tau60(p: dict, work: str, trunk: str, log=print) -> dict:
@@ -256,7 +158,7 @@ def select_tau60(p: dict, work: str, trunk: str, log=print) -> dict:
 
     def probe(laser: dict | None) -> dict:
         tr = fork_trainer(trunk, seed, laser, total)
-        rows = measure_steps(tr, steps, probe_every=steps, probe_stream=_probe_stream(tr, seed))
+        rows = measure_steps(tr, steps, probe_every=steps, probe_stream=probe_batches(tr, seed))
         return {"held_bytes": _mean(rows, "held_bytes"), "peak_bytes": _mean(rows, "peak_bytes"),
                 "grad_cos": _mean(rows, "grad_cos"), "grad_cos_noise": _mean(rows, "grad_cos_noise")}
 
@@ -279,7 +181,7 @@ def select_tau60(p: dict, work: str, trunk: str, log=print) -> dict:
 def run_fork(p: dict, work: str, trunk: str, seed: int, arm: str, tau60: float | None,
              log=print) -> dict:
     """One fork run (resumable at 25-step checkpoints); its row for runs.csv."""
-    from ..train import Trainer
+    from ..trainer import Trainer
 
     run_dir = os.path.join(work, "runs", f"seed{seed}_{arm}")
     os.makedirs(run_dir, exist_ok=True)
@@ -294,7 +196,7 @@ def run_fork(p: dict, work: str, trunk: str, seed: int, arm: str, tau60: float |
     else:
         trainer = fork_trainer(trunk, seed, laser, total)
         prog = {"rows": [], "train_s": 0.0, "probe_draws": 0}
-    probes = _probe_stream(trainer, seed)
+    probes = probe_batches(trainer, seed)
     for _ in range(prog["probe_draws"]):  # the probe stream resumes where it was
         next(probes)
     every = int(p.get("probe_every", 25))

@@ -1,7 +1,7 @@
 """What a study declares before its first run (`StudyProtocol`) and the shape of its records.
 
-Shared by the orchestration (`study`), the TRM runner (`study_trm`) and the report
-(`study_report`), so that none of them imports another for these definitions.
+Shared by the orchestration (`runner`), the TRM runner (`trm`) and the report (`report`), so
+that none of them imports another for these definitions.
 """
 
 from __future__ import annotations

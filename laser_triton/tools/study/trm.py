@@ -63,7 +63,7 @@ class SavedBytesCounter:
 
 
 def make_trainer(protocol: StudyProtocol, seed: int, arm: str, data=None):
-    from ..train import Trainer
+    from ..trainer import Trainer
     from ..training import TrainConfig
 
     cfg = TrainConfig.for_preset(protocol.preset, seed=seed, steps=protocol.steps,
@@ -128,7 +128,7 @@ def trm_run_one(protocol: StudyProtocol, progress: bool = True) -> RunFn:
     cache: dict = {}
 
     def run(seed: int, arm: str, run_dir: str) -> dict:
-        from ..train import Trainer
+        from ..trainer import Trainer
 
         ckpt = os.path.join(run_dir, "last.pt")
         side = os.path.join(run_dir, "progress.json")
