@@ -29,6 +29,7 @@ ISSUE_TRM_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "peak_mem_mib
 def scripts():
     mods = {name: bench.load_script(PERF, name) for name in ("kernels", "trm", "report")}
     mods["variants"] = bench.load_module(PERF, "trm_variants")
+    mods["report_plots"] = bench.load_module(PERF, "report_plots")
     return mods
 
 
@@ -283,7 +284,7 @@ def test_trm_plot_is_a_grid_not_a_strip(scripts, tmp_path):
                  activation_mib=a, step_ms=float("nan"), status="ok")
             for i in range(7) for v, p, a in (("plain", 20, 10), ("ckpt", 8, 1))]
     path = tmp_path / "trm.png"
-    scripts["report"].plot_trm(pd.DataFrame(rows), path, "seven panels")
+    scripts["report_plots"].plot_trm(pd.DataFrame(rows), path, "seven panels")
     height, width = imread(path).shape[:2]
     assert width <= 3 * 5.5 * 110 + 1 and 0.5 < width / height < 2.5, (width, height)
 
