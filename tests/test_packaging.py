@@ -57,6 +57,21 @@ print(len(files), sorted(data)[:3])
     assert int(out[1].split()[0]) >= 1
 
 
+def test_wheel_ships_every_module_of_the_package(installed_wheel):
+    """pyproject lists the packages by name: a new subpackage (laser_triton/tools/study/, ...)
+    left out of the list would be missing from the wheel, and its command with it."""
+    _, target = installed_wheel
+    source = ROOT / "laser_triton"
+    missing = [str(p.relative_to(ROOT)) for p in source.rglob("*.py")
+               if "__pycache__" not in p.parts
+               and not (target / "laser_triton" / p.relative_to(source)).is_file()]
+    assert not missing, f"not in the wheel: {missing}"
+    run = subprocess.run([sys.executable, "-m", "laser_triton", "--help"], cwd=target.parent,
+                         env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "study" in run.stdout, run.stderr[-2000:]
+
+
 def test_shipped_configs_are_valid_json():
     files = sorted((ROOT / "autotune_configs").glob("*.json"))
     assert files, "autotune_configs/ ships no JSON"
