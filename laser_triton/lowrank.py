@@ -280,11 +280,15 @@ def norm_grad(dy: torch.Tensor, r: torch.Tensor, y: LowRankInput) -> torch.Tenso
         dx.addmm_(C * (rr * m), U.t(), alpha=-1.0)
         return dx.view(dy.shape)
     B, D, L = y.shape  # y[b] = U C_b^T (D x L), normalized over L
+    # Worked in the storage's (B, L, D) layout, where C_b is (L, r): one (L, D) block per b.
     C = y.C.float()
-    m = (torch.bmm(dy.float(), C) * U).sum(-1, keepdim=True) / L  # (B, D, 1)
-    dx = torch.mul(dy, r).contiguous()
-    dx.baddbmm_(U * (r * m), C.transpose(1, 2), alpha=-1.0)
-    return dx
+    dyT = dy.transpose(1, 2)
+    P = torch.bmm(C.transpose(1, 2), dyT.float())  # (B, r, D): C_b^T dy_b^T
+    m = (P * U.t()).sum(1, keepdim=True) / L  # (B, 1, D): mean over L of dy y
+    rT = r.transpose(1, 2)  # (B, 1, D)
+    dxT = torch.mul(dyT, rT).contiguous()  # fp32: dx^T itself
+    dxT.baddbmm_(C, (U.t() * (rT * m)), alpha=-1.0)  # C_b (r m U)^T, (L, r) @ (r, D)
+    return dxT.transpose(1, 2)
 
 
 def _norm_accepts(_x: LowRankInput, p: Packed) -> bool:

@@ -10,7 +10,9 @@ so they hold identical coefficients; only their backward differs. Per variant, o
 `loss.backward()` alone:
 - `bwd_gflop`: FLOPs counted by torch.utils.flop_counter (one backward);
 - `bwd_ms`: median wall-clock over `--reps` backwards (no counter active), and its ratio to
-  `laser_rebuild`'s, next to the flop ratio;
+  `laser_rebuild`'s, next to the flop ratio; `bwd_cpu_ms`: the same backwards' median process
+  CPU time (one thread: what the backward itself used, less sensitive than wall-clock to
+  other processes on a shared machine), and its ratio;
 - `bwd_peak_mib`: peak bytes of storages created during backward and alive (LiveBytes), the
   parameter gradients included; `peak_node`: the autograd node running at that peak;
 - `norms_served`: lean RMSNorm backwards from (C, U); `served_rebuilt`: served entries that an
@@ -146,17 +148,19 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
         with PeakAt() as live:
             loss.backward()
         _grads(model, xg)
-        times = []
+        times, cpu_times = [], []
         for _ in range(args.reps):
             loss, xg = _forward(model, x, y, z)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss.backward()
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu_times.append((time.process_time() - c0) * 1e3)
             _grads(model, xg)
         low, full, rk = _linear_flops(tally)
         row = dict(preset=preset, batch=batch, variant=name, tau=args.tau, max_rank=args.max_rank,
                    forward_dtype=args.forward_dtype,
                    bwd_gflop=flops.get_total_flops() / 1e9, bwd_ms=statistics.median(times),
+                   bwd_cpu_ms=statistics.median(cpu_times),
                    bwd_peak_mib=live.peak / MiB, peak_node=live.node, rebuilds=tally.rebuilds,
                    rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.calls),
                    lin_gflop_lowrank=low / 1e9, lin_gflop_rebuild=full / 1e9,
@@ -176,6 +180,7 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
         ref = by["laser_rebuild"]
         r["flop_ratio_vs_rebuild"] = r["bwd_gflop"] / ref["bwd_gflop"]
         r["time_ratio_vs_rebuild"] = r["bwd_ms"] / ref["bwd_ms"]
+        r["cpu_time_ratio_vs_rebuild"] = r["bwd_cpu_ms"] / ref["bwd_cpu_ms"]
         r["peak_ratio_vs_rebuild"] = r["bwd_peak_mib"] / ref["bwd_peak_mib"]
         r["grad_err_vs_rebuild"] = _max_rel(grads[r["variant"]], grads["laser_rebuild"])
         r["grad_err_vs_plain"] = _max_rel(grads[r["variant"]], grads["plain"])
