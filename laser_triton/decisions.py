@@ -20,6 +20,7 @@ from .estimates import batch_error, host_error, plan_shrinks
 from .partial_views import (
     batch_products,
     column_view_parts,
+    device_view_errors,
     view_error,
     view_errors,
     view_target_scale,
@@ -95,14 +96,16 @@ def close_batch(step: Step, sync: LocalSync) -> None:
             parts.append(moved.pop())  # the orthonormalization flags of the new bases
         fails = None
         if sync.active:  # every rank must take the same branch: decide and all-reduce on device
-            fails = sync.any(_device_fails(batch))
+            fails = sync.any(_device_fails(batch, products))
             parts.append(fails)
         step.pending.append((batch, HostFuture(parts), (views, plan, moved, fails is not None)))
 
 
-def _device_fails(batch: list) -> torch.Tensor:
+def _device_fails(batch: list, products: dict[int, tuple]) -> torch.Tensor:
     """The batch's pass/fail flags on the device (for an all-reduce): `batch_error` over the
-    stacked scalars, one upload of the per-draft constants, partial views rebuilt to check."""
+    stacked scalars, one upload of the per-draft constants; partial views bounded from the
+    batch's products (`device_view_errors`, no rebuild) where they are equal column blocks,
+    else rebuilt to check."""
     dev = batch[0].draft.stats.device
     host = torch.tensor([[*e.draft.consts, float(e.draft.measured), e.tracker.cfg.tau]
                          for e in batch], dtype=torch.float64)
@@ -110,9 +113,17 @@ def _device_fails(batch: list) -> torch.Tensor:
     errs = batch_error(torch.stack([e.draft.stats for e in batch]).double(), host[:, :7],
                        host[:, 7] > 0)
     views = [i for i, e in enumerate(batch) if e.views and e.draft.C is not None]
-    if views:
-        at = to_device_async(torch.tensor(views), dev)
-        worst = torch.stack([view_error(batch[i], batch[i].draft.X) for i in views]).double()
+    bounded = sorted(i for i in views if i in products)
+    rebuilt = [i for i in views if i not in products]
+    worst = []
+    if bounded:
+        worst.append(device_view_errors(batch, {i: products[i] for i in bounded}))
+    if rebuilt:
+        worst.append(torch.stack([view_error(batch[i], batch[i].draft.X)
+                                  for i in rebuilt]).double())
+    if worst:
+        at = to_device_async(torch.tensor(bounded + rebuilt), dev)
+        worst = worst[0] if len(worst) == 1 else torch.cat(worst)
         errs = errs.index_put((at,), torch.maximum(errs[at], worst))  # NaN propagates: fails
     return ~(errs <= host[:, 8])
 

@@ -15,10 +15,10 @@ import torch
 
 from . import launches, magnitude
 from .storage import Entry, column_block
-from .util import reduced_fp32_matmul
+from .util import reduced_fp32_matmul, to_device_async
 
 __all__ = ["decision_error", "view_error", "view_target_scale", "column_view_parts",
-           "batch_products", "view_errors"]
+           "batch_products", "view_errors", "device_view_errors"]
 
 
 def decision_error(entry: Entry) -> torch.Tensor:
@@ -194,3 +194,36 @@ def view_errors(parts: list[float], e_C: float, consts: tuple[float, ...],
         if not err <= worst:  # NaN-safe: NaN becomes inf
             worst = err if err == err else math.inf
     return worst
+
+
+def device_view_errors(batch: list[Entry], parts: dict[int, tuple]) -> torch.Tensor:
+    """`view_errors` of the entries `parts` ({index into batch: (norms, c)}) on the device,
+    for decisions that must stay there (sync_basis): the worst column view's error per entry,
+    in the order of sorted(parts), fp64, in a fixed number of launches for the whole batch
+    (no rebuild). Same terms and the same NaN-as-inf rule as the host version."""
+    idx = sorted(parts)
+    dev = parts[idx[0]][0].device
+    norms = torch.cat([parts[i][0] for i in idx]).double()
+    c = torch.cat([parts[i][1] for i in idx]).double()
+    owner, per_view = [], []
+    for j, i in enumerate(idx):  # host constants per view: scale and rounding terms
+        d = batch[i].draft
+        rho_c, rho_x, coeff2, out_sub = d.consts[:4]
+        s = 1.0 if d.scale is None else d.scale
+        for _ in range(parts[i][0].numel()):
+            owner.append(j)
+            per_view.append([s, rho_c, 1.0 + rho_x, math.sqrt(coeff2), out_sub, rho_x])
+    table = to_device_async(torch.tensor(per_view, dtype=torch.float64), dev)
+    at = to_device_async(torch.tensor(owner), dev)
+    e_C = torch.stack([batch[i].draft.stats[1] for i in idx]).double()[at].clamp_min(0.0)
+    s, rho_c, one_rho_x, sub_c, out_sub, rho_x = table.unbind(1)
+    norm = norms * s  # ||X_S|| was read unscaled; c_S comes from the scaled pass
+    e_v = norm * norm
+    res = e_v * (1.0 + _VIEW_NOISE) + c
+    proj = torch.where(torch.isnan(res), math.inf, res.clamp_min(0.0).sqrt())
+    num = (proj + rho_c * e_C.sqrt() + sub_c) * one_rho_x
+    err = torch.where(e_v > 0, (num + out_sub) / norm + rho_x,
+                      torch.where(num == 0, 0.0, math.inf))
+    err = torch.nan_to_num(err, nan=math.inf, posinf=math.inf)
+    worst = torch.zeros(len(idx), dtype=torch.float64, device=dev)
+    return worst.scatter_reduce(0, at, err, reduce="amax")

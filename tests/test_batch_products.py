@@ -3,6 +3,8 @@ one set of batched ops per (width, rank), not per tensor (issue 13)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from helpers import UnpackTap, rel_err
 from models import GatedMLP, low_rank_tokens
@@ -129,3 +131,64 @@ def test_a_failed_decision_books_its_host_reads_with_its_reset():
     assert tr.max_err is not None and tr.max_err <= 0.05
     X_hat = st.raw if st.is_raw else magnitude.rebuild(st.C, st.U, X.dtype, st.scale)
     assert rel_err(X_hat, X) <= 0.05  # what unpack would rebuild, against X
+
+
+def test_device_view_errors_equal_the_host_ones():
+    """sync_basis decides on the device: the column views' bounds there equal `view_errors`
+    on the host (same terms), and NaN or an all-zero view with a nonzero rebuild gives inf."""
+    from laser_triton.partial_views import device_view_errors, view_errors
+
+    cfg = lt.LaserConfig(tau=0.05, max_rank=48, rank=8)
+    batch = []
+    for i, D in enumerate((320, 224)):
+        tr = SiteTracker(f"s{i}", D, cfg)
+        tr.batched = True
+        tr.reset(low_rank_tokens(1, 301, D, rank=10, seed=i, noise=0.02)[0])
+        batch.append(_entry(tr, low_rank_tokens(1, 257, D, rank=10, seed=5 + i, noise=0.02)))
+    batch[1].draft.scale = 0.25  # a scaled site: norms were read unscaled
+    parts = batch_products(batch, [0, 1])
+    parts[2] = (torch.tensor([0.0, float("nan")], dtype=torch.float64),
+                torch.tensor([1.0, 0.0]))
+    batch.append(batch[0])
+    got = device_view_errors(batch, parts).tolist()
+    for j, i in enumerate(sorted(parts)):
+        d = batch[i].draft
+        want = view_errors(parts[i][0].tolist() + parts[i][1].tolist(), float(d.stats[1]),
+                           d.consts, d.scale if i != 2 else batch[0].draft.scale)
+        assert math.isclose(got[j], want, rel_tol=1e-12), (i, got[j], want)
+    assert got[2] == float("inf") and 0 < got[0] < 0.05
+
+
+def test_sync_basis_checks_column_views_without_a_forward_rebuild(monkeypatch):
+    """Under sync_basis (decisions on the device, here one rank) gate/up halves are bounded
+    from the batch's products, never by a rebuild in forward; unpack still meets tau."""
+    from laser_triton.distributed import LocalSync
+
+    class OneRank(LocalSync):
+        active = True
+
+    laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64, decision_lag=0))
+    laser._sync = OneRank()
+    torch.manual_seed(0)
+    model = GatedMLP()
+
+    def step(seed: int) -> torch.Tensor:
+        x = low_rank_tokens(2, 150, 160, rank=6, seed=10 + seed).requires_grad_()
+        with laser.compress():
+            with laser.role("z"):
+                h = model(x)
+            return h.square().mean()
+
+    for s in range(3):
+        step(s).backward()
+    tap = UnpackTap(laser, monkeypatch)
+    with launches.LaunchCounter() as c:
+        loss = step(5)
+    loss.backward()
+    assert c.events["drafted"] > c.events["reset"]
+    forward = [k for k in c.ops if k[1] == "reconstruct"
+               and k[0] not in (launches.BACKWARD, launches.RESET)]
+    assert not forward, c.ops
+    halves = [p for _, p, res in tap.records
+              if isinstance(p, Packed) and p.size[-1] * 2 == p.entry.region.width and res]
+    assert halves and all(e <= 0.05 for e, _ in tap.errors())
