@@ -38,7 +38,8 @@ Measured, per (preset, scope, variant):
   `launches_fwd`, `launches_bwd`, `launches_reset` (the step's totals per section),
   `launches_per_step`, `reconstructs_per_region` (backward) and `host_syncs_per_step`
   (reads of device values, data-dependent shapes, linear algebra that reads its status back
-  on CUDA such as eigh, waits on decision events whose values had not arrived: none on CPU);
+  on CUDA such as eigh, waits on decision events whose values had not arrived: none on CPU;
+  `host_syncs_reset` of those in resets, the slow path);
   `laser_tensors` = tensors compressed in that step; `held_peak_mib` the most LASER's
   drafted entries held at once (undecided ones raw plus coefficients). One more step under
   `LaunchCounter(device_behind=True)` plays a GPU that never catches up with the host:
@@ -100,15 +101,16 @@ COLUMNS = ["preset", "scope", "variant", "compiled", "gpu", "batch", "peak_mem_m
            "time_ratio_vs_compiled_plain", "laser_raw_mib", "laser_stored_mib", "laser_resets",
            "laser_tensors", "launches_fwd_per_saved", "launches_fwd_per_tensor",
            "launches_fwd", "launches_bwd", "launches_reset", "launches_per_step",
-           "reconstructs_per_region", "host_syncs_per_step", "decision_waits_behind",
-           "final_waits_behind", "held_peak_mib", "held_peak_behind_mib",
+           "reconstructs_per_region", "host_syncs_per_step", "host_syncs_reset",
+           "decision_waits_behind", "final_waits_behind", "held_peak_mib", "held_peak_behind_mib",
            "valid_timing", "warmup_s", "compile_stats", "weights", "laser_config", "forward_dtype",
            "status",
            "torch_version", "triton_version", "date"]
 LAUNCH_COLUMNS = ("launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_fwd",
                   "launches_bwd", "launches_reset", "launches_per_step",
-                  "reconstructs_per_region", "host_syncs_per_step", "decision_waits_behind",
-                  "final_waits_behind", "held_peak_mib", "held_peak_behind_mib")
+                  "reconstructs_per_region", "host_syncs_per_step", "host_syncs_reset",
+                  "decision_waits_behind", "final_waits_behind", "held_peak_mib",
+                  "held_peak_behind_mib")
 SITE_COLUMNS = ["preset", "scope", "variant", "gpu", "batch", "site", "width", "rank", "tensors",
                 "raw_bytes", "stored_bytes", "max_rel_err", "resets", "raw_fallbacks"]
 def bench_variant(preset: str, cfg: TRMConfig, scope: str, variant_name: str, batch: int,

@@ -84,7 +84,7 @@ def test_bench_trm_tiny_byte_accounting(scripts, tmp_path):
     assert ran.loc["laser_torch", "saved_mib"] == ran.loc["laser_torch", "laser_stored_mib"]
     # The launch budget columns (issue 13): counted for LASER, absent for the others.
     budget = ["launches_fwd_per_saved", "launches_fwd_per_tensor", "launches_per_step",
-              "reconstructs_per_region", "host_syncs_per_step", "laser_tensors",
+              "reconstructs_per_region", "host_syncs_per_step", "host_syncs_reset", "laser_tensors",
               "decision_waits_behind", "final_waits_behind", "held_peak_mib",
               "held_peak_behind_mib"]
     assert ran.loc["laser_torch", budget].notna().all() and ran.loc["laser_torch",
