@@ -89,6 +89,9 @@ def test_view_checks_and_shrink_grams_launch_per_group_not_per_tensor(monkeypatc
     norms = c.aten[("decide", "linalg_vector_norm")]
     assert 0 < c.aten[("decide", "baddbmm")] <= norms  # per group, at most one per entry
     assert c.aten[("decide", "baddbmm")] < len(views)
+    # The README's guarantee: outside resets only the shrink eigensolve reads the device.
+    assert {op for sec, op in c.sync_ops if sec != launches.RESET} <= {"_linalg_eigh"}
+    assert c.sync_ops[("decide", "_linalg_eigh")] >= 1  # (shrink_every=1: checks were due)
     assert all(e <= 0.05 for e, _ in tap.errors())
 
 
