@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import magnitude
 from .config import LaserConfig, rounding_error
@@ -119,9 +120,13 @@ def plan_shrinks(checks: list, sync: LocalSync
     columns by descending Ritz value) and the rank r'' whose Ritz energy meets
     shrink_target * tau (r when none does, or when the check cannot decide).
 
-    One batched eigensolve per distinct rank, no host round trip; `r''` (an int64 vector, check
-    i at position slot[i]) rides to the host with the batch's decisions. Same rule as `reference.select_rank` on the host:
-    the smallest j with sum(theta[:j]) >= (1 - target^2) e_X, at least min_rank.
+    One batched eigensolve for the whole batch, whatever the mix of ranks, no host round
+    trip (on CUDA `eigh` reads its status back: one synchronization per batch with checks).
+    Each Ritz matrix is padded to the batch's largest rank with a diagonal block far below its
+    spectrum (-(1 + sum |G|)): the blocks stay decoupled, the padded directions sort last and
+    count no energy. `r''` (an int64 vector, check i at position slot[i]) rides to the host
+    with the batch's decisions. Same rule as `reference.select_rank` on the host: the
+    smallest j with sum(theta[:j]) >= (1 - target^2) e_X, at least min_rank.
     """
     grams = sync.sum_many([d.shrink_gram for _, d in checks])
     e_Xs = sync.sum_many([d.e_X for _, d in checks])
@@ -129,30 +134,34 @@ def plan_shrinks(checks: list, sync: LocalSync
     groups: dict[int, list[int]] = {}
     for i, G in enumerate(grams):
         groups.setdefault(G.shape[0], []).append(i)
-    Ws: list[torch.Tensor | None] = [None] * len(checks)
-    ranks: list[torch.Tensor] = []
-    order: list[int] = []
-    for r, idx in groups.items():
-        host = []
-        for i in idx:
-            tr, d = checks[i]
-            t = tr._projection_target(tr.cfg.shrink_target, d.X.dtype)
-            host.append([1.0 - t * t if t > 0 else math.inf, float(tr.cfg.min_rank)])
-        host_t = to_device_async(torch.tensor(host, dtype=torch.float64), device)
-        G = torch.stack([grams[i] for i in idx]).double()
-        e_X = torch.stack([e_Xs[i] for i in idx]).double()
-        finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(e_X) & (e_X > 0)
-        G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
-        theta, W = torch.linalg.eigh(0.5 * (G + G.transpose(1, 2)))
-        theta, W = theta.flip(1).clamp_min(0.0), W.flip(2).float()
-        hits = theta.cumsum(1) >= (host_t[:, 0] * e_X)[:, None]  # monotone: a suffix
-        r_sel = torch.maximum((r + 1) - hits.sum(1), host_t[:, 1].long())
-        ranks.append(torch.where(finite & hits[:, -1], torch.clamp_max(r_sel, r), r))
-        order += idx
-        for j, i in enumerate(idx):
-            Ws[i] = W[j]
-    r_new = torch.cat(ranks) if len(ranks) > 1 else ranks[0]
+    r_max = max(groups)
+    order = [i for idx in groups.values() for i in idx]
     slot = [0] * len(checks)
+    host = []
     for k, i in enumerate(order):
         slot[i] = k
-    return Ws, r_new, slot  # type: ignore[return-value]
+        tr, d = checks[i]
+        t = tr._projection_target(tr.cfg.shrink_target, d.X.dtype)
+        r = grams[i].shape[0]
+        host.append([1.0 - t * t if t > 0 else math.inf, float(tr.cfg.min_rank), float(r)]
+                    + [0.0] * r + [1.0] * (r_max - r))  # then: which diagonal entries pad
+    host_t = to_device_async(torch.tensor(host, dtype=torch.float64), device)
+    stacks = []
+    for r, idx in groups.items():  # two launches per distinct rank, one cat
+        G = grams[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([grams[i] for i in idx])
+        stacks.append(G if r == r_max else F.pad(G, (0, r_max - r, 0, r_max - r)))
+    G = (stacks[0] if len(stacks) == 1 else torch.cat(stacks)).double()
+    e_X = torch.stack([e_Xs[i] for i in order]).double()
+    finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(e_X) & (e_X > 0)
+    G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    G = 0.5 * (G + G.transpose(1, 2))
+    big = 1.0 + G.abs().sum(dim=(1, 2))
+    G = G - torch.diag_embed(host_t[:, 3:] * big[:, None])  # the padded block: -big I
+    theta, W = torch.linalg.eigh(G)
+    theta, W = theta.flip(1).clamp_min(0.0), W.flip(2).float()
+    hits = theta.cumsum(1) >= (host_t[:, 0] * e_X)[:, None]  # monotone: a suffix
+    r_own = host_t[:, 2].long()
+    r_sel = torch.maximum((r_max + 1) - hits.sum(1), host_t[:, 1].long())
+    r_new = torch.where(finite & hits[:, -1], torch.minimum(r_sel, r_own), r_own)
+    Ws = [W[slot[i], : g.shape[0], : g.shape[0]] for i, g in enumerate(grams)]
+    return Ws, r_new, slot

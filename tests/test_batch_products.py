@@ -195,3 +195,46 @@ def test_sync_basis_checks_column_views_without_a_forward_rebuild(monkeypatch):
     halves = [p for _, p, res in tap.records
               if isinstance(p, Packed) and p.size[-1] * 2 == p.entry.region.width and res]
     assert halves and all(e <= 0.05 for e, _ in tap.errors())
+
+
+def _shrink_checks(ranks: list[int]) -> list:
+    from helpers import random_orthonormal
+
+    from laser_triton.drafts import Draft
+    from laser_triton.estimates import NO_BASIS
+
+    cfg = lt.LaserConfig(tau=0.05, min_rank=2)
+    checks = []
+    for i, r in enumerate(ranks):
+        theta = (0.3 + 0.1 * (i % 5)) ** torch.arange(r, dtype=torch.float64)
+        V = random_orthonormal(r, r, seed=i)
+        G = (V * theta) @ V.t()
+        d = Draft(torch.zeros(3, 64), None, None,
+                  torch.tensor([float(theta.sum()), 0.0, 0.0, 0.0]), NO_BASIS,
+                  shrink_gram=G.float(), shrink_due=True)
+        checks.append((SiteTracker(f"s{i}", 64, cfg), d))
+    return checks
+
+
+def test_shrink_plans_take_one_eigensolve_per_batch_whatever_the_ranks():
+    """Checks at five distinct ranks cost one eigh (one host synchronization on CUDA) and
+    about the launches of a single rank, and choose what each would alone."""
+    from laser_triton.distributed import LocalSync
+    from laser_triton.estimates import plan_shrinks
+
+    counted = launches.counted("decide")(plan_shrinks)
+    runs = {}
+    for ranks in ([12, 12, 12, 12, 12], [12, 7, 5, 9, 3]):
+        with launches.LaunchCounter() as c:
+            Ws, r_new, slot = counted(_shrink_checks(ranks), LocalSync())
+        runs[tuple(ranks)] = c.launches["decide"]
+        assert c.sync_ops[("decide", "_linalg_eigh")] == 1, c.sync_ops
+        for i, r in enumerate(ranks):  # each check as it would be planned alone
+            W1, r1, _ = plan_shrinks(_shrink_checks(ranks)[i:i + 1], LocalSync())
+            assert int(r_new[slot[i]]) == int(r1[0]) <= r and Ws[i].shape == (r, r)
+            k = int(r1[0])
+            P, Q = Ws[i][:, :k].double(), W1[0][:, :k].double()
+            assert torch.allclose(P @ P.t(), Q @ Q.t(), atol=1e-5), (ranks, i)
+        assert any(int(r_new[slot[i]]) < r for i, r in enumerate(ranks))  # some shrink
+    one, mixed = runs.values()
+    assert mixed <= one + 2 * 4, runs  # a stack and a pad per extra rank, nothing more
