@@ -64,7 +64,8 @@ def note_drafted(step: Step, entry) -> None:
 def close_batch(step: Step, sync: LocalSync) -> None:
     """End a decision batch: advance its bases and plan its shrinks in batched calls, and send
     its compress-pass scalars to the host in one non-blocking copy (errors are computed there).
-    The device work per batch is a constant number of launches, whatever the batch's size."""
+    The device work per batch is a fixed number of launches plus a few per distinct (width,
+    rank) and one norm per entry with partial views, whatever the batch's size."""
     batch, step.batch = step.batch, []
     if not batch:
         return
