@@ -45,6 +45,7 @@ def _compress_finish_kernel(
         acc = tl.zeros((BLOCK,), tl.float32)
         for s0 in range(0, n_slab, SLABS):
             ss = (s0 + tl.arange(0, SLABS)).to(tl.int64)
+            # v: (SLABS, BLOCK) of the Y partial slabs, BLOCK elements of D x r each
             v = tl.load(ypart_ptr + ss[:, None] * DR + offs[None, :],
                         mask=(ss[:, None] < n_slab) & y_ok[None, :], other=0.0)
             acc += tl.sum(v, axis=0)
@@ -54,8 +55,8 @@ def _compress_finish_kernel(
         n_rb = tl.num_programs(0) - n_yblk
         rows = (b * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         row_ok = rows < N
-        rx = tl.load(rows_ptr + rows, mask=row_ok, other=0.0)
-        rc = tl.zeros((ROWS,), tl.float32)
+        rx = tl.load(rows_ptr + rows, mask=row_ok, other=0.0)  # (ROWS,) ||x_i||^2
+        rc = tl.zeros((ROWS,), tl.float32)  # (ROWS,) ||c_i||^2, summed over rank tiles
         for t in range(0, n_tiles):
             rc += tl.load(rows_ptr + (t + 1) * N + rows, mask=row_ok, other=0.0)
         has_x = rx > 0  # zero or NaN rows have no row error (as in the reference)

@@ -52,7 +52,8 @@ def _compress_fused_kernel(
     D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Program (p, j): row blocks p, p + P, ... and rank tile j (columns j*BLOCK_R + ...).
+    """C[:, j] = X U[:, j] and Y[:, j] = X^T C[:, j] (partial over this program's rows), for
+    rank tile j (columns j*BLOCK_R + ...) and row blocks p, p + P, ... of X (N, D).
 
     Per row block: C_j = X_blk U[:, j] over D in BLOCK_K chunks (U chunks come from L2, not
     registers), then Y[:, j] += X_blk^T C_j with the row block re-read from L1/L2 (HBM reads
@@ -63,18 +64,19 @@ def _compress_fused_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D_PAD)
-    cols = j * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = j * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rank tile
     r_ok = cols < R
-    y_acc = tl.zeros((D_PAD, BLOCK_R), tl.float32)
-    amax = tl.zeros((BLOCK_N,), tl.float32)
+    y_acc = tl.zeros((D_PAD, BLOCK_R), tl.float32)  # Y[:, cols], all of D: stays on chip
+    amax = tl.zeros((BLOCK_N,), tl.float32)  # running max |c| per row lane
     for blk in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         rows = (blk * BLOCK_N + offs_n).to(tl.int64)
         n_ok = rows < N
-        c = tl.zeros((BLOCK_N, BLOCK_R), tl.float32)
-        row_x = tl.zeros((BLOCK_N,), tl.float32)
+        c = tl.zeros((BLOCK_N, BLOCK_R), tl.float32)  # C[rows, cols], fp32
+        row_x = tl.zeros((BLOCK_N,), tl.float32)  # ||x_i||^2 of the block's rows
         for d0 in range(0, D, BLOCK_K):
             dd = d0 + offs_k
             k_ok = dd < D
+            # x: (BLOCK_N, BLOCK_K) of X as stored; u: (BLOCK_K, BLOCK_R) fp32 of U; masked 0
             x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(u_ptr + dd[:, None] * stride_ud + cols[None, :] * stride_ur,
@@ -86,6 +88,7 @@ def _compress_fused_kernel(
                  mask=n_ok[:, None] & r_ok[None, :])
         amax = _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j)
         if NEED_Y:  # Y += X_blk^T C_blk with the fp32 C (before rounding to coeff_dtype)
+            # xa: (BLOCK_N, D_PAD), the whole row block again (from L1/L2)
             xa = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                          mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)
             y_acc = mma_split(tl.trans(xa), c, y_acc, PRECISION, INTERPRET)
@@ -107,19 +110,21 @@ def _compress_coeff_kernel(
     BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Split design, step 1: C = X U for one row block (all r), its row sums, max |C|, and
-    the fp32 C for step 2: as bf16 halves hi + lo (CS_SPLIT, what its MMAs take) or fp32."""
+    """C[rows] = X[rows] U for one row block and all r, with ||x_i||^2, ||c_i||^2, max |C| and
+    the fp32 C for step 2: as bf16 halves hi + lo (CS_SPLIT, what its MMAs take) or fp32
+    (split design, step 1)."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, R_PAD)
     n_ok = rows < N
     r_ok = offs_r < R
-    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)
-    row_x = tl.zeros((BLOCK_N,), tl.float32)
+    c = tl.zeros((BLOCK_N, R_PAD), tl.float32)  # C[rows, :], fp32
+    row_x = tl.zeros((BLOCK_N,), tl.float32)  # ||x_i||^2
     for d0 in range(0, D, BLOCK_D):  # C = sum over D chunks of X[:, chunk] U[chunk, :]
         dd = d0 + offs_d
         d_ok = dd < D
+        # x: (BLOCK_N, BLOCK_D) of X as stored; u: (BLOCK_D, R_PAD) fp32 of U; masked 0
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         u = tl.load(u_ptr + dd[:, None] * stride_ud + offs_r[None, :] * stride_ur,
@@ -148,8 +153,9 @@ def _compress_y_kernel(
     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Split design, step 2: Y[chunk] = X[segment, chunk]^T C[segment] for one (segment,
-    D chunk); C comes from step 1 as bf16 halves (or fp32 for "ieee")."""
+    """Y[chunk, :] = X[segment, chunk]^T C[segment, :] (partial over the segment's rows) for
+    one (row segment, D chunk); C comes from step 1 as bf16 halves (or fp32 for "ieee")
+    (split design, step 2)."""
     seg = tl.program_id(0)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -157,10 +163,11 @@ def _compress_y_kernel(
     d_ok = dd < D
     r_ok = offs_r < R
     row_end = tl.minimum(seg * rows_per_seg + rows_per_seg, N)
-    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)
+    acc = tl.zeros((BLOCK_D, R_PAD), tl.float32)  # Y[dd, :] over this segment, fp32
     for n0 in range(seg * rows_per_seg, row_end, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
         n_ok = rows < row_end
+        # x: (BLOCK_N, BLOCK_D) of X as stored; c_hi, c_lo: (BLOCK_N, R_PAD) halves of C
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         c_hi, c_lo = load_basis(cs_ptr, cslo_ptr, rows[:, None] * R + offs_r[None, :],
