@@ -1,14 +1,22 @@
-"""The r x r fp64 step of CholeskyQR2: one program per site, the factor held in registers.
+"""The r x r fp64 step of CholeskyQR2, blocked: one program per site, no r x r register tile.
 
-Each factor mode writes R^{-1} (fp64) for the apply kernel, never R itself.
+Each factor mode writes L^{-1} = R^{-T} (fp64, lower triangular) for the apply kernel, never
+R itself (R's rows live in a scratch buffer while the factor runs).
 
-`_orth_factor_kernel` sums the per-chunk Gram partials in a fixed order and then, by MODE:
+`_orth_factor_kernel` sums the per-chunk Gram partials in a fixed order into a per-site
+scratch Gram (PB-row blocks at a time) and then, by MODE:
 - "repair": column scaling, completion of dead and degenerate columns, and the first
   Cholesky factor R1 (docs/design.md §2.6, matching laser_triton.reference.orthonormalize);
 - "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1;
 - "check": `ok` from the Gram of the final Q (max |Q^T Q - I| <= 1e-4, finite, factors fine).
-A right-looking Cholesky (and the inverse) of an R_PAD x R_PAD register tile cost r steps of O(R_PAD^2) work;
-it is meant for r <= 64 (128 at most) on a GPU, where the tile stays in registers.
+
+The factor is left-looking and blocked by PB = 16 rows (`_factor_blocked`): per row panel k,
+the updates from the panels above are tl.dot products (fp64, tensor cores on sm_90), then a
+PB x PB diagonal block is factored in registers by PB unrolled elimination steps that also
+invert it (`_small_factor`), then R's row panel and L^{-1}'s row panel are products with that
+inverse. One block barrier per panel (the next panel reads this one's rows back from the
+scratch, which stays in L1/L2), instead of r serial full-tile steps with 5-8 barriers each
+and an R_PAD x R_PAD fp64 tile in registers (128 KB at r = 128: the old kernel spilled).
 """
 
 from __future__ import annotations
@@ -24,129 +32,219 @@ EPS64 = tl.constexpr(2.220446049250313e-16)  # float64 machine epsilon (shift of
 TINY32 = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: zero-column cutoff
 DEGENERATE_REL = tl.constexpr(_DEGENERATE_REL)  # shared with the reference (numerics)
 ORTH_TOL = tl.constexpr(_ORTH_TOL)  # `ok` threshold on max |Q^T Q - I|, likewise
+PANEL = 16  # PB: rows per panel (tl.dot needs >= 16)
 
 
 @triton.jit
-def _diag(G, R_PAD: tl.constexpr):
-    idx = tl.arange(0, R_PAD)
-    return tl.sum(tl.where(idx[:, None] == idx[None, :], G, 0.0), axis=0)
+def _small_factor(W, PB: tl.constexpr):
+    """(Rkk upper, T = Rkk^{-T} lower, diag(Rkk) as (1, PB), failed pivots) of a symmetric
+    PB x PB W.
 
-
-@triton.jit
-def _cholesky_upper(G, r, R_PAD: tl.constexpr):
-    """Upper R with R^T R = G + shift I on the leading r x r block; (R, failed steps).
-
-    The shift eps64 * r * trace(G) is the reference's. A non-positive pivot (a numerically
-    dependent column) counts as a failure and gets a zero row, so later columns are factored
-    as if that column were absent; its zero diagonal marks it degenerate in "repair" mode.
+    Gauss elimination on [W | I] with each pivot row scaled by 1/sqrt(pivot): the scaled
+    rows of W are R's, those of I are L^{-1}'s (W = L L^T, L = R^T). A non-positive pivot (a
+    numerically dependent column; NaN too) counts as failed and gets a zero row, so later
+    columns are factored as if that column were absent.
+    Only column reductions (axis 1) and one broadcast of that column as a row per step: the
+    trailing block stays symmetric, so row j is column j, and T is kept transposed (TT).
     """
-    idx = tl.arange(0, R_PAD)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    trace = tl.sum(tl.where(idx < r, _diag(G, R_PAD), 0.0), axis=0)
-    G = G + tl.where((rows == cols) & (rows < r), EPS64 * r * trace, 0.0)
-    R = tl.zeros((R_PAD, R_PAD), tl.float64)
+    i = tl.arange(0, PB)
+    ri = i[:, None]
+    ci = i[None, :]
+    TT = tl.where(ri == ci, 1.0, 0.0).to(tl.float64)
+    R = tl.zeros((PB, PB), tl.float64)
+    diag = tl.zeros((1, PB), tl.float64)
     failed = 0
-    for j in range(r):
-        g_row = tl.sum(tl.where(rows == j, G, 0.0), axis=0)  # row j of the trailing matrix
-        pivot = tl.sum(tl.where(idx == j, g_row, 0.0), axis=0)
-        good = pivot > 0  # NaN-safe
-        failed += tl.where(good, 0, 1)
-        inv_sqrt = tl.where(good, 1.0 / tl.sqrt(tl.where(good, pivot, 1.0)), 0.0)
-        r_row = tl.where(idx >= j, g_row * inv_sqrt, 0.0)
-        R = tl.where(rows == j, r_row[None, :], R)
-        G = G - r_row[:, None] * r_row[None, :]  # trailing update (row/col j become zero)
-    return R, failed
+    for j in tl.static_range(PB):
+        col = tl.sum(tl.where(ci == j, W, 0.0), axis=1)  # W[:, j]: rows > j are the trailing
+        row = col[None, :]  # (1, PB): W[j, :] on the trailing columns (symmetric)
+        piv = tl.sum(tl.where(ci == j, row, 0.0), axis=1)[:, None]  # (1, 1)
+        good = piv > 0  # NaN-safe
+        failed += tl.sum(tl.where(good, 0, 1))
+        s = tl.where(good, 1.0 / tl.sqrt(tl.where(good, piv, 1.0)), 0.0)
+        rrow = row * s  # R[j, :] on columns >= j
+        diag = tl.where(ci == j, piv * s, diag)  # sqrt(pivot) (0 when failed)
+        R = tl.where((ri == j) & (ci >= j), rrow, R)
+        W = W - tl.where(ri > j, col[:, None] * s, 0.0) * rrow  # rows below j
+        tcol = tl.sum(tl.where(ci == j, TT, 0.0), axis=1)[:, None] * s  # scaled T[j, :]^T
+        TT = tl.where(ci == j, tcol, TT) - tcol * tl.where(ci > j, rrow, 0.0)
+    return R, tl.trans(TT), diag, failed
 
 
 @triton.jit
-def _upper_inverse(R, r, R_PAD: tl.constexpr):
-    """R^{-1} of an upper-triangular R (leading r x r block), by rows from the bottom:
-    Rinv[i, :] = (e_i - sum_{k>i} R[i, k] Rinv[k, :]) / R[i, i]. Zero pivots give zero rows
-    (only after a failed factor, when `ok` is False anyway)."""
-    idx = tl.arange(0, R_PAD)
-    rows = idx[:, None]
-    Rinv = tl.zeros((R_PAD, R_PAD), tl.float64)
-    for t in range(r):
-        i = r - 1 - t
-        r_row = tl.sum(tl.where(rows == i, R, 0.0), axis=0)  # R[i, :]
-        pivot = tl.sum(tl.where(idx == i, r_row, 0.0), axis=0)
-        inv_pivot = tl.where(pivot > 0, 1.0 / tl.where(pivot > 0, pivot, 1.0), 0.0)
-        coupled = tl.sum(tl.where(idx[:, None] > i, r_row[:, None] * Rinv, 0.0), axis=0)
-        row = (tl.where(idx == i, 1.0, 0.0) - coupled) * inv_pivot
-        Rinv = tl.where(rows == i, row[None, :], Rinv)
-    return Rinv
+def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
+                    R_PAD: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr, CB: tl.constexpr):
+    """R^T R = G (upper R) and L^{-1} = R^{-T} for one site, left-looking by PB-row panels.
+
+    gs: the site's Gram (R_PAD x R_PAD fp64, symmetric, shifted, identity outside r x r);
+    rs: scratch for R's rows; li: L^{-1} (every entry written, zero outside the lower
+    triangle and beyond the factored rows); dg: diag(R). Returns the failed pivots.
+    Panel k (rows k0..k0+PB): W = G[k, :] - R[:k0, k]^T R[:k0, :], V = E_k - R[:k0, k]^T
+    L^{-1}[:k0, :], then R[k, :] = T W and L^{-1}[k, :] = T V with T = Rkk^{-T}.
+    """
+    pb = tl.arange(0, PB)
+    kc = tl.arange(0, KC)
+    cb = tl.arange(0, CB)
+    n_act = tl.cdiv(r, PB) * PB  # rows and columns factored (identity beyond r)
+    failed = 0
+    for k0 in range(0, n_act, PB):
+        rows = k0 + pb
+        W = tl.load(gs_ptr + rows[:, None] * R_PAD + rows[None, :])
+        for i0 in range(0, k0, KC):
+            ii = i0 + kc
+            rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=ii[:, None] < k0,
+                         other=0.0)  # (KC, PB): R[ii, panel columns]
+            W = tl.dot(-tl.trans(rc), rc, W, out_dtype=tl.float64)
+        Rkk, T, diag, f = _small_factor(W, PB)
+        failed += f
+        tl.store(dg_ptr + rows[None, :], diag)
+        tl.store(rs_ptr + rows[:, None] * R_PAD + rows[None, :], Rkk)
+        for c0 in range(k0 + PB, n_act, CB):  # R's row panel right of the diagonal block
+            cc = c0 + cb
+            c_ok = cc[None, :] < n_act
+            Wc = tl.load(gs_ptr + rows[:, None] * R_PAD + cc[None, :], mask=c_ok, other=0.0)
+            for i0 in range(0, k0, KC):
+                ii = i0 + kc
+                i_ok = ii[:, None] < k0
+                rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=i_ok, other=0.0)
+                rr = tl.load(rs_ptr + ii[:, None] * R_PAD + cc[None, :], mask=i_ok & c_ok,
+                             other=0.0)
+                Wc = tl.dot(-tl.trans(rc), rr, Wc, out_dtype=tl.float64)
+            tl.store(rs_ptr + rows[:, None] * R_PAD + cc[None, :],
+                     tl.dot(T, Wc, out_dtype=tl.float64), mask=c_ok)
+        for c0 in range(0, R_PAD, CB):  # L^{-1}'s row panel, all R_PAD columns
+            cc = c0 + cb
+            V = tl.where(cc[None, :] == rows[:, None], 1.0, 0.0).to(tl.float64)  # E_k
+            # L^{-1}[ii, cc] = 0 unless cc <= ii: rows from c0 on contribute.
+            for i0 in range(c0 // KC * KC, k0, KC):
+                ii = i0 + kc
+                i_ok = ii[:, None] < k0
+                rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=i_ok, other=0.0)
+                lr = tl.load(li_ptr + ii[:, None] * R_PAD + cc[None, :], mask=i_ok, other=0.0)
+                V = tl.dot(-tl.trans(rc), lr, V, out_dtype=tl.float64)
+            tl.store(li_ptr + rows[:, None] * R_PAD + cc[None, :], tl.dot(T, V, out_dtype=tl.float64))
+        tl.debug_barrier()  # this panel's rows are visible to the next panel's loads
+    zero = tl.zeros((PB, CB), tl.float64)
+    for k0 in range(n_act, R_PAD, PB):  # rows beyond the factored block: L^{-1} = 0 there
+        for c0 in range(0, R_PAD, CB):
+            tl.store(li_ptr + (k0 + pb)[:, None] * R_PAD + (c0 + cb)[None, :], zero)
+    tl.debug_barrier()
+    return failed
 
 
 @triton.jit
-def _gram_of_mix(G, ZA, ZZ, use_a, inv_n, r, R_PAD: tl.constexpr):
-    """Gram of M with M_i = A_i * inv_n_i where use_a_i, else Z_i, from A^T A, Z^T A, Z^T Z."""
-    idx = tl.arange(0, R_PAD)
-    ua_i = use_a[:, None]
-    ua_j = use_a[None, :]
-    s_i = inv_n[:, None]
-    s_j = inv_n[None, :]
-    GM = tl.where(ua_i & ua_j, G * s_i * s_j,
-                  tl.where(ua_j, ZA * s_j,  # Z_i . A_j / n_j
-                           tl.where(ua_i, tl.trans(ZA) * s_i, ZZ)))  # A_i . Z_j / n_i | Z.Z
-    inside = (idx[:, None] < r) & (idx[None, :] < r)
-    return tl.where(inside, GM, 0.0)
-
-
-@triton.jit
-def _sum_partials(ptr, s, n_chunk, R_PAD: tl.constexpr):
-    """Sum of the n_chunk R_PAD x R_PAD fp64 partials of site s, in chunk order."""
-    idx = tl.arange(0, R_PAD)
-    tile = ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD + idx[:, None] * R_PAD + idx[None, :]
-    acc = tl.zeros((R_PAD, R_PAD), tl.float64)
-    for _ in range(n_chunk):
-        acc += tl.load(tile)
+def _sum_tile(ptr, s, n_chunk, offs, R_PAD: tl.constexpr):
+    """Entries `offs` (offsets in one R_PAD x R_PAD tile) of the sum of site s's n_chunk
+    partials, added in chunk order (deterministic)."""
+    tile = ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD + offs
+    acc = tl.load(tile)
+    for _ in range(1, n_chunk):
         tile += R_PAD * R_PAD
+        acc += tl.load(tile)
     return acc
 
 
 @triton.jit
+def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
+                MIX: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr):
+    """The Gram to factor, PB rows at a time, into the site's scratch `gs`: the sum of the
+    partials (MIX: of M, M_j = A_j * scale_j or Z_j where scale_j < 0, from A^T A, Z^T A
+    and Z^T Z), plus `shift` on the diagonal, identity outside the leading r x r block."""
+    cols = tl.arange(0, R_PAD)
+    for k0 in range(0, R_PAD, PB):
+        rows = k0 + tl.arange(0, PB)
+        offs = rows[:, None] * R_PAD + cols[None, :]
+        G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)
+        if MIX:
+            sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
+            sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
+            ua_i = sc_i > 0
+            ua_j = sc_j > 0
+            G = tl.where(ua_i & ua_j, G * sc_i * sc_j, 0.0)
+            G += tl.where(ua_j & ~ua_i, _sum_tile(za_ptr, s, n_chunk, offs, R_PAD) * sc_j, 0.0)
+            G += tl.where(ua_i & ~ua_j, _sum_tile(  # A_i . Z_j = (Z^T A)[j, i]
+                za_ptr, s, n_chunk, cols[None, :] * R_PAD + rows[:, None], R_PAD) * sc_i, 0.0)
+            zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs)
+            G += tl.where(~ua_i & ~ua_j, zz, 0.0)
+        inside = (rows[:, None] < r) & (cols[None, :] < r)
+        eye = rows[:, None] == cols[None, :]
+        G = tl.where(inside, G + tl.where(eye, shift, 0.0), tl.where(eye, 1.0, 0.0))
+        tl.store(gs_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs, G)
+    tl.debug_barrier()  # the factor reads these rows back
+
+
+@triton.jit
 def _orth_factor_kernel(
-    g_ptr, za_ptr, zz_ptr, nf_ptr, meta_ptr, rinv_ptr, scale_ptr, info_ptr, ok_ptr, n_chunk,
-    MODE: tl.constexpr, R_PAD: tl.constexpr,
+    g_ptr, za_ptr, zz_ptr, nf_ptr, meta_ptr, linv_ptr, scale_ptr, info_ptr, ok_ptr,
+    gs_ptr, rs_ptr, dg_ptr, n_chunk,
+    MODE: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
+    CB: tl.constexpr,
 ):
-    """For site s: G = sum of its Gram partials (R_PAD, R_PAD) fp64, then by MODE
-    R^{-1} of chol(G) ("repair": of the scaled, completed Gram; "plain") or ok ("check")."""
+    """For site s: the sum of its Gram partials, then by MODE L^{-1} = R^{-T} of chol(G)
+    ("repair": of the scaled, completed Gram; "plain") or ok ("check").
+    gs, rs: (R_PAD, R_PAD) fp64 scratch per site (the Gram, R's rows); dg: (R_PAD,) diag(R)."""
     s = tl.program_id(0)
     idx = tl.arange(0, R_PAD)
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
-    G = _sum_partials(g_ptr, s, n_chunk, R_PAD)
-    tile = s.to(tl.int64) * R_PAD * R_PAD + idx[:, None] * R_PAD + idx[None, :]
+    site = s.to(tl.int64) * R_PAD * R_PAD
+    gs, rs, li = gs_ptr + site, rs_ptr + site, linv_ptr + site
+    dg = dg_ptr + s.to(tl.int64) * R_PAD
+    diag_g = _diag_of_sum(g_ptr, s, n_chunk, R_PAD)
     if MODE == "repair":
-        ZA = _sum_partials(za_ptr, s, n_chunk, R_PAD)
-        ZZ = tl.load(zz_ptr + tile)
         nonfinite = tl.zeros((R_PAD,), tl.float32)
         nf = nf_ptr + s.to(tl.int64) * n_chunk * R_PAD + idx
         for _ in range(n_chunk):
             nonfinite += tl.load(nf)
             nf += R_PAD
+        diag_zz = tl.load(zz_ptr + site + idx * (R_PAD + 1))
         # 1. Column scaling: unit columns remove the sigma_j^2 spread of power-iteration
         #    columns. Zero or non-finite columns are dead and take completion directions.
-        norms = tl.sqrt(_diag(G, R_PAD))
+        norms = tl.sqrt(diag_g)
         live = (nonfinite == 0) & (norms > TINY32) & (idx < r)
         inv_n = tl.where(live, 1.0 / tl.where(live, norms, 1.0), 0.0)
-        R0, _ = _cholesky_upper(_gram_of_mix(G, ZA, ZZ, live, inv_n, r, R_PAD), r, R_PAD)
-        # 2. A column whose new direction is below DEGENERATE_REL of its norm is replaced too.
-        use_a = live & (tl.abs(_diag(R0, R_PAD)) > DEGENERATE_REL)
-        # 3. First CholeskyQR factor of the repaired, scaled matrix M.
-        R, failed = _cholesky_upper(_gram_of_mix(G, ZA, ZZ, use_a, inv_n, r, R_PAD), r, R_PAD)
-        tl.store(rinv_ptr + tile, _upper_inverse(R, r, R_PAD))
+        unit = diag_g * inv_n * inv_n
         # scale > 0: M_j = A_j * scale_j; scale = -1: M_j = Z_j (read by the apply kernel).
-        tl.store(scale_ptr + s * R_PAD + idx, tl.where(use_a, inv_n, -1.0))
+        tl.store(scale_ptr + s * R_PAD + idx, tl.where(live, inv_n, -1.0))
+        tl.debug_barrier()
+        use_a = live
+        redo = r > 0
+        failed = 0
+        for attempt in range(2):
+            if redo:
+                trace = tl.sum(tl.where(idx < r, tl.where(use_a, unit, diag_zz), 0.0), axis=0)
+                _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk,
+                            EPS64 * r * trace, r, True, R_PAD, PB)
+                failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
+                if attempt == 0:
+                    # 2. A column whose new direction is below DEGENERATE_REL of its norm is
+                    #    replaced too; then 3. the first CholeskyQR factor of the repaired M
+                    #    (without replacements that is the factor just computed).
+                    dg_abs = tl.abs(tl.load(dg + idx, mask=idx < r, other=0.0))
+                    use_a = live & (dg_abs > DEGENERATE_REL)
+                    tl.store(scale_ptr + s * R_PAD + idx, tl.where(use_a, inv_n, -1.0))
+                    tl.debug_barrier()
+                redo = (attempt == 0) & (tl.sum((use_a != live).to(tl.int32), axis=0) > 0)
         tl.store(info_ptr + s * 2 + 0, failed)
     elif MODE == "plain":
-        R, failed = _cholesky_upper(G, r, R_PAD)
-        tl.store(rinv_ptr + tile, _upper_inverse(R, r, R_PAD))
+        trace = tl.sum(tl.where(idx < r, diag_g, 0.0), axis=0)
+        _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, EPS64 * r * trace, r,
+                    False, R_PAD, PB)
+        failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
         tl.store(info_ptr + s * 2 + 1, failed)
-    else:  # "check": G is the Gram of the final Q
-        inside = (idx[:, None] < r) & (idx[None, :] < r)
-        dev = tl.where(inside, tl.abs(G - tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)), 0.0)
-        err = nan_max(nan_max(dev, 1), 0)
+    else:  # "check": the Gram of the final Q
+        err = tl.zeros((PB,), tl.float64)
+        for k0 in range(0, R_PAD, PB):
+            rows = k0 + tl.arange(0, PB)
+            G = _sum_tile(g_ptr, s, n_chunk, rows[:, None] * R_PAD + idx[None, :], R_PAD)
+            inside = (rows[:, None] < r) & (idx[None, :] < r)
+            dev = tl.where(inside, tl.abs(G - tl.where(rows[:, None] == idx[None, :], 1.0, 0.0)),
+                           0.0)
+            err = tl.maximum(err, nan_max(dev, 1), propagate_nan=tl.PropagateNan.ALL)
         fine = (tl.load(info_ptr + s * 2 + 0) == 0) & (tl.load(info_ptr + s * 2 + 1) == 0)
-        tl.store(ok_ptr + s, fine & (err <= ORTH_TOL))  # NaN-safe: a NaN err is not ok
+        tl.store(ok_ptr + s, fine & (nan_max(err, 0) <= ORTH_TOL))  # a NaN err is not ok
 
+
+@triton.jit
+def _diag_of_sum(ptr, s, n_chunk, R_PAD: tl.constexpr):
+    """Diagonal of the sum of site s's partials (R_PAD,), in chunk order."""
+    idx = tl.arange(0, R_PAD)
+    return _sum_tile(ptr, s, n_chunk, idx * (R_PAD + 1), R_PAD)

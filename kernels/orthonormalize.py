@@ -32,7 +32,7 @@ import triton.language as tl
 from ..numerics import completion_matrix
 from ..util import to_device_async
 from ..validation import check_orthonormalize
-from ._cholesky import _orth_factor_kernel
+from ._cholesky import PANEL, _orth_factor_kernel
 from ._common import launch, new_buffer, pow2, shrink_config
 from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
@@ -87,12 +87,13 @@ def _orth_gram_kernel(
 
 @triton.jit
 def _orth_apply_kernel(
-    src_ptr, z_ptr, meta_ptr, rinv_ptr, scale_ptr, dst_ptr, g_ptr, rows_per_chunk,
+    src_ptr, z_ptr, meta_ptr, linv_ptr, scale_ptr, dst_ptr, g_ptr, rows_per_chunk,
     REPAIR: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dst = M R^{-1} (fp64 math, fp32 store) for one row chunk, plus the fp64 Gram of dst.
 
-    M, dst: (D, r) per site in the flat buffers; R^{-1}: (R_PAD, R_PAD) fp64 per site.
+    M, dst: (D, r) per site in the flat buffers; L^{-1} = R^{-T}: (R_PAD, R_PAD) fp64 per
+    site (the factor's output; read transposed).
 
     With REPAIR, M is the scaled and completed input: m_j = a_j * scale_j, or z_j where
     scale_j < 0. The rank dimension is walked in BLOCK_K chunks; the output row tile holds
@@ -105,7 +106,7 @@ def _orth_apply_kernel(
     off = tl.load(meta_ptr + s * 3)
     D = tl.load(meta_ptr + s * 3 + 1).to(tl.int32)
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
-    rinv_site = rinv_ptr + s.to(tl.int64) * R_PAD * R_PAD
+    linv_site = linv_ptr + s.to(tl.int64) * R_PAD * R_PAD
     row_end = tl.minimum(chunk * rows_per_chunk + rows_per_chunk, D)
     gram = tl.zeros((R_PAD, R_PAD), tl.float64)  # gram: (R_PAD, R_PAD) fp64, dst^T dst
     for d0 in range(chunk * rows_per_chunk, row_end, BLOCK_D):
@@ -122,7 +123,7 @@ def _orth_apply_kernel(
                 scale = tl.load(scale_ptr + s * R_PAD + kk, mask=kk < r, other=1.0)
                 z = tl.load(z_ptr + off + rows[:, None] * r + kk[None, :], mask=mask, other=0.0)
                 m = tl.where(scale[None, :] < 0, z, m * scale[None, :])
-            rinv = tl.load(rinv_site + kk[:, None] * R_PAD + cols[None, :])
+            rinv = tl.load(linv_site + cols[None, :] * R_PAD + kk[:, None])  # R^{-1}[kk, :]
             q = tl.dot(m, rinv, q, out_dtype=tl.float64)
         q = q.to(tl.float32)  # the stored basis; its Gram below is of exactly these values
         tl.store(dst_ptr + off + rows[:, None] * r + cols[None, :], q,
@@ -208,7 +209,10 @@ def orthonormalize_batched(
     g_part = new_buffer((S, n_chunk, R_PAD, R_PAD), f64, device)
     za_part = new_buffer((S, n_chunk, R_PAD, R_PAD), f64, device)
     nf_part = new_buffer((S, n_chunk, R_PAD), torch.float32, device)
-    Rinv = new_buffer((S, R_PAD, R_PAD), f64, device)  # R^{-1} of the current pass
+    Linv = new_buffer((S, R_PAD, R_PAD), f64, device)  # R^{-T} of the current pass
+    gram_s = new_buffer((S, R_PAD, R_PAD), f64, device)  # factor scratch: the Gram, R's rows
+    r_rows = new_buffer((S, R_PAD, R_PAD), f64, device)
+    r_diag = new_buffer((S, R_PAD), f64, device)
     scale = new_buffer((S, R_PAD), f64, device)
     info = new_buffer((S, 2), torch.int32, device)
     ok = new_buffer((S,), torch.bool, device)  # poisoned as True: the check must write it
@@ -223,12 +227,13 @@ def orthonormalize_batched(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def factor(mode: str) -> None:
-        _orth_factor_kernel[(S,)](g_part, za_part, plan.ZZ, nf_part, plan.meta, Rinv, scale, info,
-                                  ok, n_chunk, MODE=mode, R_PAD=R_PAD, **fac_cfg)
+        _orth_factor_kernel[(S,)](g_part, za_part, plan.ZZ, nf_part, plan.meta, Linv, scale, info,
+                                  ok, gram_s, r_rows, r_diag, n_chunk, MODE=mode, R_PAD=R_PAD,
+                                  **factor_blocks(fac_cfg, R_PAD))
 
     def apply(src: torch.Tensor, dst: torch.Tensor, repair: bool) -> None:
         def run(cfg: dict) -> None:
-            _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Rinv, scale, dst, g_part,
+            _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Linv, scale, dst, g_part,
                                              rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
                                              BLOCK_K=min(R_PAD, 32), **cfg)
         ran, _ = launch("orth_apply", run, app_cfg, lambda c: shrink_config(c, ("BLOCK_D",)))
@@ -273,16 +278,26 @@ def _gram_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
                          BLOCK_D=cfg["BLOCK_D"])
 
 
+def factor_blocks(cfg: dict, R_PAD: int) -> dict:
+    """The factor kernel's block constexprs and options for a padded rank: the panel height
+    PB (16), row chunks KC and column blocks CB of the left-looking updates (at most R_PAD)."""
+    return dict(PB=PANEL, KC=min(cfg["KC"], R_PAD), CB=min(cfg["CB"], R_PAD),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     runtime = dict(g_ptr="*fp64", za_ptr="*fp64", zz_ptr="*fp64", nf_ptr="*fp32",
-                   meta_ptr="*i64", rinv_ptr="*fp64", scale_ptr="*fp64", info_ptr="*i32",
-                   ok_ptr="*i1", n_chunk=triton.cdiv(shape.D, _rows_per_chunk()))
-    return runtime, dict(MODE="repair", R_PAD=pow2(shape.r))
+                   meta_ptr="*i64", linv_ptr="*fp64", scale_ptr="*fp64", info_ptr="*i32",
+                   ok_ptr="*i1", gs_ptr="*fp64", rs_ptr="*fp64", dg_ptr="*fp64",
+                   n_chunk=triton.cdiv(shape.D, _rows_per_chunk()))
+    blocks = factor_blocks(cfg, pow2(shape.r))
+    return runtime, dict(MODE="repair", R_PAD=pow2(shape.r), PB=blocks["PB"], KC=blocks["KC"],
+                         CB=blocks["CB"])
 
 
 def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
-    runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", rinv_ptr="*fp64",
+    runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", linv_ptr="*fp64",
                    scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64",
                    rows_per_chunk=_rows_per_chunk())
     return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32))
@@ -304,7 +319,8 @@ SPEC_GRAM = declare(KernelSpec(
     block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False, flags=("WITH_Z",)))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
-    defaults={"num_warps": 8, "num_stages": 1}, tuning={"num_warps": (4, 8, 16)},
+    defaults={"KC": 32, "CB": 64, "num_warps": 4, "num_stages": 1},
+    tuning={"KC": (16, 32), "CB": (32, 64, 128), "num_warps": (2, 4, 8)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
 SPEC_APPLY = declare(KernelSpec(
     name="orth_apply", fn=_orth_apply_kernel, signature=_apply_signature,
