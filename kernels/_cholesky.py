@@ -36,38 +36,97 @@ PANEL = 16  # PB: rows per panel (tl.dot needs >= 16)
 
 
 @triton.jit
-def _small_factor(W, PB: tl.constexpr):
-    """(Rkk upper, T = Rkk^{-T} lower, diag(Rkk) as (1, PB), failed pivots) of a symmetric
-    PB x PB W.
+def _pick(v, i, j):
+    """v[j] of a vector (a reduction: Triton has no register indexing)."""
+    return tl.sum(tl.where(i == j, v, 0.0), axis=0)
 
-    Gauss elimination on [W | I] with each pivot row scaled by 1/sqrt(pivot): the scaled
-    rows of W are R's, those of I are L^{-1}'s (W = L L^T, L = R^T). A non-positive pivot (a
+
+@triton.jit
+def _rsqrt_or_zero(x):
+    """(1/sqrt(x), 0) for x > 0, else (0, 1): a failed pivot."""
+    good = x > 0  # NaN-safe
+    return tl.where(good, tl.math.rsqrt(tl.where(good, x, 1.0)), 0.0), tl.where(good, 0, 1)
+
+
+@triton.jit
+def _small_factor(W, PB: tl.constexpr):
+    """(Rkk upper, T = Rkk^{-T} lower, diag(Rkk), failed pivots) of a symmetric PB x PB W.
+
+    Right-looking by 4 columns: the 4 x 4 pivot block's Cholesky in scalars (every thread
+    computes it; rsqrt), R's and L^{-1}'s 4 rows as vectors, then a rank-4 update of the rows
+    below (W = L L^T, L = R^T; T starts as I and ends as L^{-1}). So a panel of 16 columns
+    costs 4 rounds of row extraction (reductions), not 16. A non-positive pivot (a
     numerically dependent column; NaN too) counts as failed and gets a zero row, so later
     columns are factored as if that column were absent.
-    Only column reductions (axis 1) and one broadcast of that column as a row per step: the
-    trailing block stays symmetric, so row j is column j, and T is kept transposed (TT).
     """
     i = tl.arange(0, PB)
     ri = i[:, None]
     ci = i[None, :]
-    TT = tl.where(ri == ci, 1.0, 0.0).to(tl.float64)
+    T = tl.where(ri == ci, 1.0, 0.0).to(tl.float64)
     R = tl.zeros((PB, PB), tl.float64)
-    diag = tl.zeros((1, PB), tl.float64)
+    diag = tl.zeros((PB,), tl.float64)
     failed = 0
-    for j in tl.static_range(PB):
-        col = tl.sum(tl.where(ci == j, W, 0.0), axis=1)  # W[:, j]: rows > j are the trailing
-        row = col[None, :]  # (1, PB): W[j, :] on the trailing columns (symmetric)
-        piv = tl.sum(tl.where(ci == j, row, 0.0), axis=1)[:, None]  # (1, 1)
-        good = piv > 0  # NaN-safe
-        failed += tl.sum(tl.where(good, 0, 1))
-        s = tl.where(good, 1.0 / tl.sqrt(tl.where(good, piv, 1.0)), 0.0)
-        rrow = row * s  # R[j, :] on columns >= j
-        diag = tl.where(ci == j, piv * s, diag)  # sqrt(pivot) (0 when failed)
-        R = tl.where((ri == j) & (ci >= j), rrow, R)
-        W = W - tl.where(ri > j, col[:, None] * s, 0.0) * rrow  # rows below j
-        tcol = tl.sum(tl.where(ci == j, TT, 0.0), axis=1)[:, None] * s  # scaled T[j, :]^T
-        TT = tl.where(ci == j, tcol, TT) - tcol * tl.where(ci > j, rrow, 0.0)
-    return R, tl.trans(TT), diag, failed
+    for jb in tl.static_range(0, PB, 4):
+        w0 = tl.sum(tl.where(ri == jb, W, 0.0), axis=0)
+        w1 = tl.sum(tl.where(ri == jb + 1, W, 0.0), axis=0)
+        w2 = tl.sum(tl.where(ri == jb + 2, W, 0.0), axis=0)
+        w3 = tl.sum(tl.where(ri == jb + 3, W, 0.0), axis=0)
+        t0 = tl.sum(tl.where(ri == jb, T, 0.0), axis=0)
+        t1 = tl.sum(tl.where(ri == jb + 1, T, 0.0), axis=0)
+        t2 = tl.sum(tl.where(ri == jb + 2, T, 0.0), axis=0)
+        t3 = tl.sum(tl.where(ri == jb + 3, T, 0.0), axis=0)
+        a00 = _pick(w0, i, jb)
+        a01 = _pick(w0, i, jb + 1)
+        a02 = _pick(w0, i, jb + 2)
+        a03 = _pick(w0, i, jb + 3)
+        a11 = _pick(w1, i, jb + 1)
+        a12 = _pick(w1, i, jb + 2)
+        a13 = _pick(w1, i, jb + 3)
+        a22 = _pick(w2, i, jb + 2)
+        a23 = _pick(w2, i, jb + 3)
+        a33 = _pick(w3, i, jb + 3)
+        # the 4 x 4 pivot block's Cholesky, in scalars
+        s0, f0 = _rsqrt_or_zero(a00)
+        r01 = a01 * s0
+        r02 = a02 * s0
+        r03 = a03 * s0
+        b11 = a11 - r01 * r01
+        s1, f1 = _rsqrt_or_zero(b11)
+        r12 = (a12 - r01 * r02) * s1
+        r13 = (a13 - r01 * r03) * s1
+        b22 = a22 - r02 * r02 - r12 * r12
+        s2, f2 = _rsqrt_or_zero(b22)
+        r23 = (a23 - r02 * r03 - r12 * r13) * s2
+        b33 = a33 - r03 * r03 - r13 * r13 - r23 * r23
+        s3, f3 = _rsqrt_or_zero(b33)
+        failed += f0 + f1 + f2 + f3
+        diag = tl.where(i == jb, a00 * s0, tl.where(i == jb + 1, b11 * s1, tl.where(
+            i == jb + 2, b22 * s2, tl.where(i == jb + 3, b33 * s3, diag))))
+        # R's rows jb..jb+3 and L^{-1}'s, as vectors over columns
+        R0 = w0 * s0
+        R1 = (w1 - r01 * R0) * s1
+        R2 = (w2 - r02 * R0 - r12 * R1) * s2
+        R3 = (w3 - r03 * R0 - r13 * R1 - r23 * R2) * s3
+        T0 = t0 * s0
+        T1 = (t1 - r01 * T0) * s1
+        T2 = (t2 - r02 * T0 - r12 * T1) * s2
+        T3 = (t3 - r03 * T0 - r13 * T1 - r23 * T2) * s3
+        R0 = tl.where(i >= jb, R0, 0.0)
+        R1 = tl.where(i >= jb + 1, R1, 0.0)
+        R2 = tl.where(i >= jb + 2, R2, 0.0)
+        R3 = tl.where(i >= jb + 3, R3, 0.0)
+        R = tl.where(ri == jb, R0[None, :], tl.where(ri == jb + 1, R1[None, :], tl.where(
+            ri == jb + 2, R2[None, :], tl.where(ri == jb + 3, R3[None, :], R))))
+        T = tl.where(ri == jb, T0[None, :], tl.where(ri == jb + 1, T1[None, :], tl.where(
+            ri == jb + 2, T2[None, :], tl.where(ri == jb + 3, T3[None, :], T))))
+        # rank-4 update of the rows below the block (multipliers L[i, a] = R[a, i])
+        m0 = tl.where(i >= jb + 4, R0, 0.0)[:, None]
+        m1 = tl.where(i >= jb + 4, R1, 0.0)[:, None]
+        m2 = tl.where(i >= jb + 4, R2, 0.0)[:, None]
+        m3 = tl.where(i >= jb + 4, R3, 0.0)[:, None]
+        W = W - m0 * R0[None, :] - m1 * R1[None, :] - m2 * R2[None, :] - m3 * R3[None, :]
+        T = T - m0 * T0[None, :] - m1 * T1[None, :] - m2 * T2[None, :] - m3 * T3[None, :]
+    return R, T, diag, failed
 
 
 @triton.jit
@@ -96,7 +155,7 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
             W = tl.dot(-tl.trans(rc), rc, W, out_dtype=tl.float64)
         Rkk, T, diag, f = _small_factor(W, PB)
         failed += f
-        tl.store(dg_ptr + rows[None, :], diag)
+        tl.store(dg_ptr + rows, diag)
         tl.store(rs_ptr + rows[:, None] * R_PAD + rows[None, :], Rkk)
         for c0 in range(k0 + PB, n_act, CB):  # R's row panel right of the diagonal block
             cc = c0 + cb
@@ -145,30 +204,33 @@ def _sum_tile(ptr, s, n_chunk, offs, R_PAD: tl.constexpr):
 
 @triton.jit
 def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
-                MIX: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr):
-    """The Gram to factor, PB rows at a time, into the site's scratch `gs`: the sum of the
+                MIX: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr):
+    """The Gram to factor, in (PB, CB) tiles, into the site's scratch `gs`: the sum of the
     partials (MIX: of M, M_j = A_j * scale_j or Z_j where scale_j < 0, from A^T A, Z^T A
     and Z^T Z), plus `shift` on the diagonal, identity outside the leading r x r block."""
-    cols = tl.arange(0, R_PAD)
     for k0 in range(0, R_PAD, PB):
         rows = k0 + tl.arange(0, PB)
-        offs = rows[:, None] * R_PAD + cols[None, :]
-        G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)
-        if MIX:
-            sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
-            sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
-            ua_i = sc_i > 0
-            ua_j = sc_j > 0
-            G = tl.where(ua_i & ua_j, G * sc_i * sc_j, 0.0)
-            G += tl.where(ua_j & ~ua_i, _sum_tile(za_ptr, s, n_chunk, offs, R_PAD) * sc_j, 0.0)
-            G += tl.where(ua_i & ~ua_j, _sum_tile(  # A_i . Z_j = (Z^T A)[j, i]
-                za_ptr, s, n_chunk, cols[None, :] * R_PAD + rows[:, None], R_PAD) * sc_i, 0.0)
-            zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs)
-            G += tl.where(~ua_i & ~ua_j, zz, 0.0)
-        inside = (rows[:, None] < r) & (cols[None, :] < r)
-        eye = rows[:, None] == cols[None, :]
-        G = tl.where(inside, G + tl.where(eye, shift, 0.0), tl.where(eye, 1.0, 0.0))
-        tl.store(gs_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs, G)
+        for c0 in range(0, R_PAD, CB):
+            cols = c0 + tl.arange(0, CB)
+            offs = rows[:, None] * R_PAD + cols[None, :]
+            G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)
+            if MIX:
+                sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
+                sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
+                ua_i = sc_i > 0
+                ua_j = sc_j > 0
+                G = tl.where(ua_i & ua_j, G * sc_i * sc_j, 0.0)
+                G += tl.where(ua_j & ~ua_i,
+                              _sum_tile(za_ptr, s, n_chunk, offs, R_PAD) * sc_j, 0.0)
+                G += tl.where(ua_i & ~ua_j, _sum_tile(  # A_i . Z_j = (Z^T A)[j, i]
+                    za_ptr, s, n_chunk, cols[None, :] * R_PAD + rows[:, None], R_PAD) * sc_i,
+                    0.0)
+                zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs)
+                G += tl.where(~ua_i & ~ua_j, zz, 0.0)
+            inside = (rows[:, None] < r) & (cols[None, :] < r)
+            eye = rows[:, None] == cols[None, :]
+            G = tl.where(inside, G + tl.where(eye, shift, 0.0), tl.where(eye, 1.0, 0.0))
+            tl.store(gs_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs, G)
     tl.debug_barrier()  # the factor reads these rows back
 
 
@@ -195,50 +257,58 @@ def _orth_factor_kernel(
         for _ in range(n_chunk):
             nonfinite += tl.load(nf)
             nf += R_PAD
-        diag_zz = tl.load(zz_ptr + site + idx * (R_PAD + 1))
         # 1. Column scaling: unit columns remove the sigma_j^2 spread of power-iteration
         #    columns. Zero or non-finite columns are dead and take completion directions.
         norms = tl.sqrt(diag_g)
         live = (nonfinite == 0) & (norms > TINY32) & (idx < r)
-        inv_n = tl.where(live, 1.0 / tl.where(live, norms, 1.0), 0.0)
-        unit = diag_g * inv_n * inv_n
         # scale > 0: M_j = A_j * scale_j; scale = -1: M_j = Z_j (read by the apply kernel).
-        tl.store(scale_ptr + s * R_PAD + idx, tl.where(live, inv_n, -1.0))
+        tl.store(scale_ptr + s * R_PAD + idx, tl.where(live, 1.0 / tl.where(live, norms, 1.0),
+                                                       -1.0))
         tl.debug_barrier()
-        use_a = live
         redo = r > 0
         failed = 0
-        for attempt in range(2):
+        for attempt in range(2):  # a loop, so the factor is compiled once
             if redo:
-                trace = tl.sum(tl.where(idx < r, tl.where(use_a, unit, diag_zz), 0.0), axis=0)
+                # What the factor needs is reloaded here, not held in registers across it.
+                sc = tl.load(scale_ptr + s * R_PAD + idx)
+                use = sc > 0
+                inv_n = tl.where(use, sc, 0.0)
+                diag_g = _diag_of_sum(g_ptr, s, n_chunk, R_PAD)
+                diag_zz = tl.load(zz_ptr + site + idx * (R_PAD + 1))
+                trace = tl.sum(tl.where(idx < r, tl.where(use, diag_g * inv_n * inv_n, diag_zz),
+                                        0.0), axis=0)
                 _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk,
-                            EPS64 * r * trace, r, True, R_PAD, PB)
+                            EPS64 * r * trace, r, True, R_PAD, PB, PB)
                 failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
-                if attempt == 0:
-                    # 2. A column whose new direction is below DEGENERATE_REL of its norm is
-                    #    replaced too; then 3. the first CholeskyQR factor of the repaired M
-                    #    (without replacements that is the factor just computed).
-                    dg_abs = tl.abs(tl.load(dg + idx, mask=idx < r, other=0.0))
-                    use_a = live & (dg_abs > DEGENERATE_REL)
-                    tl.store(scale_ptr + s * R_PAD + idx, tl.where(use_a, inv_n, -1.0))
-                    tl.debug_barrier()
-                redo = (attempt == 0) & (tl.sum((use_a != live).to(tl.int32), axis=0) > 0)
+                sc = tl.load(scale_ptr + s * R_PAD + idx)  # reloaded: not live across the factor
+                use = sc > 0
+                inv_n = tl.where(use, sc, 0.0)
+                # 2. After the first factor, a column whose new direction is below
+                #    DEGENERATE_REL of its norm is replaced too; 3. then the first CholeskyQR
+                #    factor of the repaired M (without replacements it is the one just made).
+                dg_abs = tl.abs(tl.load(dg + idx, mask=idx < r, other=0.0))
+                use_a = use & ((dg_abs > DEGENERATE_REL) | (attempt > 0))
+                redo = tl.sum((use_a != use).to(tl.int32), axis=0) > 0
+                tl.store(scale_ptr + s * R_PAD + idx, tl.where(use_a, inv_n, -1.0))
+                tl.debug_barrier()
         tl.store(info_ptr + s * 2 + 0, failed)
     elif MODE == "plain":
         trace = tl.sum(tl.where(idx < r, diag_g, 0.0), axis=0)
         _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, EPS64 * r * trace, r,
-                    False, R_PAD, PB)
+                    False, R_PAD, PB, CB)
         failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
         tl.store(info_ptr + s * 2 + 1, failed)
     else:  # "check": the Gram of the final Q
         err = tl.zeros((PB,), tl.float64)
         for k0 in range(0, R_PAD, PB):
             rows = k0 + tl.arange(0, PB)
-            G = _sum_tile(g_ptr, s, n_chunk, rows[:, None] * R_PAD + idx[None, :], R_PAD)
-            inside = (rows[:, None] < r) & (idx[None, :] < r)
-            dev = tl.where(inside, tl.abs(G - tl.where(rows[:, None] == idx[None, :], 1.0, 0.0)),
-                           0.0)
-            err = tl.maximum(err, nan_max(dev, 1), propagate_nan=tl.PropagateNan.ALL)
+            for c0 in range(0, R_PAD, CB):
+                cols = c0 + tl.arange(0, CB)
+                G = _sum_tile(g_ptr, s, n_chunk, rows[:, None] * R_PAD + cols[None, :], R_PAD)
+                inside = (rows[:, None] < r) & (cols[None, :] < r)
+                eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+                dev = tl.where(inside, tl.abs(G - eye), 0.0)
+                err = tl.maximum(err, nan_max(dev, 1), propagate_nan=tl.PropagateNan.ALL)
         fine = (tl.load(info_ptr + s * 2 + 0) == 0) & (tl.load(info_ptr + s * 2 + 1) == 0)
         tl.store(ok_ptr + s, fine & (nan_max(err, 0) <= ORTH_TOL))  # a NaN err is not ok
 

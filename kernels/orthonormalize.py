@@ -319,8 +319,10 @@ SPEC_GRAM = declare(KernelSpec(
     block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False, flags=("WITH_Z",)))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
-    defaults={"KC": 32, "CB": 64, "num_warps": 4, "num_stages": 1},
-    tuning={"KC": (16, 32), "CB": (32, 64, 128), "num_warps": (2, 4, 8)},
+    # One warp: the 16 x 16 diagonal-block factor's reductions are then warp shuffles (4
+    # warps put ~8 block barriers on every column); 16 x 16 tiles keep r = 128 unspilled.
+    defaults={"KC": 16, "CB": 16, "num_warps": 1, "num_stages": 1},
+    tuning={"KC": (16, 32), "CB": (16, 32, 64), "num_warps": (1, 2, 4)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
 SPEC_APPLY = declare(KernelSpec(
     name="orth_apply", fn=_orth_apply_kernel, signature=_apply_signature,
