@@ -67,8 +67,9 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
 
     compress_pass: fused kernel + finishing kernel, or coefficient kernel [+ Y kernel] +
     finishing kernel (`launch_plan`), plus the basis split on a basis's first tensor-core use;
-    orthonormalize(_batched): gram, 3 factor steps, 2 applies (6), plus one cat to pack several
-    (or non-fp32, non-contiguous) inputs; reconstruct: 1 (+ the basis split on first use).
+    orthonormalize(_batched): gram, 3 factor steps, 2 applies (6; 8 when a padded rank exceeds
+    64: the applies' Grams then run as Gram launches), plus one cat to pack several (or
+    non-fp32, non-contiguous) inputs; reconstruct: 1 (+ the basis split on first use).
     Buffers are allocated, never filled. The basis split counts unless its halves are cached
     (`_basis.split_launches`); book=True (booking calls the kernels do not run) counts it on
     a basis's first booked call only, as a GPU run would launch it.
@@ -86,9 +87,11 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
                               DTYPE_NAMES[X.dtype], need_y)
         return sum(split_launches(U, book) if k == "split_basis" else 1 for k, _, _ in plan)
     if op == "orthonormalize":
+        from .orthonormalize import orth_launches  # noqa: PLC0415
+
         packed = len(tensors) == 1 and tensors[0].dtype == torch.float32 and \
             tensors[0].is_contiguous()
-        return 6 if packed else 7
+        return orth_launches(max(int(Y.shape[1]) for Y in tensors), packed)
     if op == "reconstruct":  # [split_basis +] the kernel
         from ._common import DTYPE_NAMES  # noqa: PLC0415
         from .configs import get_store  # noqa: PLC0415

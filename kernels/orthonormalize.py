@@ -37,7 +37,18 @@ from ._common import launch, new_buffer, pow2, shrink_config
 from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
 
-__all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix"]
+__all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "orth_launches"]
+
+# The apply kernel forms dst^T dst itself up to this padded rank (an R_PAD x R_PAD fp64
+# register tile; at 128 it spills on sm_90); beyond, the Gram kernel runs on dst (+1 launch).
+APPLY_GRAM_MAX = 64
+
+
+def orth_launches(r_max: int, packed: bool) -> int:
+    """Kernel launches of one orthonormalize_batched call whose largest rank is r_max:
+    gram, 3 factor steps, 2 applies (+ 2 Gram launches when the padded rank exceeds
+    APPLY_GRAM_MAX), plus one cat unless the input is one contiguous fp32 basis."""
+    return 6 + (2 if pow2(r_max) > APPLY_GRAM_MAX else 0) + (0 if packed else 1)
 
 
 @triton.jit
@@ -89,8 +100,11 @@ def _orth_gram_kernel(
 def _orth_apply_kernel(
     src_ptr, z_ptr, meta_ptr, linv_ptr, scale_ptr, dst_ptr, g_ptr, rows_per_chunk,
     REPAIR: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_GRAM: tl.constexpr,
 ):
-    """dst = M R^{-1} (fp64 math, fp32 store) for one row chunk, plus the fp64 Gram of dst.
+    """dst = M R^{-1} (fp64 math, fp32 store) for one row chunk, plus (WITH_GRAM) the fp64
+    Gram of dst (an R_PAD x R_PAD register tile: up to R_PAD = 64; beyond, the launcher runs
+    the Gram kernel on dst instead).
 
     M, dst: (D, r) per site in the flat buffers; L^{-1} = R^{-T}: (R_PAD, R_PAD) fp64 per
     site (the factor's output; read transposed).
@@ -108,7 +122,7 @@ def _orth_apply_kernel(
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
     linv_site = linv_ptr + s.to(tl.int64) * R_PAD * R_PAD
     row_end = tl.minimum(chunk * rows_per_chunk + rows_per_chunk, D)
-    gram = tl.zeros((R_PAD, R_PAD), tl.float64)  # gram: (R_PAD, R_PAD) fp64, dst^T dst
+    gram = tl.zeros((R_PAD if WITH_GRAM else 16, R_PAD if WITH_GRAM else 16), tl.float64)
     for d0 in range(chunk * rows_per_chunk, row_end, BLOCK_D):
         rows = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         row_ok = rows < row_end
@@ -128,10 +142,12 @@ def _orth_apply_kernel(
         q = q.to(tl.float32)  # the stored basis; its Gram below is of exactly these values
         tl.store(dst_ptr + off + rows[:, None] * r + cols[None, :], q,
                  mask=row_ok[:, None] & (cols[None, :] < r))
-        q64 = q.to(tl.float64)
-        gram = tl.dot(tl.trans(q64), q64, gram, out_dtype=tl.float64)
-    part = (s * tl.num_programs(1) + chunk).to(tl.int64) * R_PAD * R_PAD
-    tl.store(g_ptr + part + cols[:, None] * R_PAD + cols[None, :], gram)
+        if WITH_GRAM:
+            q64 = q.to(tl.float64)
+            gram = tl.dot(tl.trans(q64), q64, gram, out_dtype=tl.float64)
+    if WITH_GRAM:
+        part = (s * tl.num_programs(1) + chunk).to(tl.int64) * R_PAD * R_PAD
+        tl.store(g_ptr + part + cols[:, None] * R_PAD + cols[None, :], gram)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -219,10 +235,10 @@ def orthonormalize_batched(
     Q1 = new_buffer((plan.total,), torch.float32, device)
     Q = new_buffer((plan.total,), torch.float32, device)
 
-    def run_gram(cfg: dict) -> None:
+    def run_gram(cfg: dict, src: torch.Tensor = A, with_z: bool = True) -> None:
         n_tiles = (R_PAD // cfg["GRAM_TILE"]) ** 2
         _orth_gram_kernel[(S, n_chunk, n_tiles)](
-            A, plan.Z, plan.meta, g_part, za_part, nf_part, rows_per_chunk, WITH_Z=True,
+            src, plan.Z, plan.meta, g_part, za_part, nf_part, rows_per_chunk, WITH_Z=with_z,
             R_PAD=R_PAD, GT=cfg["GRAM_TILE"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -235,13 +251,18 @@ def orthonormalize_batched(
         def run(cfg: dict) -> None:
             _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Linv, scale, dst, g_part,
                                              rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
-                                             BLOCK_K=min(R_PAD, 32), **cfg)
+                                             BLOCK_K=min(R_PAD, 32), WITH_GRAM=fused_gram,
+                                             **cfg)
         ran, _ = launch("orth_apply", run, app_cfg, lambda c: shrink_config(c, ("BLOCK_D",)))
         store.remember("orth_apply", plan.max_D, R_PAD, "fp32", None, ran)
+        if not fused_gram:  # dst^T dst by the (tiled, spill-free) Gram kernel
+            run_gram(gram_cfg, dst, with_z=False)
 
     ran, _ = launch("orth_gram", run_gram, gram_cfg,
                     lambda c: shrink_config(c, ("BLOCK_D", "GRAM_TILE")))
     store.remember("orth_gram", plan.max_D, R_PAD, "fp32", None, ran)
+    gram_cfg = ran
+    fused_gram = R_PAD <= APPLY_GRAM_MAX
     factor("repair")            # R1 of the scaled, completed M
     apply(A, Q1, repair=True)   # Q1 = M R1^{-1}, and Q1^T Q1
     factor("plain")             # R2 = chol(Q1^T Q1)
@@ -300,7 +321,8 @@ def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", linv_ptr="*fp64",
                    scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64",
                    rows_per_chunk=_rows_per_chunk())
-    return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32))
+    return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32),
+                         WITH_GRAM=R_PAD <= APPLY_GRAM_MAX)
 
 
 def _n_chunk(shape: Shape) -> int:
@@ -309,7 +331,7 @@ def _n_chunk(shape: Shape) -> int:
 
 SPEC_GRAM = declare(KernelSpec(
     name="orth_gram", fn=_orth_gram_kernel, signature=_gram_signature,
-    defaults={"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 64, "num_warps": 4,
+    defaults={"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 32, "num_warps": 4,
               "num_stages": 1},
     interpreter={"BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
     tuning={"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
