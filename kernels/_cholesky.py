@@ -135,8 +135,9 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
     """R^T R = G (upper R) and L^{-1} = R^{-T} for one site, left-looking by PB-row panels.
 
     gs: the site's Gram (R_PAD x R_PAD fp64, symmetric, shifted, identity outside r x r);
-    rs: scratch for R's rows; li: L^{-1} (every entry written, zero outside the lower
-    triangle and beyond the factored rows); dg: diag(R). Returns the failed pivots.
+    rs: scratch for R's rows; li: L^{-1} (every entry written: lower triangular, identity on
+    the padded rows up to the panel boundary, zero beyond); dg: diag(R). Returns the failed
+    pivots.
     Panel k (rows k0..k0+PB): W = G[k, :] - R[:k0, k]^T R[:k0, :], V = E_k - R[:k0, k]^T
     L^{-1}[:k0, :], then R[k, :] = T W and L^{-1}[k, :] = T V with T = Rkk^{-T}.
     """

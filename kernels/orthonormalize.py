@@ -333,7 +333,7 @@ SPEC_GRAM = declare(KernelSpec(
     name="orth_gram", fn=_orth_gram_kernel, signature=_gram_signature,
     defaults={"BLOCK_D": 32, "ROWS_PER_CHUNK": 256, "GRAM_TILE": 32, "num_warps": 4,
               "num_stages": 1},
-    interpreter={"BLOCK_D": 128, "ROWS_PER_CHUNK": 512},
+    interpreter={"BLOCK_D": 128, "ROWS_PER_CHUNK": 512, "GRAM_TILE": 128},  # fewer programs
     tuning={"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
             "num_stages": (1, 2)},
     grid=lambda s, cfg, sms: (1, triton.cdiv(s.D, cfg["ROWS_PER_CHUNK"]),

@@ -275,7 +275,6 @@ def _trm_budget(monkeypatch, cfg, batch: int) -> tuple[dict, launches.LaunchCoun
     import laser_triton as lt
     from laser_triton.trm import TRM
 
-    monkeypatch.setattr(kernels, "MAX_ORTH_RANK", 128)
     torch.manual_seed(0)
     model = TRM(cfg)
     model.laser = lt.Laser(lt.LaserConfig())
