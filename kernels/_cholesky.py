@@ -203,7 +203,7 @@ def _sum_tile(ptr, s, n_chunk, offs, R_PAD: tl.constexpr):
     return acc
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
                 MIX: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr):
     """The Gram to factor, in (PB, CB) tiles, into the site's scratch `gs`: the sum of the

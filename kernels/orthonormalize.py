@@ -37,11 +37,27 @@ from ._common import launch, new_buffer, pow2, shrink_config
 from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
 
-__all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "orth_launches"]
+__all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "orth_launches",
+           "launch_plan"]
 
 # The apply kernel forms dst^T dst itself up to this padded rank (an R_PAD x R_PAD fp64
 # register tile; at 128 it spills on sm_90); beyond, the Gram kernel runs on dst (+1 launch).
 APPLY_GRAM_MAX = 64
+
+
+def launch_plan(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
+    """(kernel, config, mode flags) of every launch of one call whose widest site is D and
+    largest rank r, in order: what the launcher runs (the static audit compiles these)."""
+    R_PAD = pow2(r)
+    gram = store.lookup("orth_gram", D, R_PAD, "fp32")
+    gram = {**gram, "GRAM_TILE": min(gram["GRAM_TILE"], R_PAD)}
+    fac = store.lookup("orth_factor", D, R_PAD, "fp32")
+    app = store.lookup("orth_apply", D, R_PAD, "fp32")
+    extra = [] if R_PAD <= APPLY_GRAM_MAX else [("orth_gram", gram, {"WITH_Z": False})]
+    return ([("orth_gram", gram, {"WITH_Z": True}), ("orth_factor", fac, {"MODE": "repair"}),
+             ("orth_apply", app, {"REPAIR": True})] + extra
+            + [("orth_factor", fac, {"MODE": "plain"}), ("orth_apply", app, {"REPAIR": False})]
+            + extra + [("orth_factor", fac, {"MODE": "check"})])
 
 
 def orth_launches(r_max: int, packed: bool) -> int:

@@ -33,13 +33,26 @@ LAUNCH_S = 2e-6  # gap per extra kernel launch in a stream
 N_ROWS = 87_000
 TRM_D = (97, 512, 1536, 3072)
 TRM_R = (8, 16, 32, 64, 128)
-QUICK = [(512, 32), (512, 128), (97, 64), (1536, 64), (3072, 128)]
+QUICK = [(512, 32), (512, 64), (512, 128), (97, 64), (1536, 64), (3072, 128)]
 GOAL = 0.80
+OPS = ("compress_pass", "reconstruct", "orthonormalize")
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _orth_module():
+    """perf/audit_orth.py, loaded by path (perf/ is a directory of scripts, not a package
+    on every install)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("laser_triton_perf_audit_orth",
+                                                  Path(__file__).parent / "audit_orth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _compress_module():
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_BYTES))
     p.add_argument("--cached", action="store_true", help="reuse Triton's compile cache")
     p.add_argument("--label", default="", help="a column naming this run (e.g. 'before')")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS,
+                   help="ops to audit (orthonormalize: perf/audit_orth.py, fp32 bases, one "
+                        "site per shape and 32 sites of 512 x 64)")
     args = p.parse_args(argv)
     saved = os.environ.get("TRITON_CACHE_DIR")
     if not args.cached:  # measure real compile times: an empty cache for this run
@@ -181,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
                                      if rec["PRECISION"] != "ieee" else [])
                      + [("reconstruct", rec, {})]}
             for op, steps in plans.items():
+                if op not in args.ops:
+                    continue
                 total, parts = 0.0, []
                 for kernel, cfg, flags in steps:
                     f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags)
@@ -204,9 +222,18 @@ def _run(args: argparse.Namespace) -> int:
                     "predicted_fraction": round(roof / total, 3),
                     "goal_fraction": GOAL if op == "compress_pass" else "",
                     "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)"})
+    if "orthonormalize" in args.ops:  # fp32 bases: once per shape, whatever the dtypes
+        orth = _orth_module()
+        calls = [(D, r, 1) for D, r in shapes] + [(512, 64, 32)] * ((512, 64) in shapes)
+        for D, r, sites in calls:
+            rows, model, bad = orth.audit_call(store, D, r, sites, args.label, audit, check)
+            facts_rows += rows
+            model_rows.append(model)
+            failures += bad
     for name, rows in (("audit.csv", facts_rows), ("model.csv", model_rows)):
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # union, first-seen order
         with open(args.out / name, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
     print(f"audit: {len(facts_rows)} kernel variants, {failures} failing; wrote "

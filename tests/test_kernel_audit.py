@@ -11,6 +11,7 @@ a rerun on the same machine costs seconds.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import importlib.util
 from pathlib import Path
@@ -62,6 +63,35 @@ def test_every_trm_shape_passes_the_static_audit(D, r, dtype):
     assert _gate(D, r, dtype) == []
 
 
+ORTH = importlib.import_module("laser_triton.kernels.orthonormalize")
+ORTH_QUICK = [(512, 128)]  # the hardest; the TRM's others under -m slow
+ORTH_SHAPES = [(D, r) for D, r in TRM_SHAPES if r >= 16 and (D, r) != (512, 128)]
+
+
+def _orth_gate(D: int, r: int) -> list[str]:
+    """Every launch of one orthonormalize_batched call at (D, r) (fp32 bases): no spills,
+    registers and shared memory within budget, compile <= 10 s. No tensor-core requirement:
+    the fp64 products use DMMA where Triton emits it (the gram and apply kernels)."""
+    problems = []
+    for kernel, cfg, flags in ORTH.launch_plan(_h200_store(), D, r):
+        f = audit(kernel, D, r, "fp32", cfg, flags=flags)
+        problems += [f"{kernel} D={D} r={r} {f.config}: {b}" for b in check(f)]
+    return problems
+
+
+@pytest.mark.parametrize("D,r", ORTH_QUICK, ids=[f"{d}x{r}" for d, r in ORTH_QUICK])
+def test_orthonormalize_passes_the_static_audit(D, r):
+    """Issue 12: orthonormalization up to rank 128 without spills (main@6cfae4d: the factor
+    spilled 7,273 LDL/STL at r = 128 and the Gram and apply kernels spilled at r = 64)."""
+    assert _orth_gate(D, r) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("D,r", ORTH_SHAPES, ids=[f"{d}x{r}" for d, r in ORTH_SHAPES])
+def test_orthonormalize_passes_the_static_audit_at_every_trm_shape(D, r):
+    assert _orth_gate(D, r) == []
+
+
 def test_the_gate_catches_spills_and_missing_tensor_cores():
     """The checks can fail: facts with spills, FMA-only math and a slow compile."""
     facts = Facts(kernel="compress_fused", config="PRECISION=bf16x3", regs=255, stack=48,
@@ -96,5 +126,8 @@ def test_audit_command_writes_csvs_with_model(tmp_path):
     row = dict(zip(header, model_csv[1].split(",")))
     assert row["op"] == "compress_pass" and float(row["predicted_us"]) > 0
     assert 0 < float(row["predicted_fraction"]) <= 1.0 and row["goal_fraction"] == "0.8"
+    orth = [row for row in csv.DictReader(model_csv) if row["op"] == "orthonormalize"]
+    assert len(orth) == 1 and float(orth[0]["predicted_us"]) > 0 and orth[0]["goal_us"] == "25.0"
+    assert any(",orth_factor," in line for line in audit_csv)
     compile_s = audit_csv[0].split(",").index("compile_s")
     assert all(float(line.split(",")[compile_s]) <= MAX_COMPILE_S for line in audit_csv[1:])

@@ -1,0 +1,137 @@
+"""The orthonormalization part of `laser-triton bench audit`: the launches of one
+`orthonormalize_batched` call at TRM ranks, their sm_90 facts, and an ESTIMATE of its H200 time.
+
+The compress model (perf/audit.py) is throughput-bound: thousands of programs fill the GPU.
+Orthonormalization is latency-bound: the factor runs one program (one warp) per site, so its
+time is the length of that program's instruction stream, not bytes or flops. Per launch:
+    t = max(bytes / 4.25 TB/s, fp64 tensor-core flops / (67 TFLOP/s x SMs used / 132),
+            warp instructions of all programs / issue rate of 132 SMs,
+            warp instructions of one program x CPI / 1.98 GHz)
+with CPI = 1.5 cycles per instruction of one warp's dependent fp64 / shuffle chains (an assumed
+figure, not measured; Hopper fp64 FMA latency ~8 cycles and shuffles ~25 overlap with the other
+instructions of a 4-column pivot block). One program's instructions come from the SASS loop
+structure (`kernels._audit`: instructions outside loops, outer-loop bodies, innermost bodies)
+and the trip counts of the algorithm below. Per call: the sum plus 2 us per extra launch.
+Goals (issue 12): <= 25 us for one site of r <= 64, <= 60 us at r = 128, <= 60 us for 32
+sites of 512 x 64 together.
+"""
+
+from __future__ import annotations
+
+CLOCK = 1.98e9
+CPI = 1.5  # assumed, see the module docstring
+FP64_MMA = 67e12  # H200 fp64 tensor-core flop/s (DMMA), whole GPU
+SMS = 132
+ISSUE_RATE = SMS * 4 * CLOCK
+BW = 4.25e12
+LAUNCH_S = 2e-6
+PB = 16  # the factor's panel height (kernels._cholesky.PANEL)
+
+
+def goal_s(D: int, r: int, sites: int) -> float | None:
+    """Issue 12's goal for this call, or None where it sets none."""
+    if sites == 32 and (D, r) == (512, 64):
+        return 60e-6
+    if sites == 1:
+        return 25e-6 if r <= 64 else 60e-6
+    return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    from laser_triton.kernels._common import pow2  # noqa: PLC0415
+
+    return pow2(n)
+
+
+def orth_steps(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
+    """(kernel, config, flags) of every launch of one call, in order (the launcher's plan)."""
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("laser_triton.kernels.orthonormalize").launch_plan(store, D, r)
+
+
+def _left_looking_trips(n_pan: int) -> float:
+    """Innermost-loop trips of the factor per panel (KC = CB = PB): panel k runs k chunks for
+    its diagonal block, k per block right of it, and k - b for L^{-1}'s column block b < k."""
+    total = sum(k + k * (n_pan - k - 1) + k * (k + 1) // 2 for k in range(n_pan))
+    return total / max(n_pan, 1)
+
+
+def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int) -> dict:
+    """bytes, fp64 flops, programs, and per program: outer trips and inner trips per outer."""
+    R_PAD = _pow2(r)
+    rows = min(D, cfg.get("ROWS_PER_CHUNK", 256)) if kernel == "orth_gram" else min(D, 256)
+    n_chunk = _cdiv(D, 256)
+    if kernel == "orth_gram":
+        nt = R_PAD // cfg["GRAM_TILE"]
+        z = flags.get("WITH_Z", True)
+        byt = sites * D * R_PAD * (4 + (8 if z else 0)) * 2 * nt \
+            + sites * n_chunk * R_PAD * R_PAD * 8 * (2 if z else 1)
+        flops = 2 * sites * D * R_PAD * R_PAD * (2 if z else 1)
+        return dict(bytes=byt, flops=flops, programs=sites * n_chunk * nt * nt, outer=1,
+                    inner=_cdiv(rows, cfg["BLOCK_D"]))
+    if kernel == "orth_apply":
+        byt = sites * D * r * (4 + 4 + (8 if flags.get("REPAIR") else 0)) \
+            + sites * n_chunk * R_PAD * R_PAD * 8 * 2
+        flops = 2 * sites * D * R_PAD * (r + (R_PAD if R_PAD <= 64 else 0))
+        return dict(bytes=byt, flops=flops, programs=sites * n_chunk,
+                    outer=_cdiv(rows, cfg["BLOCK_D"]), inner=_cdiv(r, min(R_PAD, 32)))
+    if kernel == "orth_factor":
+        byt = sites * n_chunk * R_PAD * R_PAD * 8 * 2 + sites * R_PAD * R_PAD * 8 * 4
+        if flags.get("MODE") == "check":
+            tiles = (R_PAD // PB) * (R_PAD // cfg["CB"])
+            return dict(bytes=byt, flops=0, programs=sites, outer=tiles, inner=n_chunk)
+        n_pan = _cdiv(r, PB)
+        return dict(bytes=byt, flops=2 * sites * R_PAD ** 3, programs=sites, outer=n_pan,
+                    inner=_left_looking_trips(n_pan))
+    raise KeyError(kernel)
+
+
+def predict_orth(facts, work: dict) -> dict:
+    """The four bounds of one launch (seconds) and their max."""
+    once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
+    per_outer = facts.outer_body + work["inner"] * facts.loop_body
+    program = once + work["outer"] * per_outer  # warp instructions of one program (per warp)
+    t_mem = work["bytes"] / BW
+    t_mma = work["flops"] / (FP64_MMA * min(work["programs"], SMS) / SMS)
+    t_issue = work["programs"] * program * facts.num_warps / ISSUE_RATE
+    t_program = program * CPI / CLOCK
+    bounds = ((t_mem, "memory"), (t_mma, "fp64 tensor"), (t_issue, "issue"),
+              (t_program, "one program"))
+    t, bound = max(bounds)
+    return dict(t=t, bound=bound, program_instr=program)
+
+
+def audit_call(store, D: int, r: int, sites: int, label: str, audit, check) -> tuple:
+    """(audit rows, model row, failures) of one orthonormalize_batched call of `sites` sites
+    of (D, r)."""
+    rows, total, parts, failures = [], 0.0, [], 0
+    steps = orth_steps(store, D, r)
+    for kernel, cfg, flags in steps:
+        f = audit(kernel, D, r, "fp32", cfg, flags=flags)
+        bad = check(f)
+        failures += bool(bad)
+        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites))
+        total += pred["t"]
+        parts.append(f"{kernel}({','.join(f'{k}={v}' for k, v in flags.items())}):"
+                     f"{pred['t'] * 1e6:.1f}us/{pred['bound']}")
+        if sites == 1:
+            rows.append({"label": label, "op": "orthonormalize", "D": D, "r": r,
+                         "dtype": "fp32", **f.row(), "mma_unit": "DMMA" if f.dmma else "FFMA",
+                         "problems": "; ".join(bad)})
+            print(f"orthonormalize D={D:<4d} r={r:<3d} {kernel:12s} {flags} regs {f.regs:3d} "
+                  f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
+                  f"DMMA {f.dmma:3d} {f.compile_s:5.1f} CPU s {'; '.join(bad) or 'ok'}",
+                  flush=True)
+    total += LAUNCH_S * (len(steps) - 1)
+    goal = goal_s(D, r, sites)
+    model = {"label": label, "op": "orthonormalize" if sites == 1 else f"orthonormalize x{sites}",
+             "D": D, "r": r, "dtype": "fp32", "N": sites, "predicted_us": round(total * 1e6, 1),
+             "roofline_us": "", "predicted_fraction": "", "goal_fraction": "",
+             "goal_us": "" if goal is None else round(goal * 1e6, 1),
+             "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)"}
+    return rows, model, failures
