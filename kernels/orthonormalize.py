@@ -360,7 +360,7 @@ SPEC_FACTOR = declare(KernelSpec(
     # One warp: the 16 x 16 diagonal-block factor's reductions are then warp shuffles (4
     # warps put ~8 block barriers on every column); 16 x 16 tiles keep r = 128 unspilled.
     defaults={"KC": 16, "CB": 16, "num_warps": 1, "num_stages": 1},
-    tuning={"KC": (16, 32), "CB": (16, 32, 64), "num_warps": (1, 2, 4)},
+    tuning={"num_warps": (1, 2, 4)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
 SPEC_APPLY = declare(KernelSpec(
     name="orth_apply", fn=_orth_apply_kernel, signature=_apply_signature,

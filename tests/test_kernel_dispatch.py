@@ -62,7 +62,8 @@ def test_supports():
     assert not supports("compress_pass", torch.randn(2, 9000), torch.zeros(9000, 8))
     assert not supports("compress_pass", X, torch.zeros(512, 300))
     assert supports("orthonormalize", torch.zeros(512, 64), torch.zeros(96, 5))
-    assert not supports("orthonormalize", torch.zeros(512, 128))
+    assert supports("orthonormalize", torch.zeros(512, 128))  # every TRM rank (issue 12)
+    assert not supports("orthonormalize", torch.zeros(512, 129))
     assert supports("reconstruct", torch.zeros(10, 8, dtype=torch.bfloat16), torch.zeros(512, 8))
     assert not supports("nonsense", X)
 
