@@ -6,7 +6,11 @@ cubin read with the tools that ship with Triton (`cuobjdump -res-usage`, `nvdisa
   and as LDL/STL instructions;
 - counts of HMMA (mma.sync tensor cores), HGMMA (wgmma), DMMA (fp64 tensor cores), FFMA;
 - the loop structure: instructions of the innermost loop bodies (backward branches) and of
-  the loops around them, which the performance model turns into an issue-slot bound.
+  the loops around them, which the performance model turns into an issue-slot bound;
+- the wgmma shapes: a 64xNx16 HGMMA with both operands in shared memory reads 2 KiB + 32 N
+  bytes at 128 B/clk per SM but does only N/2 clocks of math, so narrow N is bound by
+  shared-memory bandwidth (`wgmma_clocks`; efficiency N = 16: 0.40, N = 32: 0.67,
+  N >= 64: 1.0), summed per loop level for the model's tensor bound.
 `check(facts)` lists what breaks the budget (the CI gate and the autotune prune use it).
 """
 
@@ -25,7 +29,8 @@ import triton
 from ._hopper import compile_info
 from ._spec import SPECS
 
-__all__ = ["Facts", "audit", "check", "sass_facts", "MAX_REGS", "MAX_COMPILE_S"]
+__all__ = ["Facts", "audit", "check", "sass_facts", "wgmma_efficiency", "MAX_REGS",
+           "MAX_COMPILE_S"]
 
 MAX_REGS = 255  # per thread on sm_90 (more spills); the budget below is per warps
 REG_FILE = 65_536  # 32-bit registers per SM
@@ -57,6 +62,12 @@ class Facts:
     loop_mma: int  # tensor-core instructions in those bodies
     compile_s: float  # CPU seconds (compiler + ptxas; a Triton cache hit costs ~0)
     compile_wall_s: float
+    mma_eff: float = 1.0  # tensor-pipe efficiency of the loop HGMMA shapes (wgmma_efficiency)
+    # Tensor-pipe clocks (per warpgroup) of the HGMMAs in the innermost loop bodies, in the
+    # loops around them, and outside loops (`wgmma_clocks`): the model's shape-aware bound.
+    mma_clk_inner: float = 0.0
+    mma_clk_outer: float = 0.0
+    mma_clk_once: float = 0.0
 
     def row(self) -> dict:
         return asdict(self)
@@ -65,6 +76,33 @@ class Facts:
 def _tool(name: str, *args: str) -> str:
     out = subprocess.run([str(_TOOLS / name), *args], capture_output=True, text=True, check=True)
     return out.stdout
+
+
+SMEM_BYTES_PER_CLK = 128  # shared-memory bandwidth per SM
+_HGMMA_SHAPE = re.compile(r"\.64x(\d+)x(\d+)\.")
+
+
+def wgmma_clocks(suffix: str, operands: str) -> tuple[float, float]:
+    """(math clocks, issue-limited clocks) of one HGMMA on one SM: math = 64 N K / 2048
+    (16-bit MACs per clock per SM; tf32 at half rate) against shared-memory clocks =
+    (A bytes unless A is in registers + B bytes) / 128 B/clk. An estimate from the shape."""
+    m = _HGMMA_SHAPE.search(suffix)
+    if not m:
+        return 0.0, 0.0
+    n, k = int(m[1]), int(m[2])
+    elem = 2 if k == 16 else 1 if k == 32 else 4  # k16: 16-bit, k32: 8-bit, k8: tf32
+    a_in_regs = re.match(r"\s*R\d+\s*,\s*R\d+", operands) is not None
+    c_math = 64 * n * k / 2048 * (2 if elem == 4 else 1)
+    c_smem = ((0 if a_in_regs else 64 * k * elem) + n * k * elem) / SMEM_BYTES_PER_CLK
+    return c_math, max(c_math, c_smem)
+
+
+def wgmma_efficiency(hgmmas: list[tuple[str, str]]) -> float:
+    """Fraction of the tensor pipe's peak these HGMMAs ((suffix, operands) from the SASS)
+    allow when shared-memory bandwidth is the other limit (`wgmma_clocks`); 1.0 if none."""
+    clocks = [wgmma_clocks(s, o) for s, o in hgmmas]
+    total = sum(c for _, c in clocks)
+    return round(sum(m for m, _ in clocks) / total, 3) if total else 1.0
 
 
 def sass_facts(cubin: bytes) -> dict:
@@ -77,7 +115,8 @@ def sass_facts(cubin: bytes) -> dict:
         sass = _tool("nvdisasm", "-c", path)
     finally:
         os.unlink(path)
-    ops = [(int(m[1], 16), m[2], m[4]) for m in _OP.finditer(sass)]
+    ops4 = [(int(m[1], 16), m[2], m[3], m[4]) for m in _OP.finditer(sass)]
+    ops = [(a, op, rest) for a, op, _, rest in ops4]
     count = Counter(op for _, op, _ in ops)
     # Labels (".L_x_3:") name the address of the next instruction.
     labels, pending = {}, []
@@ -105,11 +144,23 @@ def sass_facts(cubin: bytes) -> dict:
     in_outer = [a for a, _, _ in ops if any(lo <= a <= hi for lo, hi in outer)
                 and not any(lo <= a <= hi for lo, hi in inner)]
     mma = ("HMMA", "HGMMA", "DMMA")
+    in_inner = {a for a, _, _ in ops if any(lo <= a <= hi for lo, hi in inner)}
+    in_outer_set = set(in_outer)
+    hgmma = [(a, suffix, rest) for a, op, suffix, rest in ops4 if op == "HGMMA"]
+
+    def clocks(where) -> float:  # tensor-pipe clocks of the HGMMAs at these addresses
+        return round(sum(wgmma_clocks(s, r)[1] for a, s, r in hgmma if where(a)), 2)
     return {"regs": int(res[1]), "stack": int(res[2]), "local": int(res[4]),
             "spill_ops": count["LDL"] + count["STL"], "hmma": count["HMMA"],
             "hgmma": count["HGMMA"], "dmma": count["DMMA"], "ffma": count["FFMA"],
             "instructions": len(ops), "loop_body": len(in_loop), "outer_body": len(in_outer),
-            "loop_mma": sum(op in mma for _, op in in_loop)}
+            "loop_mma": sum(op in mma for _, op in in_loop),
+            "mma_eff": wgmma_efficiency([(s, r) for a, s, r in hgmma
+                                         if a in in_inner or a in in_outer_set] or
+                                        [(s, r) for _, s, r in hgmma]),
+            "mma_clk_inner": clocks(lambda a: a in in_inner),
+            "mma_clk_outer": clocks(lambda a: a in in_outer_set),
+            "mma_clk_once": clocks(lambda a: a not in in_inner and a not in in_outer_set)}
 
 
 def config_label(cfg: dict, flags: dict | None = None) -> str:

@@ -226,8 +226,10 @@ def _y_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
 _TC = "bf16x3"  # fp32-class products on bf16 tensor cores: the default on a GPU
 SPEC_FUSED = declare(KernelSpec(
     name="compress_fused", fn=_compress_fused_kernel, signature=_fused_signature,
+    # 3 stages: one CTA per SM must keep ~2 x 16 KiB of X and U chunks in flight to cover
+    # HBM latency (the audit's latency bound; with 2 stages it was the binding limit at r = 8)
     defaults={"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 128, "PROGRAMS_PER_SM": 1,
-              "PRECISION": _TC, "num_warps": 8, "num_stages": 2},
+              "PRECISION": _TC, "num_warps": 8, "num_stages": 3},
     interpreter={"BLOCK_N": 256, "BLOCK_K": 256},
     tuning={"BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64, 128), "BLOCK_R": (16, 32, 64, 128),
             "PROGRAMS_PER_SM": (1, 2), "num_warps": (4, 8), "num_stages": (2, 3)},
@@ -246,10 +248,12 @@ SPEC_COEFF = declare(KernelSpec(
     block_keys=("BLOCK_N", "BLOCK_D"), tensor_cores=True, flags=("WRITE_CS", "CS_SPLIT")))
 SPEC_Y = declare(KernelSpec(
     name="compress_y", fn=_compress_y_kernel, signature=_y_signature,
-    defaults={"BLOCK_N": 64, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 4,
+    # 256-wide D tiles: every D tile re-reads its segment's C halves from L2 (4 B per
+    # element), so at r = 128 64-wide tiles moved 4x X's bytes through L2 (the audit's model)
+    defaults={"BLOCK_N": 64, "BLOCK_D": 256, "PRECISION": _TC, "num_warps": 8,
               "num_stages": 3},
     interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
-    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (64, 128), "num_warps": (4, 8),
+    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (64, 128, 256), "num_warps": (4, 8),
             "num_stages": (2, 3, 4)},
     grid=lambda s, cfg, sms: (y_segments(s.N, s.D, s.r, cfg, sms)[0],
                               triton.cdiv(s.D, cfg["BLOCK_D"])),

@@ -10,9 +10,12 @@ binary read (`kernels._audit`). Writes:
 - `audit.csv`: kernel, shape, config, registers, spills, shared memory, HMMA/HGMMA/DMMA/FFMA
   counts, compile seconds, and what fails the budget;
 - `model.csv`: an ESTIMATE per op: predicted H200 time = sum over its kernels of
-  max(HBM bytes / 4.25 TB/s, tensor-core flops / MMA rate, issue-slot bound from the SASS
-  loop bodies) + launch gaps, the roofline time, the predicted fraction of roofline and the
-  goal (compress >= 0.80). Not a measurement: compare with `bench kernels` on a GPU.
+  max(HBM bytes / 4.25 TB/s, L2 -> SM bytes (re-reads of X, U and C included) / 7 TB/s
+  (assumed), bytes in flight / HBM latency (assumed 0.6 us), tensor time (flops / MMA rate, or the SASS's wgmma shapes when narrow N makes
+  them shared-memory bound), issue-slot bound from the SASS loop bodies) + launch gaps, the
+  roofline time, the predicted fraction of roofline, the bound per kernel and the goal
+  (compress >= 0.80). Not a measurement: latency (one CTA per SM, unpipelined loads) is not
+  modelled; compare with `bench kernels` on a GPU.
 Compile times are CPU seconds of the compiler and ptxas (independent of machine load), measured
 with an empty Triton cache (`--cached` reuses ~/.triton, where a hit costs ~0).
 """
@@ -29,6 +32,18 @@ from pathlib import Path
 BW = 4.25e12  # bytes/s: measured H200 copy bandwidth (docs/design.md §11)
 MMA_RATE = {"HGMMA": 790e12, "HMMA": 0.6 * 790e12, "FFMA": 132 * 128 * 2 * 1.98e9}
 ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second (4 schedulers per SM)
+# ASSUMED, not measured here: L2 -> SM bandwidth of an H200 (~5.5 TB/s microbenchmarked on
+# a 114-SM H100 PCIe, scaled to 132 SMs at a higher clock). Re-reads of X, U and C that hit
+# L2 cost this, not HBM.
+L2_BW = 7.0e12
+# Tensor-pipe clocks per second per SM at which a perfectly shaped wgmma stream reaches
+# MMA_RATE["HGMMA"] (2048 16-bit MACs per clock per SM): SASS clocks / this = seconds.
+MMA_CLOCK = 790e12 / (132 * 4096)
+N_SMS = 132
+# ASSUMED: HBM latency under load. A kernel streams at most (bytes its resident CTAs have in
+# flight) / latency (Little's law): a software-pipelined loop with S stages keeps S - 1
+# iterations of loads in flight per CTA (one, unpipelined, when S = 1).
+HBM_LATENCY_S = 0.6e-6
 LAUNCH_S = 2e-6  # gap per extra kernel launch in a stream
 N_ROWS = 87_000
 TRM_D = (97, 512, 1536, 3072)
@@ -86,17 +101,27 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> 
         P, J = cp.fused_programs(N, D, r, cfg, 132)
         byt = N * D * xb + N * r * xb + (J + 1) * N * 4 + P * D * r * 4
         flops = 2 * N * D * r * split * 2
-        return dict(bytes=byt, flops=flops, outer=_cdiv(N, cfg["BLOCK_N"]) * J,
-                    inner=_cdiv(D, cfg["BLOCK_K"]))
+        n_blk, br = _cdiv(N, cfg["BLOCK_N"]), cp.fused_block_r(D, r, cfg)
+        # per (row block, rank tile): X for C, X again for Y, the fp32 U tile
+        l2 = n_blk * J * (2 * cfg["BLOCK_N"] * D * xb + D * br * 4) + byt - N * D * xb
+        return dict(bytes=byt, l2_bytes=l2, flops=flops, outer=n_blk * J,
+                    inner=_cdiv(D, cfg["BLOCK_K"]), stages=cfg["num_stages"],
+                    stream=cfg["BLOCK_N"] * cfg["BLOCK_K"] * xb + cfg["BLOCK_K"] * br * 4)
     if kernel == "compress_coeff":
         byt = N * D * xb + N * r * xb + (N * r * 4 if dtype != "fp32" else 0) + 2 * N * 4
-        return dict(bytes=byt, flops=2 * N * D * r * split, outer=_cdiv(N, cfg["BLOCK_N"]),
-                    inner=_cdiv(D, cfg["BLOCK_D"]))
+        n_blk = _cdiv(N, cfg["BLOCK_N"])
+        l2 = byt + n_blk * D * pow2(r) * 4  # the fp32 U, once per row block
+        return dict(bytes=byt, l2_bytes=l2, flops=2 * N * D * r * split, outer=n_blk,
+                    inner=_cdiv(D, cfg["BLOCK_D"]), stages=cfg["num_stages"],
+                    stream=cfg["BLOCK_D"] * (cfg["BLOCK_N"] * xb + pow2(r) * 4))
     if kernel == "compress_y":
         n_seg, rows = cp.y_segments(N, D, r, cfg, 132)
         byt = N * D * xb + N * r * 4 + n_seg * D * r * 4
-        return dict(bytes=byt, flops=2 * N * D * r * split,
-                    outer=n_seg * _cdiv(D, cfg["BLOCK_D"]), inner=_cdiv(rows, cfg["BLOCK_N"]))
+        l2 = byt + (_cdiv(D, cfg["BLOCK_D"]) - 1) * N * r * 4  # C halves, once per D tile
+        return dict(bytes=byt, l2_bytes=l2, flops=2 * N * D * r * split,
+                    outer=n_seg * _cdiv(D, cfg["BLOCK_D"]), inner=_cdiv(rows, cfg["BLOCK_N"]),
+                    stages=cfg["num_stages"],
+                    stream=cfg["BLOCK_N"] * (cfg["BLOCK_D"] * xb + pow2(r) * 4))
     if kernel == "compress_finish":
         if cp.fused_by_size(D, r):
             P, J = cp.fused_programs(N, D, r, cp.SPEC_FUSED.defaults, 132)
@@ -109,19 +134,32 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> 
         return dict(bytes=D * r * 8, flops=0, outer=1, inner=1)
     if kernel == "reconstruct":
         byt = N * r * xb + N * D * xb
-        return dict(bytes=byt, flops=2 * N * D * r * split,
+        l2 = byt + (_cdiv(D, cfg["BLOCK_D"]) - 1) * N * r * xb \
+            + (_cdiv(N, cfg["BLOCK_N"]) - 1) * D * r * 4  # C per D tile, U per row block
+        return dict(bytes=byt, l2_bytes=l2, flops=2 * N * D * r * split,
                     outer=_cdiv(N, cfg["BLOCK_N"]) * _cdiv(D, cfg["BLOCK_D"]),
-                    inner=_cdiv(r, min(cfg["BLOCK_R"], pow2(r))))
+                    inner=_cdiv(r, min(cfg["BLOCK_R"], pow2(r))), stages=cfg["num_stages"],
+                    stream=min(cfg["BLOCK_R"], pow2(r)) * (cfg["BLOCK_N"] * xb
+                                                          + cfg["BLOCK_D"] * 4))
     raise KeyError(kernel)
 
 
 def predict(facts, work: dict) -> dict:
-    """Per-kernel estimate: the three bounds and their max (seconds). `work` has bytes, flops,
-    programs (grid size), outer (outer-loop trips, all programs) and inner (inner-loop trips
-    per outer trip)."""
+    """Per-kernel estimate: the bounds and their max (seconds). `work` has bytes (HBM),
+    l2_bytes (L2 -> SM, re-reads included), flops, programs (grid size), outer (outer-loop
+    trips, all programs) and inner (inner-loop trips per outer trip).
+
+    - memory: bytes / BW; l2: l2_bytes / L2_BW (assumed bandwidth);
+    - tensor: the larger of flops / MMA rate and the tensor-pipe clocks of the SASS's HGMMA
+      shapes (narrow N is bound by shared-memory operand reads: `_audit.wgmma_clocks`),
+      counted per loop level like the issue slots and per warpgroup;
+    - issue: warp instructions (SASS loop bodies x trips) / the SMs' issue rate;
+    - latency: HBM bytes / (bytes the resident CTAs keep in flight / HBM_LATENCY_S), from
+      `stream` (bytes one pipelined loop iteration loads) and `stages` (Little's law).
+    """
     unit = "HGMMA" if facts.hgmma else "HMMA" if facts.hmma else "FFMA"
     t_mem = work["bytes"] / BW
-    t_mma = work["flops"] / MMA_RATE[unit]
+    t_l2 = work.get("l2_bytes", work["bytes"]) / L2_BW
     # Instructions outside every loop run once per program; the outer loop's own body once
     # per outer trip; the inner body once per inner trip. Without an outer loop, each
     # program is one outer trip.
@@ -130,9 +168,21 @@ def predict(facts, work: dict) -> dict:
     outer = work["outer"] if facts.outer_body else work["programs"]
     warp_instr = (work["programs"] * once + outer * per_outer) * facts.num_warps
     t_issue = warp_instr / ISSUE_RATE
-    return dict(t_mem=t_mem, t_mma=t_mma, t_issue=t_issue, unit=unit,
-                t=max(t_mem, t_mma, t_issue),
-                bound=max((t_mem, "memory"), (t_mma, "tensor"), (t_issue, "issue"))[1])
+    clk = (work["programs"] * facts.mma_clk_once
+           + outer * (facts.mma_clk_outer + work["inner"] * facts.mma_clk_inner))
+    t_shape = clk * max(facts.num_warps // 4, 1) / (N_SMS * MMA_CLOCK)
+    t_mma = max(work["flops"] / MMA_RATE[unit], t_shape if unit == "HGMMA" else 0.0)
+    t_lat = 0.0
+    if work.get("stream"):
+        per_sm = max(1, min(65536 // (max(facts.regs, 1) * 32 * facts.num_warps),
+                            232_448 // max(facts.shared, 1), 64 // facts.num_warps))
+        resident = min(work["programs"], N_SMS * per_sm)
+        in_flight = resident * max(work["stages"] - 1, 1) * work["stream"]
+        t_lat = work["bytes"] * HBM_LATENCY_S / in_flight
+    bounds = ((t_mem, "memory"), (t_l2, "L2"), (t_mma, "tensor"), (t_issue, "issue"),
+              (t_lat, "latency"))
+    return dict(t_mem=t_mem, t_l2=t_l2, t_mma=t_mma, t_issue=t_issue, t_lat=t_lat, unit=unit,
+                t=max(b for b, _ in bounds), bound=max(bounds)[1])
 
 
 def roofline(op: str, N: int, D: int, r: int, dtype: str) -> float:
