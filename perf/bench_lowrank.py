@@ -15,6 +15,10 @@ so they hold identical coefficients; only their backward differs. Per variant, o
   other processes on a shared machine), and its ratio;
 - `bwd_peak_mib`: peak bytes of storages created during backward and alive (LiveBytes), the
   parameter gradients included; `peak_node`: the autograd node running at that peak;
+  `linear_node_added_mib`, `norm_node_added_mib`: the most bytes one linear layer's (custom
+  Function: lowrank's, or trm.lean's under lean saves) or lean norm's backward added above what
+  was alive when it began, its rebuild included (0 for nodes that do not exist in a variant:
+  non-lean plain F.linear);
 - `norms_served`: lean RMSNorm backwards from (C, U); `served_rebuilt`: served entries that an
   unpack rebuilt anyway for another consumer (0 means no N x D rebuild for them);
 - `rebuilds`, `rebuild_mib`: ops.reconstruct calls in backward and the bytes they produced;
@@ -56,6 +60,9 @@ from .trm_run import make_batches, preset_config
 
 MiB = 1 << 20
 VARIANTS = ("plain", "laser_rebuild", "laser_lowrank")
+# Custom Function nodes of the lean TRM's projections and norms (lowrank's, and trm.lean's with
+# lowrank_backward off): the most bytes one of their backwards adds (PeakAt.added).
+NODE_KINDS = ("_LinearBackward", "_RMSNormBackward", "RMSNormSavingOutputBackward")
 
 
 def _linear_flops(served: ServedGradients) -> tuple[float, float, float]:
@@ -145,7 +152,7 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
         tally.saved = saved = None
         grads[name] = _grads(model, xg)
         loss, xg = _forward(model, x, y, z)  # peak bytes of a backward
-        with PeakAt() as live:
+        with PeakAt(NODE_KINDS) as live:
             loss.backward()
         _grads(model, xg)
         times, cpu_times = [], []
@@ -161,7 +168,10 @@ def bench_preset(preset: str, batch: int, args) -> list[dict]:
                    forward_dtype=args.forward_dtype,
                    bwd_gflop=flops.get_total_flops() / 1e9, bwd_ms=statistics.median(times),
                    bwd_cpu_ms=statistics.median(cpu_times),
-                   bwd_peak_mib=live.peak / MiB, peak_node=live.node, rebuilds=tally.rebuilds,
+                   bwd_peak_mib=live.peak / MiB, peak_node=live.node,
+                   linear_node_added_mib=live.added.get("_LinearBackward", 0) / MiB,
+                   norm_node_added_mib=max(live.added.get("_RMSNormBackward", 0), live.added.get(
+                       "RMSNormSavingOutputBackward", 0)) / MiB, rebuilds=tally.rebuilds,
                    rebuild_mib=tally.rebuild_bytes / MiB, served=len(tally.calls),
                    lin_gflop_lowrank=low / 1e9, lin_gflop_rebuild=full / 1e9,
                    rank_over_width=rk,

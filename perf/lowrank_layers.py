@@ -180,16 +180,28 @@ def _flops(kind: str, lr: lowrank.LowRankInput, out: int, r: int) -> tuple[float
 
 
 class PeakAt(LiveBytes):
-    """LiveBytes that also names the autograd node running at the peak."""
+    """LiveBytes that also names the autograd node running at the peak, and, per custom
+    Function node name in `watch`, the most bytes one such node's backward added above what was
+    alive when it started (its rebuilds and temporaries): e.g. "_LinearBackward" shows whether
+    a linear layer's backward materialized its N x D input."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.node = ""
+        self.watch = watch
+        self.added: dict[str, int] = {}
+        self._current = None  # the watched node running now (custom Functions keep identity)
+        self._base = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        node = torch._C._current_autograd_node()
+        name = node.name() if node is not None else ""
+        if name in self.watch and node is not self._current:
+            self._current, self._base = node, self.live()
         before = self.peak
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.peak > before:
-            node = torch._C._current_autograd_node()
-            self.node = node.name() if node is not None else "(engine)"
+            self.node = name or "(engine)"
+        if name in self.watch:
+            self.added[name] = max(self.added.get(name, 0), self.live() - self._base)
         return out
