@@ -58,14 +58,9 @@ def test_batched_products_equal_the_per_entry_ones():
             assert abs(float(R.square().sum()) - (n * n + cs)) <= 1e-5 * n * n
 
 
-def test_view_checks_and_shrink_grams_launch_per_group_not_per_tensor(monkeypatch):
-    """Four gate_up layers on the same input in one network call, a shrink check at every
-    tensor: the batch's products are one baddbmm per (width, rank) group with views, no
-    per-tensor mm/addmm in the pack hook or the decision; each half still meets tau as
-    unpacked."""
-    laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64, shrink_every=1))
-    torch.manual_seed(0)
-    layers = [GatedMLP() for _ in range(4)]
+def _counted_gated_step(laser: lt.Laser, layers: list, monkeypatch) -> tuple:
+    """Three warm-up steps of `layers` (summed, on one low-rank input) under `laser`, then a
+    fourth counted by a LaunchCounter with its unpacks tapped; returns (tap, counter)."""
 
     def step(seed: int) -> torch.Tensor:
         x = low_rank_tokens(2, 150, 160, rank=6, seed=10 + seed).requires_grad_()
@@ -80,6 +75,17 @@ def test_view_checks_and_shrink_grams_launch_per_group_not_per_tensor(monkeypatc
     with launches.LaunchCounter() as c:
         loss = step(5)
     loss.backward()
+    return tap, c
+
+
+def test_view_checks_and_shrink_grams_launch_per_group_not_per_tensor(monkeypatch):
+    """Four gate_up layers on the same input in one network call, a shrink check at every
+    tensor: the batch's products are one baddbmm per (width, rank) group with views, no
+    per-tensor mm/addmm in the pack hook or the decision; each half still meets tau as
+    unpacked."""
+    laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64, shrink_every=1))
+    torch.manual_seed(0)
+    tap, c = _counted_gated_step(laser, [GatedMLP() for _ in range(4)], monkeypatch)
     views = [e for e in {id(p.entry): p.entry for _, p, _ in tap.records
                          if isinstance(p, Packed) and p.size[-1] * 2 == p.entry.region.width
                          }.values()]
@@ -173,21 +179,7 @@ def test_sync_basis_checks_column_views_without_a_forward_rebuild(monkeypatch):
     laser = lt.Laser(lt.LaserConfig(tau=0.05, max_rank=48, min_width=64, decision_lag=0))
     laser._sync = OneRank()
     torch.manual_seed(0)
-    model = GatedMLP()
-
-    def step(seed: int) -> torch.Tensor:
-        x = low_rank_tokens(2, 150, 160, rank=6, seed=10 + seed).requires_grad_()
-        with laser.compress():
-            with laser.role("z"):
-                h = model(x)
-            return h.square().mean()
-
-    for s in range(3):
-        step(s).backward()
-    tap = UnpackTap(laser, monkeypatch)
-    with launches.LaunchCounter() as c:
-        loss = step(5)
-    loss.backward()
+    tap, c = _counted_gated_step(laser, [GatedMLP()], monkeypatch)
     assert c.events["drafted"] > c.events["reset"]
     forward = [k for k in c.ops if k[1] == "reconstruct"
                and k[0] not in (launches.BACKWARD, launches.RESET)]
