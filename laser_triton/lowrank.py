@@ -215,9 +215,27 @@ def weight_grad(grad_out: torch.Tensor, x: LowRankInput) -> torch.Tensor:
         return T @ x.U.t()
     B, D, L = x.shape
     r = x.U.shape[1]
-    T = ops.grad_coeff(grad_out.reshape(B, D, O), x.U.expand(B, D, r))  # T[b] = G_b^T U
-    # dW[o, l] = sum over (b, k) of T[b, o, k] C[b, l, k]
-    return T.transpose(0, 1).reshape(O, B * r) @ x.C.float().transpose(1, 2).reshape(B * r, L)
+    G = grad_out.reshape(B, D, O)
+    # G_b^T U for every b (and its (O, b r) copy) is 2 B out r fp32 values, more than the
+    # B L D input it stands for when out r is large (mlp_t's gate_up): taken over chunks of
+    # the batch, each no larger than the rebuild of its rows. The count does not grow with B.
+    chunks = max(1, min(B, -(-(2 * O * r * 4) // (L * D * grad_out.element_size()))))
+    step = -(-B // chunks)
+    dW = None
+    for b0 in range(0, B, step):
+        n = min(step, B - b0)
+        T = ops.grad_coeff(G[b0:b0 + n], x.U.expand(n, D, r))  # T[b] = G_b^T U
+        # dW[o, l] = sum over (b, k) of T[b, o, k] C[b, l, k]
+        Tm = T.transpose(0, 1).reshape(O, n * r)
+        del T  # (each buffer goes as soon as it is used: this is about transient bytes)
+        part = Tm @ x.C[b0:b0 + n].float().transpose(1, 2).reshape(n * r, L)
+        del Tm
+        if dW is None:
+            dW = part
+        else:
+            dW.add_(part)
+        del part
+    return dW
 
 
 class _Linear(torch.autograd.Function):
@@ -275,7 +293,7 @@ def norm_grad(dy: torch.Tensor, r: torch.Tensor, y: LowRankInput) -> torch.Tenso
         C = y.C.float()
         dy2 = dy.reshape(-1, D)
         rr = r.reshape(-1, 1)
-        m = ((dy2.float() @ U) * C).sum(-1, keepdim=True) / D  # mean(dy y) per row
+        m = (dy2.float() @ U).mul_(C).sum(-1, keepdim=True) / D  # mean(dy y) per row
         dx = torch.mul(dy2, rr)  # fp32 (r is): the one N x D tensor, dx itself
         dx.addmm_(C * (rr * m), U.t(), alpha=-1.0)
         return dx.view(dy.shape)
@@ -284,7 +302,8 @@ def norm_grad(dy: torch.Tensor, r: torch.Tensor, y: LowRankInput) -> torch.Tenso
     C = y.C.float()
     dyT = dy.transpose(1, 2)
     P = torch.bmm(C.transpose(1, 2), dyT.float())  # (B, r, D): C_b^T dy_b^T
-    m = (P * U.t()).sum(1, keepdim=True) / L  # (B, 1, D): mean over L of dy y
+    m = P.mul_(U.t()).sum(1, keepdim=True) / L  # (B, 1, D): mean over L of dy y
+    del P
     rT = r.transpose(1, 2)  # (B, 1, D)
     dxT = torch.mul(dyT, rT).contiguous()  # fp32: dx^T itself
     dxT.baddbmm_(C, (U.t() * (rT * m)), alpha=-1.0)  # C_b (r m U)^T, (L, r) @ (r, D)

@@ -181,3 +181,25 @@ def test_high_rank_inputs_take_the_rebuild_path(monkeypatch):
     def cols(r):
         return lowrank.LowRankInput(torch.zeros(2, 97, r), torch.zeros(128, r), "cols", (2, 128, 97))
     assert lowrank.pays(cols(40), 512) and not lowrank.pays(cols(100), 512)
+
+
+def test_column_layout_weight_gradient_holds_no_more_than_the_rebuild():
+    """mlp_t's column view with a wide output: G_b^T U for all b (2 B out r fp32 with its copy,
+    7.2 MB here) would outgrow the B L D input (0.6 MB); dW from (C, U) allocates about what
+    rebuilding the input takes (chunk rounding: 1.25x), plus dW and one partial sum, and
+    equals the exact product."""
+    from laser_triton.tools.livebytes import LiveBytes  # noqa: PLC0415
+
+    B, D, L, r, out = 32, 96, 50, 40, 700
+    g = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(D, r, generator=g))[0]
+    C = torch.randn(B, L, r, generator=g)
+    G = torch.randn(B, D, out, generator=g)
+    x = lowrank.LowRankInput(C, U, "cols", (B, D, L))
+    with LiveBytes() as live:
+        dw = lowrank.weight_grad(G, x)
+    rebuild, dw_bytes = B * L * D * 4, out * L * 4
+    assert live.peak <= 1.25 * rebuild + 2 * dw_bytes + 65536, (live.peak, rebuild, dw_bytes)
+    X = (U @ C.transpose(1, 2)).double()  # (B, D, L)
+    exact = G.double().reshape(-1, out).t() @ X.reshape(-1, L)
+    assert float((dw.double() - exact).norm() / exact.norm()) < 1e-5
