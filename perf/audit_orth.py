@@ -55,17 +55,18 @@ def orth_steps(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
 
 
 def _left_looking_trips(n_pan: int) -> float:
-    """Innermost-loop trips of the factor per panel (KC = CB = PB): panel k runs k chunks for
+    """tl.dot loop trips of the factor per panel (KC = CB = PB): panel k runs k chunks for
     its diagonal block, k per block right of it, and k - b for L^{-1}'s column block b < k."""
     total = sum(k + k * (n_pan - k - 1) + k * (k + 1) // 2 for k in range(n_pan))
     return total / max(n_pan, 1)
 
 
-def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int) -> dict:
+def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
+              rows_per_chunk: int) -> dict:
     """bytes, fp64 flops, programs, and per program: outer trips and inner trips per outer."""
     R_PAD = _pow2(r)
-    rows = min(D, cfg.get("ROWS_PER_CHUNK", 256)) if kernel == "orth_gram" else min(D, 256)
-    n_chunk = _cdiv(D, 256)
+    rows = min(D, rows_per_chunk)  # every kernel of a call uses the Gram config's chunks
+    n_chunk = _cdiv(D, rows_per_chunk)
     if kernel == "orth_gram":
         nt = R_PAD // cfg["GRAM_TILE"]
         z = flags.get("WITH_Z", True)
@@ -87,15 +88,69 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int) -
             return dict(bytes=byt, flops=0, programs=sites, outer=tiles, inner=n_chunk)
         n_pan = _cdiv(r, PB)
         return dict(bytes=byt, flops=2 * sites * R_PAD ** 3, programs=sites, outer=n_pan,
-                    inner=_left_looking_trips(n_pan))
+                    dot_trips=_left_looking_trips(n_pan) * n_pan,
+                    tile_trips=max(n_chunk - 1, 1) * (R_PAD // PB) * (R_PAD // cfg["CB"]))
     raise KeyError(kernel)
 
 
-def predict_orth(facts, work: dict) -> dict:
-    """The four bounds of one launch (seconds) and their max."""
+def loop_bodies(cubin: bytes) -> list[tuple[int, int, int]]:
+    """(instructions, DMMA, BAR) of each innermost loop body of a cubin's SASS (a backward
+    branch closes a body; innermost: containing no other)."""
+    import os  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from laser_triton.kernels._audit import _OP, _tool  # noqa: PLC0415
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = _tool("nvdisasm", "-c", f.name)
+    finally:
+        os.unlink(f.name)
+    ops, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        lab = re.match(r"^(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab[1])
+            continue
+        m = _OP.match(line + "\n")
+        if m:
+            ops.append((int(m[1], 16), m[2], m[4]))
+            labels.update({name: ops[-1][0] for name in pending})
+            pending = []
+    bodies = []
+    for addr, op, rest in ops:
+        target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" else None
+        if target and target[1] in labels and labels[target[1]] < addr:
+            bodies.append((labels[target[1]], addr))
+    inner = [b for b in bodies if not any(o != b and b[0] <= o[0] and o[1] <= b[1]
+                                          for o in bodies)]
+    return [(sum(lo <= a <= hi for a, _, _ in ops),
+             sum(lo <= a <= hi and op == "DMMA" for a, op, _ in ops),
+             sum(lo <= a <= hi and op == "BAR" for a, op, _ in ops)) for lo, hi in inner]
+
+
+def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int]]) -> float:
+    """Warp instructions of one factor program: the straight code once, the code of the
+    outer loops (the panel loop with its unrolled 16-column diagonal-block factor) once per
+    panel, the tl.dot loops (the bodies with DMMA) for the left-looking trips, the other
+    innermost loops (sums over the chunk partials) once per tile and chunk."""
     once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
-    per_outer = facts.outer_body + work["inner"] * facts.loop_body
-    program = once + work["outer"] * per_outer  # warp instructions of one program (per warp)
+    dots = [n for n, dmma, _ in bodies if dmma]
+    other = sum(n for n, dmma, _ in bodies if not dmma)
+    dot_avg = sum(dots) / len(dots) if dots else 0.0
+    return (once + work["outer"] * facts.outer_body + work["dot_trips"] * dot_avg
+            + work["tile_trips"] * other)
+
+
+def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
+    """The four bounds of one launch (seconds) and their max."""
+    if "dot_trips" in work and bodies is not None:
+        program = _factor_program(facts, work, bodies)
+    else:
+        once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
+        program = once + work["outer"] * (facts.outer_body + work["inner"] * facts.loop_body)
     t_mem = work["bytes"] / BW
     t_mma = work["flops"] / (FP64_MMA * min(work["programs"], SMS) / SMS)
     t_issue = work["programs"] * program * facts.num_warps / ISSUE_RATE
@@ -109,13 +164,18 @@ def predict_orth(facts, work: dict) -> dict:
 def audit_call(store, D: int, r: int, sites: int, label: str, audit, check) -> tuple:
     """(audit rows, model row, failures) of one orthonormalize_batched call of `sites` sites
     of (D, r)."""
+    from laser_triton.kernels._hopper import compile_info  # noqa: PLC0415
+
     rows, total, parts, failures = [], 0.0, [], 0
     steps = orth_steps(store, D, r)
     for kernel, cfg, flags in steps:
         f = audit(kernel, D, r, "fp32", cfg, flags=flags)
         bad = check(f)
         failures += bool(bad)
-        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites))
+        bodies = loop_bodies(compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"]) \
+            if kernel == "orth_factor" else None
+        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites, steps[0][1][
+            "ROWS_PER_CHUNK"]), bodies)
         total += pred["t"]
         parts.append(f"{kernel}({','.join(f'{k}={v}' for k, v in flags.items())}):"
                      f"{pred['t'] * 1e6:.1f}us/{pred['bound']}")
