@@ -3,8 +3,9 @@
 Each factor mode writes L^{-1} = R^{-T} (fp64, lower triangular) for the apply kernel, never
 R itself (R's rows live in a scratch buffer while the factor runs).
 
-`_orth_factor_kernel` sums the per-chunk Gram partials in a fixed order into a per-site
-scratch Gram (PB-row blocks at a time) and then, by MODE:
+`_orth_factor_kernel` reads the site's summed Gram (the Gram and apply kernels sum their
+per-chunk partials in chunk order), writes the Gram to factor into a per-site scratch in
+16 x 16 tiles and then, by MODE:
 - "repair": column scaling, completion of dead and degenerate columns, and the first
   Cholesky factor R1 (docs/design.md §2.6, matching laser_triton.reference.orthonormalize);
 - "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1;
@@ -193,14 +194,9 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
 
 @triton.jit
 def _sum_tile(ptr, s, n_chunk, offs, R_PAD: tl.constexpr):
-    """Entries `offs` (offsets in one R_PAD x R_PAD tile) of the sum of site s's n_chunk
-    partials, added in chunk order (deterministic)."""
-    tile = ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD + offs
-    acc = tl.load(tile)
-    for _ in range(1, n_chunk):
-        tile += R_PAD * R_PAD
-        acc += tl.load(tile)
-    return acc
+    """Entries `offs` (offsets in one R_PAD x R_PAD tile) of site s's summed Gram: the Gram
+    and apply kernels leave the chunk-order sum of the n_chunk partials in chunk 0's slot."""
+    return tl.load(ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD + offs)
 
 
 @triton.jit(noinline=True)
@@ -242,7 +238,7 @@ def _orth_factor_kernel(
     MODE: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
     CB: tl.constexpr,
 ):
-    """For site s: the sum of its Gram partials, then by MODE L^{-1} = R^{-T} of chol(G)
+    """For site s: its summed Gram (chunk 0's slot), then by MODE L^{-1} = R^{-T} of chol(G)
     ("repair": of the scaled, completed Gram; "plain") or ok ("check").
     gs, rs: (R_PAD, R_PAD) fp64 scratch per site (the Gram, R's rows); dg: (R_PAD,) diag(R)."""
     s = tl.program_id(0)
@@ -253,11 +249,7 @@ def _orth_factor_kernel(
     dg = dg_ptr + s.to(tl.int64) * R_PAD
     diag_g = _diag_of_sum(g_ptr, s, n_chunk, R_PAD)
     if MODE == "repair":
-        nonfinite = tl.zeros((R_PAD,), tl.float32)
-        nf = nf_ptr + s.to(tl.int64) * n_chunk * R_PAD + idx
-        for _ in range(n_chunk):
-            nonfinite += tl.load(nf)
-            nf += R_PAD
+        nonfinite = tl.load(nf_ptr + s.to(tl.int64) * n_chunk * R_PAD + idx)  # summed
         # 1. Column scaling: unit columns remove the sigma_j^2 spread of power-iteration
         #    columns. Zero or non-finite columns are dead and take completion directions.
         norms = tl.sqrt(diag_g)
@@ -279,7 +271,8 @@ def _orth_factor_kernel(
                 trace = tl.sum(tl.where(idx < r, tl.where(use, diag_g * inv_n * inv_n, diag_zz),
                                         0.0), axis=0)
                 _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk,
-                            EPS64 * r * trace, r, True, R_PAD, PB, PB)
+                            EPS64 * r * trace, r, True, R_PAD, PB,
+                            32 if R_PAD >= 32 else R_PAD)  # 16 x 32 tiles: half the tile code
                 failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
                 sc = tl.load(scale_ptr + s * R_PAD + idx)  # reloaded: not live across the factor
                 use = sc > 0
@@ -316,6 +309,6 @@ def _orth_factor_kernel(
 
 @triton.jit
 def _diag_of_sum(ptr, s, n_chunk, R_PAD: tl.constexpr):
-    """Diagonal of the sum of site s's partials (R_PAD,), in chunk order."""
+    """Diagonal (R_PAD,) of site s's summed Gram."""
     idx = tl.arange(0, R_PAD)
     return _sum_tile(ptr, s, n_chunk, idx * (R_PAD + 1), R_PAD)

@@ -89,7 +89,7 @@ def _record_laser_calls(hidden: list[int], ranks: list[int], rows: list[int],
     for D in hidden:
         for r in (r for r in ranks if r <= D):
             # Row-major U, as the hooks' bases are (Triton orthonormalize, reset slices). Only
-            # what `ops` sends to the kernels (`supports`: e.g. ranks <= 64 for the
+            # what `ops` sends to the kernels (`supports`: e.g. ranks <= 128 for the
             # orthonormalization; larger ones run in torch).
             U = torch.linalg.qr(torch.randn(D, r))[0].contiguous()
             Y = torch.randn(D, r)

@@ -45,6 +45,22 @@ __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "ort
 APPLY_GRAM_MAX = 64
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def chunk_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters for this device and current stream: the last chunk
+    program of each (site, tile) finds itself by one and resets it to 0, so the buffer is
+    reused by every launch on the stream without a memset (launches on a stream never
+    overlap). Allocated (one zero fill) only when a call needs more than any before."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return counters
+
+
 def launch_plan(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
     """(kernel, config, mode flags) of every launch of one call whose widest site is D and
     largest rank r, in order: what the launcher runs (the static audit compiles these)."""
@@ -69,12 +85,14 @@ def orth_launches(r_max: int, packed: bool) -> int:
 
 @triton.jit
 def _orth_gram_kernel(
-    a_ptr, z_ptr, meta_ptr, g_ptr, za_ptr, nf_ptr, rows_per_chunk,
+    a_ptr, z_ptr, meta_ptr, g_ptr, za_ptr, nf_ptr, count_ptr, rows_per_chunk,
     WITH_Z: tl.constexpr, R_PAD: tl.constexpr, GT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """G_part[s, chunk][ci, cj] = A[chunk, ci]^T A[chunk, cj] (and Z^T A with WITH_Z) in fp64,
     for one row chunk of site s and one (GT, GT) tile (ci, cj) of its (R_PAD, R_PAD) Gram;
-    non-finite entries count per column (nf) and enter the Gram as zeros."""
+    non-finite entries count per column (nf) and enter the Gram as zeros. The last of the
+    site's chunk programs for a tile (an atomic counter) sums the partials in chunk order into
+    chunk 0's slot, the one the factor reads (deterministic: the order never changes)."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     NT: tl.constexpr = R_PAD // GT
@@ -110,11 +128,31 @@ def _orth_gram_kernel(
         tl.store(za_ptr + tile, za)
         if tl.program_id(2) % NT == 0:
             tl.store(nf_ptr + (s * tl.num_programs(1) + chunk).to(tl.int64) * R_PAD + ci, nonfinite)
+    n_chunk = tl.num_programs(1)
+    tl.debug_barrier()  # every thread's partial is written before the counter moves
+    counter = count_ptr + s * tl.num_programs(2) + tl.program_id(2)
+    if tl.atomic_add(counter, 1, sem="acq_rel") == n_chunk - 1:
+        first = s.to(tl.int64) * n_chunk * R_PAD * R_PAD + ci[:, None] * R_PAD + cj[None, :]
+        _sum_into_first(g_ptr, first, n_chunk, R_PAD * R_PAD)
+        if WITH_Z:
+            _sum_into_first(za_ptr, first, n_chunk, R_PAD * R_PAD)
+            if tl.program_id(2) % NT == 0:
+                _sum_into_first(nf_ptr, s.to(tl.int64) * n_chunk * R_PAD + ci, n_chunk, R_PAD)
+        tl.store(counter, 0)  # ready for the next launch on this stream (no memset)
+
+
+@triton.jit
+def _sum_into_first(ptr, first, n_chunk, stride):
+    """ptr[first] = sum over c of ptr[first + c * stride], added in chunk order."""
+    acc = tl.load(ptr + first, volatile=True)
+    for c in range(1, n_chunk):
+        acc += tl.load(ptr + first + c * stride, volatile=True)
+    tl.store(ptr + first, acc)
 
 
 @triton.jit
 def _orth_apply_kernel(
-    src_ptr, z_ptr, meta_ptr, linv_ptr, scale_ptr, dst_ptr, g_ptr, rows_per_chunk,
+    src_ptr, z_ptr, meta_ptr, linv_ptr, scale_ptr, dst_ptr, g_ptr, count_ptr, rows_per_chunk,
     REPAIR: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     WITH_GRAM: tl.constexpr,
 ):
@@ -164,6 +202,13 @@ def _orth_apply_kernel(
     if WITH_GRAM:
         part = (s * tl.num_programs(1) + chunk).to(tl.int64) * R_PAD * R_PAD
         tl.store(g_ptr + part + cols[:, None] * R_PAD + cols[None, :], gram)
+        n_chunk = tl.num_programs(1)
+        tl.debug_barrier()  # as in the Gram kernel: the last chunk sums the partials in order
+        if tl.atomic_add(count_ptr + s, 1, sem="acq_rel") == n_chunk - 1:
+            first = s.to(tl.int64) * n_chunk * R_PAD * R_PAD + cols[:, None] * R_PAD + \
+                cols[None, :]
+            _sum_into_first(g_ptr, first, n_chunk, R_PAD * R_PAD)
+            tl.store(count_ptr + s, 0)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -250,11 +295,13 @@ def orthonormalize_batched(
     ok = new_buffer((S,), torch.bool, device)  # poisoned as True: the check must write it
     Q1 = new_buffer((plan.total,), torch.float32, device)
     Q = new_buffer((plan.total,), torch.float32, device)
+    counts = chunk_counters(device, S * (R_PAD // min(gram_cfg["GRAM_TILE"], R_PAD)) ** 2)
 
     def run_gram(cfg: dict, src: torch.Tensor = A, with_z: bool = True) -> None:
         n_tiles = (R_PAD // cfg["GRAM_TILE"]) ** 2
         _orth_gram_kernel[(S, n_chunk, n_tiles)](
-            src, plan.Z, plan.meta, g_part, za_part, nf_part, rows_per_chunk, WITH_Z=with_z,
+            src, plan.Z, plan.meta, g_part, za_part, nf_part, counts, rows_per_chunk,
+            WITH_Z=with_z,
             R_PAD=R_PAD, GT=cfg["GRAM_TILE"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -266,7 +313,7 @@ def orthonormalize_batched(
     def apply(src: torch.Tensor, dst: torch.Tensor, repair: bool) -> None:
         def run(cfg: dict) -> None:
             _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Linv, scale, dst, g_part,
-                                             rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
+                                             counts, rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
                                              BLOCK_K=min(R_PAD, 32), WITH_GRAM=fused_gram,
                                              **cfg)
         ran, _ = launch("orth_apply", run, app_cfg, lambda c: shrink_config(c, ("BLOCK_D",)))
@@ -310,7 +357,7 @@ def _rows_per_chunk() -> int:
 def _gram_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(a_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", g_ptr="*fp64", za_ptr="*fp64",
-                   nf_ptr="*fp32", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
+                   nf_ptr="*fp32", count_ptr="*i32", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
     return runtime, dict(WITH_Z=True, R_PAD=R_PAD, GT=min(cfg["GRAM_TILE"], R_PAD),
                          BLOCK_D=cfg["BLOCK_D"])
 
@@ -335,7 +382,7 @@ def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
 def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", linv_ptr="*fp64",
-                   scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64",
+                   scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64", count_ptr="*i32",
                    rows_per_chunk=_rows_per_chunk())
     return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32),
                          WITH_GRAM=R_PAD <= APPLY_GRAM_MAX)

@@ -82,14 +82,15 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
         return dict(bytes=byt, flops=flops, programs=sites * n_chunk,
                     outer=_cdiv(rows, cfg["BLOCK_D"]), inner=_cdiv(r, min(R_PAD, 32)))
     if kernel == "orth_factor":
-        byt = sites * n_chunk * R_PAD * R_PAD * 8 * 2 + sites * R_PAD * R_PAD * 8 * 4
+        byt = sites * R_PAD * R_PAD * 8 * 6  # the summed Grams, ZZ, scratch, R, L^{-1}
         if flags.get("MODE") == "check":
             tiles = (R_PAD // PB) * (R_PAD // cfg["CB"])
-            return dict(bytes=byt, flops=0, programs=sites, outer=tiles, inner=n_chunk)
+            return dict(bytes=byt, flops=0, programs=sites, outer=tiles, inner=1)
         n_pan = _cdiv(r, PB)
         return dict(bytes=byt, flops=2 * sites * R_PAD ** 3, programs=sites, outer=n_pan,
                     dot_trips=_left_looking_trips(n_pan) * n_pan,
-                    tile_trips=max(n_chunk - 1, 1) * (R_PAD // PB) * (R_PAD // cfg["CB"]))
+                    tile_trips=(R_PAD // PB) * (R_PAD // (min(32, R_PAD) if flags.get(
+                        "MODE") == "repair" else cfg["CB"])))  # the repair Gram: 16 x 32 tiles
     raise KeyError(kernel)
 
 
@@ -135,7 +136,7 @@ def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int]]) -> fl
     """Warp instructions of one factor program: the straight code once, the code of the
     outer loops (the panel loop with its unrolled 16-column diagonal-block factor) once per
     panel, the tl.dot loops (the bodies with DMMA) for the left-looking trips, the other
-    innermost loops (sums over the chunk partials) once per tile and chunk."""
+    innermost loops (Gram build and check tiles, zero fills) once per 16 x CB tile."""
     once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
     dots = [n for n, dmma, _ in bodies if dmma]
     other = sum(n for n, dmma, _ in bodies if not dmma)
