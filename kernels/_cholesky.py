@@ -149,19 +149,20 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
     failed = 0
     for k0 in range(0, n_act, PB):
         rows = k0 + pb
-        W = tl.load(gs_ptr + rows[:, None] * R_PAD + rows[None, :])
+        W = tl.load(gs_ptr + rows[:, None] * R_PAD + rows[None, :])  # (PB, PB) fp64: G[k, k]
         for i0 in range(0, k0, KC):
             ii = i0 + kc
             rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=ii[:, None] < k0,
                          other=0.0)  # (KC, PB): R[ii, panel columns]
             W = tl.dot(-tl.trans(rc), rc, W, out_dtype=tl.float64)
-        Rkk, T, diag, f = _small_factor(W, PB)
+        Rkk, T, diag, f = _small_factor(W, PB)  # (PB, PB) R[k, k], (PB, PB) its R^{-T}, (PB,)
         failed += f
         tl.store(dg_ptr + rows, diag)
         tl.store(rs_ptr + rows[:, None] * R_PAD + rows[None, :], Rkk)
         for c0 in range(k0 + PB, n_act, CB):  # R's row panel right of the diagonal block
             cc = c0 + cb
             c_ok = cc[None, :] < n_act
+            # Wc: (PB, CB) fp64, G[k, cc] minus the panels above; rr: (KC, CB) R[ii, cc]
             Wc = tl.load(gs_ptr + rows[:, None] * R_PAD + cc[None, :], mask=c_ok, other=0.0)
             for i0 in range(0, k0, KC):
                 ii = i0 + kc
@@ -174,7 +175,8 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
                      tl.dot(T, Wc, out_dtype=tl.float64), mask=c_ok)
         for c0 in range(0, R_PAD, CB):  # L^{-1}'s row panel, all R_PAD columns
             cc = c0 + cb
-            V = tl.where(cc[None, :] == rows[:, None], 1.0, 0.0).to(tl.float64)  # E_k
+            # V: (PB, CB) fp64, E_k[:, cc] minus the panels above; lr: (KC, CB) L^{-1}[ii, cc]
+            V = tl.where(cc[None, :] == rows[:, None], 1.0, 0.0).to(tl.float64)
             # L^{-1}[ii, cc] = 0 unless cc <= ii: rows from c0 on contribute.
             for i0 in range(c0 // KC * KC, k0, KC):
                 ii = i0 + kc
@@ -210,7 +212,7 @@ def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
         for c0 in range(0, R_PAD, CB):
             cols = c0 + tl.arange(0, CB)
             offs = rows[:, None] * R_PAD + cols[None, :]
-            G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)
+            G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)  # (PB, CB) fp64: A^T A [rows, cols]
             if MIX:
                 sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
                 sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
