@@ -38,10 +38,14 @@ __all__ = ["SPEC_FUSED", "SPEC_COEFF", "SPEC_Y"]
 def _emit_rows(rows_ptr, amax, rows, n_ok, N, row_x, c, j):
     """Per-row ||c_j||^2 (row j + 1 of the row scratch) and, for the first rank tile,
     ||x||^2 (row 0); returns the running max |c| (NaN propagates)."""
-    tl.store(rows_ptr + (j + 1) * N + rows, tl.sum(c * c, axis=1), mask=n_ok)  # < 2^31
+    row_c = tl.sum(c * c, axis=1)
+    tl.store(rows_ptr + (j + 1) * N + rows, row_c, mask=n_ok)  # < 2^31
     if j == 0:
         tl.store(rows_ptr + rows, row_x, mask=n_ok)
-    return tl.maximum(amax, nan_max(tl.abs(c), 1), propagate_nan=tl.PropagateNan.ALL)
+    # A row holds a NaN iff its sum of squares is NaN (squares are >= 0 or NaN): one test
+    # per row instead of one per element (tl.max alone drops NaN on GPUs)
+    row_max = tl.where(row_c != row_c, float("nan"), tl.max(tl.abs(c), axis=1))
+    return tl.maximum(amax, row_max, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -132,17 +136,25 @@ def _compress_coeff_kernel(
         c = mma_split(x, u, c, PRECISION, INTERPRET)
         xf = x.to(tl.float32)
         row_x += tl.sum(xf * xf, axis=1)
-    c_offs = rows[:, None] * R + offs_r[None, :]
+    # The epilogue addresses the block's rows from one 64-bit base with 32-bit offsets
+    # (BLOCK_N * R < 2^31): per-element 64-bit addresses of a 256 x 128 tile cost 64
+    # registers per thread at 16 warps and spilled.
+    blk = pid.to(tl.int64) * BLOCK_N * R
+    c_offs = tl.arange(0, BLOCK_N)[:, None] * R + offs_r[None, :]
     c_mask = n_ok[:, None] & r_ok[None, :]
-    tl.store(c_ptr + c_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
-    if WRITE_CS:
-        if CS_SPLIT:
-            c_hi, c_lo = _split_bf16(c)
-            tl.store(cs_ptr + c_offs, c_hi, mask=c_mask)
-            tl.store(cslo_ptr + c_offs, c_lo, mask=c_mask)
-        else:
-            tl.store(cs_ptr + c_offs, c, mask=c_mask)
     amax = _emit_rows(rows_ptr, tl.zeros((BLOCK_N,), tl.float32), rows, n_ok, N, row_x, c, 0)
+    if WRITE_CS and CS_SPLIT:
+        c_hi, c_lo = _split_bf16(c)
+        tl.store(cslo_ptr + blk + c_offs, c_lo, mask=c_mask)
+        tl.store(cs_ptr + blk + c_offs, c_hi, mask=c_mask)
+        if c_ptr.dtype.element_ty == tl.bfloat16:  # C rounded to bf16 (ties to even) is c_hi
+            tl.store(c_ptr + blk + c_offs, c_hi, mask=c_mask)
+        else:
+            tl.store(c_ptr + blk + c_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(c_ptr + blk + c_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
+        if WRITE_CS:
+            tl.store(cs_ptr + blk + c_offs, c, mask=c_mask)
     tl.store(amax_ptr + pid, nan_max(amax, 0))
 
 

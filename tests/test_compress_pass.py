@@ -101,6 +101,31 @@ def test_compress_pass_zero_and_nonfinite_rows():
     assert float(bad.row_err_max) == pytest.approx(float(ref.row_err_max), abs=1e-4)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_compress_pass_nan_rows_poison_c_amax(path, monkeypatch):
+    """A NaN in X makes max |C| NaN (GPU max drops NaN; the kernels test each row's sum of
+    squares instead), whichever row block and rank tile it lands in."""
+    force_path(monkeypatch, path)
+    X, U = inputs(300, 130, 9, BF16, seed=11)
+    X[257, 100] = float("nan")  # past the first 256-row block
+    out = compress_pass(X, U, True, BF16)
+    assert torch.isnan(out.c_amax) and torch.isnan(out.e_C) and torch.isnan(out.e_X)
+
+
+def test_split_path_rounds_bf16_coefficients_to_nearest(monkeypatch):
+    """The split path stores C in bf16 rounded to nearest (its hi half): within half an
+    ulp of the fp64 product where the fp32-class product error is negligible; a truncating
+    cast (the interpreter's) is off by up to one ulp."""
+    force_path(monkeypatch, "split")
+    X, U = inputs(400, 150, 24, BF16, seed=12)
+    C64 = fp64_compress(X, U)[0]
+    C = compress_pass(X, U, True, BF16).C.double()
+    big = C64.abs() > 0.1 * C64.abs().max()  # the fp32 product error is < 0.01 ulp there
+    ulp = torch.ldexp(torch.ones_like(C64), torch.frexp(C64)[1] - 8)  # bf16: 8-bit significand
+    ulps = ((C - C64).abs() / ulp)[big]
+    assert big.sum() > 1000 and float(ulps.max()) <= 0.52
+
+
 def test_compress_pass_bf16x3_precision(use_configs, monkeypatch):
     """The hi+lo bf16 split product (a GPU speed option) keeps fp32-class accuracy."""
     split = {"PRECISION": "bf16x3"}
