@@ -54,6 +54,10 @@ class KernelSpec:
     block_keys: tuple[str, ...] = ()  # fields halved, largest first, when a config does not fit
     launch_fields: tuple[str, ...] = ()  # fields that size the grid only (not kernel arguments)
     tensor_cores: bool = False  # the audit requires HMMA/HGMMA instructions
+    # Overrides of `defaults` that the untimed prune (`autotune --prune-only`) tries first,
+    # per shape, before the defaults and their fallback ladder: configs predicted faster
+    # that do not fit every shape (they ship only where they pass the static audit).
+    preferred: tuple[dict, ...] = ()
     flags: tuple[str, ...] = ()  # mode constexprs a caller may override (each a compiled variant)
     # The store key of a shape (orthonormalize keys on fp32 and the padded rank).
     key: Callable[[Shape], tuple[int, int, str]] = lambda s: (s.D, s.r, s.dtype)

@@ -253,8 +253,12 @@ SPEC_COEFF = declare(KernelSpec(
     # 128-row blocks: each U tile split in registers serves twice the rows (issue slots)
     defaults={"BLOCK_N": 128, "BLOCK_D": 64, "PRECISION": _TC, "num_warps": 8,
               "num_stages": 3},
+    # 256-row blocks, 16 warps: the fp32 basis tile is read from L2 once per 256 rows, not
+    # 128 (the binding bound at r >= 64: 2x X's bytes at r = 128). Shipped per shape where
+    # they pass the audit (bf16 and fp16 X; an fp32 X's register split spills at r = 128).
+    preferred=({"BLOCK_N": 256, "num_warps": 16},),
     interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
-    tuning={"BLOCK_N": (32, 64, 128), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8),
+    tuning={"BLOCK_N": (32, 64, 128, 256), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8, 16),
             "num_stages": (2, 3, 4)},
     grid=lambda s, cfg, sms: (triton.cdiv(s.N, cfg["BLOCK_N"]),),
     block_keys=("BLOCK_N", "BLOCK_D"), tensor_cores=True, flags=("WRITE_CS", "CS_SPLIT")))

@@ -4,8 +4,8 @@ shared memory within budget, and compile time <= 10 s.
 
 Compiled on the CPU at the launch specialization (`kernels._hopper`), read with the ptxas
 tools that ship with Triton. Default tier: a representative set (the TRM's main width with
-the fused design, the widest split shape, the narrow mlp_t width); the whole TRM grid, both
-activation dtypes, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
+the fused design, also with fp16 activations, the widest split shape, the narrow mlp_t
+width); the whole TRM grid, all three activation dtypes, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
 a rerun on the same machine costs seconds.
 """
 
@@ -26,7 +26,7 @@ from laser_triton.kernels.configs import ConfigStore  # noqa: E402
 
 CP = importlib.import_module("laser_triton.kernels.compress_pass")
 TRM_SHAPES = [(D, r) for D in (97, 512, 1536, 3072) for r in (8, 16, 32, 64, 128) if r <= D]
-QUICK = [(512, 32, "bf16"), (3072, 128, "bf16"), (97, 64, "bf16")]
+QUICK = [(512, 32, "bf16"), (3072, 128, "bf16"), (97, 64, "bf16"), (512, 32, "fp16")]
 
 
 def _h200_store() -> ConfigStore:
@@ -57,7 +57,7 @@ def test_launched_kernels_pass_the_static_audit(D, r, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("D,r", TRM_SHAPES, ids=[f"{d}x{r}" for d, r in TRM_SHAPES])
 def test_every_trm_shape_passes_the_static_audit(D, r, dtype):
     assert _gate(D, r, dtype) == []

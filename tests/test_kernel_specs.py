@@ -58,6 +58,16 @@ def test_prune_only_ladder_is_the_launchers_fallback():
     assert len(ladder) == len({tuple(sorted(c.items())) for c in ladder})
 
 
+def test_prune_ladder_tries_preferred_configs_before_the_defaults():
+    """compress_coeff's 256-row, 16-warp blocks ship only where they pass the audit; the
+    defaults and their fallback follow for the shapes where they do not."""
+    spec = SPECS["compress_coeff"]
+    ladder = autotune.ladder("compress_coeff")
+    assert ladder[0] == {**spec.defaults, "BLOCK_N": 256, "num_warps": 16}
+    assert ladder[1] == spec.defaults and ladder[2]["num_stages"] == spec.defaults["num_stages"] - 1
+    assert autotune.ladder("compress_y")[0] == SPECS["compress_y"].defaults
+
+
 def test_launch_specialization_matches_tritons_rule():
     """Integers divisible by 16 get divisibility 16, 1 becomes a constant (Triton's JIT)."""
     _, args, _ = _hopper.specialize("compress_coeff", Shape(N=87_000, D=512, r=32, dtype="bf16"),

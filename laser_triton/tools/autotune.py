@@ -77,15 +77,16 @@ def candidates(kernel: str, allow_split: bool = True) -> list[dict]:
 
 
 def ladder(kernel: str) -> list[dict]:
-    """The defaults, then what the launcher falls back to on an out-of-resource error
-    (`shrink_config`: fewer stages, then the largest block halved), smallest last."""
+    """The spec's preferred configs (faster where they fit), the defaults, then what the
+    launcher falls back to on an out-of-resource error (`shrink_config`: fewer stages, then
+    the largest block halved), smallest last."""
     from laser_triton.kernels._common import shrink_config  # noqa: PLC0415
 
     spec = _spec(kernel)
     out = [dict(spec.defaults)]
     while (smaller := shrink_config(out[-1], spec.block_keys)) is not None:
         out.append(smaller)
-    return out
+    return [{**spec.defaults, **p} for p in spec.preferred] + out
 
 
 def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
@@ -284,8 +285,9 @@ def cli_main(argv: list[str] | None = None) -> int:
                torch_version=torch.__version__, timed=not args.prune_only,
                updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                note=("safe defaults proven to fit, never timed: per shape, the first config of "
-                     "the launcher's fallback ladder (built-in defaults, then fewer stages and "
-                     f"halved blocks) that passes the static sm_{arch} audit at N=87000 (no "
+                     "the ladder (the spec's preferred configs, then the built-in defaults, "
+                     "fewer stages and halved blocks: the launcher's fallback) that passes "
+                     f"the static sm_{arch} audit at N=87000 (no "
                      f"spills, registers and {limit} bytes of shared memory, tensor cores)"
                      if args.prune_only else
                      f"fastest of the fitting candidates by do_bench at N={args.rows}"))
