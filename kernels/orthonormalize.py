@@ -45,6 +45,10 @@ __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "ort
 APPLY_GRAM_MAX = 64
 
 
+# Mode flags each kernel runs with in some call (launch_plan); the autotune prune compiles all.
+MODE_VARIANTS = {"orth_gram": ({"WITH_Z": True}, {"WITH_Z": False}),
+                 "orth_factor": ({"MODE": "repair"}, {"MODE": "plain"}, {"MODE": "check"}),
+                 "orth_apply": ({"REPAIR": True}, {"REPAIR": False})}
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 

@@ -230,3 +230,13 @@ def test_sweep_timing_plumbing(kernel, monkeypatch):
     cfg, ms = autotune._time_kernel(store, kernel, 64, 8, "fp32", 100, [(base, 0), (other, 0)],
                                     {}, device)
     assert cfg == other and ms == 0.5 and len(ticks) == 2
+
+
+def test_prune_compiles_every_mode_a_launcher_runs():
+    """orth_apply at r = 16 with BLOCK_D = 32 fits in its default mode (REPAIR=True) but
+    spills in the REPAIR=False variant every call also launches: the prune must reject it
+    (it audited the default mode only and shipped that config), and keep BLOCK_D = 16."""
+    base = {**DEFAULTS["orth_apply"], "num_warps": 4, "num_stages": 1}
+    assert autotune.prune("orth_apply", 512, 16, "fp32", [{**base, "BLOCK_D": 32}]) == []
+    fit = autotune.prune("orth_apply", 512, 16, "fp32", [{**base, "BLOCK_D": 16}])
+    assert len(fit) == 1 and fit[0][0]["BLOCK_D"] == 16

@@ -115,12 +115,29 @@ def _audit_or_error(args) -> tuple[int | None, str]:
     kernel, D, r, dtype, cfg, arch = args
     from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
 
-    try:
-        facts = audit(kernel, D, r, dtype, cfg)
-    except Exception as exc:  # a candidate that does not compile is pruned like one too big
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    bad = check(facts)
-    return (None, "; ".join(bad)) if bad else (facts.shared, "")
+    shared = 0
+    for flags in _mode_variants(kernel):  # every variant a launcher runs must fit
+        try:
+            facts = audit(kernel, D, r, dtype, cfg, flags=flags or None)
+        except Exception as exc:  # a candidate that does not compile is pruned like one too big
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        bad = check(facts)
+        if bad:
+            return None, "; ".join(bad)
+        shared = max(shared, facts.shared)
+    return shared, ""
+
+
+def _mode_variants(kernel: str) -> list[dict]:
+    """The mode-flag variants the launchers compile of `kernel` ([{}]: the spec's signature
+    alone). The orthonormalization kernels run in several modes per call (a mode can spill
+    where the default does not: orth_apply REPAIR=False at r = 16, BLOCK_D = 32)."""
+    if kernel.startswith("orth"):
+        import importlib  # noqa: PLC0415
+
+        return list(importlib.import_module(
+            "laser_triton.kernels.orthonormalize").MODE_VARIANTS[kernel])
+    return [{}]
 
 
 def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int = 90,
