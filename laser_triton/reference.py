@@ -104,13 +104,14 @@ def _chol_factor(A: torch.Tensor, real: torch.Tensor | None = None
     G = A.transpose(-2, -1) @ A
     r = G.shape[-1]
     trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # The shift goes onto G's diagonal in place: no second (B, r, r) copy.
     if real is None:
-        shift = torch.finfo(torch.float64).eps * r * trace
-        return _cholesky_upper(G + shift[..., None, None] * torch.eye(r, dtype=G.dtype,
-                                                                         device=G.device))
+        G.diagonal(dim1=-2, dim2=-1).add_((torch.finfo(torch.float64).eps * r * trace)[:, None])
+        return _cholesky_upper(G)
     shift = torch.finfo(torch.float64).eps * real.sum(-1) * trace
     diag = torch.where(real, shift[:, None], torch.ones((), dtype=G.dtype, device=G.device))
-    return _cholesky_upper(G + torch.diag_embed(diag))
+    G.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return _cholesky_upper(G)
 
 
 def _cholesky_upper(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +189,7 @@ def _orthonormalize_padded(Ys: list[torch.Tensor], ranks: list[int]
 
     def spread(M: torch.Tensor) -> torch.Tensor:
         P = M.index_select(1, cols_t).view(D, len(ranks), R).permute(1, 0, 2)
-        return torch.where(real_t[:, None, :], P, torch.zeros((), dtype=P.dtype, device=device))
+        return P.masked_fill_(~real_t[:, None, :], 0.0)  # in place: no second padded copy
 
     # Passed without holding them here: the callee frees A and Z before its factor passes.
     return _orthonormalize_stacked(
@@ -201,34 +202,43 @@ def _orthonormalize_stacked(Y: torch.Tensor, Z: torch.Tensor | None = None,
     """CholeskyQR2 of a (B, D, r) batch; `Z` the completion directions (default: this shape's),
     `real` the (B, r) mask of rank-padded inputs (padded columns are zero in Y and Z)."""
     B, D, r = Y.shape
+    device = Y.device
+    # Workspace (peak memory, issue 15): one fp64 copy of the batch is repaired in place, and
+    # each factor pass frees its input, so at most two fp64 (B, D, r) copies are alive at once.
     A = Y.double()
-    finite_col = torch.isfinite(A).all(dim=1)  # (B, r)
-    A = torch.where(finite_col[:, None, :], A, torch.zeros((), dtype=A.dtype, device=A.device))
-    norms = A.norm(dim=1)  # (B, r)
+    del Y  # the caller's stack/spread is not held here either
+    # Columns with a NaN/inf have a non-finite sum (|values| < 3.4e38 * D cannot overflow
+    # fp64): no (B, D, r) bool mask.
+    finite_col = torch.isfinite(A.sum(dim=1))  # (B, r)
+    A.masked_fill_(~finite_col[:, None, :], 0.0)
+    norms = torch.linalg.vector_norm(A, dim=1)  # (B, r)
     tiny = torch.finfo(torch.float32).tiny
     live = finite_col & (norms > tiny)
-    A = A / torch.where(live, norms, torch.ones_like(norms))[:, None, :]
-    Z = completion_matrix(D, r, Y.device).expand(B, D, r) if Z is None else Z
-    A = torch.where(live[:, None, :], A, Z)  # padded columns: Z is zero there too
+    A.div_(torch.where(live, norms, torch.ones_like(norms))[:, None, :])
+    Z = completion_matrix(D, r, device).expand(B, D, r) if Z is None else Z
+    torch.where(live[:, None, :], A, Z, out=A)  # padded columns: Z is zero there too
 
     # Pass 0: detect numerically dependent columns from the Cholesky diagonal.
     R0, _ = _chol_factor(A, real)
     new_dir = R0.diagonal(dim1=-2, dim2=-1).abs()  # relative, since columns have unit norm
     degenerate = ~(new_dir > DEGENERATE_REL)  # NaN-safe
-    A = torch.where(degenerate[:, None, :], Z, A)
+    torch.where(degenerate[:, None, :], Z, A, out=A)
     del Z, R0  # before the factor passes: a padded batch's Z is as large as A
 
     # CholeskyQR2 on the repaired matrix.
     R1, info1 = _chol_factor(A, real)
     Q1 = _apply_rinv(A, R1)
+    del A, R1
     R2, info2 = _chol_factor(Q1, real)
     Q = _apply_rinv(Q1, R2)
+    del Q1, R2
 
-    eye = torch.eye(r, dtype=torch.float64, device=Y.device)
+    eye = torch.eye(r, dtype=torch.float64, device=device)
     if real is not None:
         eye = torch.diag_embed(real.double())  # padded columns stay zero
     orth_err = (Q.transpose(-2, -1) @ Q - eye).abs().amax(dim=(-2, -1))
-    ok = (info1 == 0) & (info2 == 0) & (orth_err <= ORTH_TOL) & torch.isfinite(Q).all(dim=(-2, -1))
+    # A non-finite entry makes the sum non-finite (no (B, D, r) mask); orth_err fails too.
+    ok = (info1 == 0) & (info2 == 0) & (orth_err <= ORTH_TOL) & torch.isfinite(Q.sum(dim=(-2, -1)))
     return Q.float(), ok
 
 
