@@ -47,18 +47,54 @@ def compress_pass(
     so callers can detect coefficients that overflow a narrow coeff_dtype.
     """
     coeff_dtype = X.dtype if coeff_dtype is None else coeff_dtype
-    Xf = X.float()
+    N, D = X.shape
+    r = U.shape[1]
+    # Rows are widened to fp32 a block at a time (peak memory, issue 15): an fp32 copy of a
+    # whole bf16 X is twice X, and it set the step's peak in resets on `paper_sudoku`. One
+    # block when X is fp32 (X.float() is X) or small.
+    step = N if X.dtype == torch.float32 else max(1, _WIDEN_ELEMS // max(D, 1))
+    if step >= N:
+        return _compress_block_out(X.float(), U, need_y, coeff_dtype)
+    C = torch.empty(N, r, dtype=coeff_dtype, device=X.device)
+    row_x = torch.empty(N, dtype=torch.float32, device=X.device)
+    row_c = torch.empty(N, dtype=torch.float32, device=X.device)
+    c_amax = torch.zeros((), device=X.device)
+    Y = torch.zeros(D, r, dtype=torch.float32, device=X.device) if need_y else None
+    for i in range(0, N, step):
+        Xf = X[i:i + step].float()
+        C32 = _mm_fp32(Xf, U)
+        row_x[i:i + step] = Xf.square().sum(dim=1)
+        row_c[i:i + step] = C32.square().sum(dim=1)
+        c_amax = torch.maximum(c_amax, C32.abs().amax())
+        if Y is not None:
+            Y += _mm_fp32(Xf.t(), C32)
+        C[i:i + step] = C32
+    return _compress_stats(C, row_x, row_c, c_amax, Y)
+
+
+# Rows of a bf16/fp16 X widened to fp32 at a time by compress_pass (2 MiB of fp32; with its squares 4 MiB).
+_WIDEN_ELEMS = 1 << 19
+
+
+def _compress_block_out(Xf: torch.Tensor, U: torch.Tensor, need_y: bool,
+                        coeff_dtype: torch.dtype) -> CompressOut:
+    """compress_pass of an fp32 X in one block."""
     C32 = _mm_fp32(Xf, U)
     row_x = Xf.square().sum(dim=1)
     row_c = C32.square().sum(dim=1)
+    c_amax = C32.abs().amax() if C32.numel() else torch.zeros((), device=Xf.device)
+    Y = _mm_fp32(Xf.t(), C32) if need_y else None
+    return _compress_stats(C32.to(coeff_dtype), row_x, row_c, c_amax, Y)
+
+
+def _compress_stats(C: torch.Tensor, row_x: torch.Tensor, row_c: torch.Tensor,
+                    c_amax: torch.Tensor, Y: torch.Tensor | None) -> CompressOut:
     e_X = row_x.sum()
     e_C = row_c.sum()
     rel = torch.where(row_x > 0, (1.0 - row_c / row_x).clamp_min(0.0), torch.zeros_like(row_x))
     row_err_max = rel.max().sqrt()
-    c_amax = C32.abs().amax() if C32.numel() else torch.zeros((), device=X.device)
-    Y = _mm_fp32(Xf.t(), C32) if need_y else None
     stats = torch.stack([e_X, e_C, row_err_max, c_amax])  # one buffer, as the kernels return
-    return CompressOut(C32.to(coeff_dtype), stats[0], stats[1], Y, stats[2], stats[3], stats)
+    return CompressOut(C, stats[0], stats[1], Y, stats[2], stats[3], stats)
 
 
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

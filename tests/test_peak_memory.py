@@ -38,3 +38,28 @@ def test_torch_orthonormalization_holds_at_most_three_fp64_copies_of_the_batch(r
         live_cols = Yd.norm(dim=0) > 0
         resid = Yd[:, live_cols] - Q.double() @ (Q.double().T @ Yd[:, live_cols])
         assert rel_err(resid + Yd[:, live_cols], Yd[:, live_cols]) <= 1e-6
+
+
+def test_torch_compress_pass_of_bf16_never_widens_the_whole_input():
+    """The torch compress pass widened a whole bf16 X to fp32 (and squared that copy): a
+    transient of 4x X's bytes, which set the step's peak in resets on `paper_sudoku`. Rows are
+    now widened a block at a time, so the pass's peak stays below one fp32 copy of X; the
+    results still match an fp64 computation."""
+    g = torch.Generator().manual_seed(12)
+    N, D, r = 3001, 700, 37
+    X = torch.randn(N, D, generator=g).to(torch.bfloat16)
+    U, _ = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))
+    U = U.float()
+    with LiveBytes() as live:
+        out = reference.compress_pass(X, U, True, torch.bfloat16)
+    assert live.peak < N * D * 4, live.peak / (N * D * 4)
+    Xd, Ud = X.double(), U.double()
+    Cd = Xd @ Ud
+    assert out.C.dtype == torch.bfloat16 and out.C.shape == (N, r)
+    assert rel_err(out.C, Cd) <= 8e-3  # bf16 rounding of C
+    assert rel_err(out.e_X, Xd.square().sum()) <= 1e-5
+    assert rel_err(out.e_C, Cd.square().sum()) <= 1e-5
+    assert rel_err(out.Y, Xd.T @ Cd) <= 1e-5
+    assert rel_err(out.c_amax, Cd.abs().max()) <= 1e-5
+    rel = (1 - Cd.square().sum(1) / Xd.square().sum(1)).clamp_min(0).max().sqrt()
+    assert rel_err(out.row_err_max, rel) <= 1e-4
