@@ -100,7 +100,16 @@ def _compress_stats(C: torch.Tensor, row_x: torch.Tensor, row_c: torch.Tensor,
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """X_hat = C U^T, computed in fp32 and cast to `dtype` (default C's dtype)."""
     dtype = C.dtype if dtype is None else dtype
-    return _mm_fp32(C.float(), U.t()).to(dtype)
+    N, D = C.shape[0], U.shape[0]
+    step = max(1, _WIDEN_ELEMS // max(D, 1))
+    if dtype == torch.float32 or step >= N:
+        return _mm_fp32(C.float(), U.t()).to(dtype)
+    # A narrow output is filled a block of rows at a time (peak memory, issue 15): the fp32
+    # product of the whole region was twice the rebuild, alive next to it in backward.
+    out = torch.empty(N, D, dtype=dtype, device=C.device)
+    for i in range(0, N, step):
+        out[i:i + step] = _mm_fp32(C[i:i + step].float(), U.t())
+    return out
 
 
 # fp32 matmul at full fp32 accuracy whatever the caller's TF32 settings (old or new API).

@@ -63,3 +63,22 @@ def test_torch_compress_pass_of_bf16_never_widens_the_whole_input():
     assert rel_err(out.c_amax, Cd.abs().max()) <= 1e-5
     rel = (1 - Cd.square().sum(1) / Xd.square().sum(1)).clamp_min(0).max().sqrt()
     assert rel_err(out.row_err_max, rel) <= 1e-4
+
+
+def test_torch_reconstruct_to_bf16_never_builds_the_whole_fp32_product():
+    """Backward's rebuild C U^T into bf16 built the whole fp32 product first (twice the rebuild,
+    plus C widened): 3x the output's bytes. Rows are now filled a block at a time, so the
+    peak stays below twice the output; the values match fp64 to bf16 rounding."""
+    g = torch.Generator().manual_seed(13)
+    N, D, r = 3001, 700, 37
+    C = torch.randn(N, r, generator=g).to(torch.bfloat16)
+    U, _ = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))
+    U = U.float()
+    with LiveBytes() as live:
+        X = reference.reconstruct(C, U, torch.bfloat16)
+    out_bytes = N * D * 2
+    assert live.peak < 2 * out_bytes, live.peak / out_bytes
+    assert X.dtype == torch.bfloat16 and X.shape == (N, D)
+    ref = C.double() @ U.double().T
+    assert rel_err(X, ref) <= 4e-3
+    assert torch.equal(X[:5], (C[:5].float() @ U.T).to(torch.bfloat16))  # rows as one block
