@@ -82,3 +82,24 @@ def test_torch_reconstruct_to_bf16_never_builds_the_whole_fp32_product():
     ref = C.double() @ U.double().T
     assert rel_err(X, ref) <= 4e-3
     assert torch.equal(X[:5], (C[:5].float() @ U.T).to(torch.bfloat16))  # rows as one block
+
+
+def test_peak_trace_books_each_storage_to_its_allocator():
+    """perf.peak_breakdown's tracer: its peak is LiveBytes' peak, and the bytes live at the peak
+    are booked to the LASER function that allocated them (here the compress pass's C and Y)."""
+    pytest.importorskip("pandas")
+    from perf.peak_breakdown import PeakTrace
+
+    g = torch.Generator().manual_seed(14)
+    X = torch.randn(300, 64, generator=g)
+    U, _ = torch.linalg.qr(torch.randn(64, 8, generator=g))
+    with PeakTrace(None) as trace:
+        out = reference.compress_pass(X, U, True, torch.float32)
+    with LiveBytes() as live:
+        out2 = reference.compress_pass(X, U, True, torch.float32)
+    assert trace.peak == live.peak > 0
+    by = trace.at_peak["by"]
+    assert trace.at_peak["phase"] == "forward" and sum(by.values()) == trace.peak
+    booked = sum(n for who, n in by.items() if who.startswith("reference._compress_block_out"))
+    assert booked >= out.C.untyped_storage().nbytes() + out.Y.untyped_storage().nbytes()
+    assert out2.C.shape == out.C.shape
