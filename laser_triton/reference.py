@@ -50,7 +50,8 @@ def compress_pass(
     N, D = X.shape
     r = U.shape[1]
     # Rows are widened to fp32 a block at a time (peak memory, issue 15): an fp32 copy of a
-    # whole bf16 X is twice X, and it set the step's peak in resets on `paper_sudoku`. One
+    # whole bf16 X (and its squares) is 4x X: it set `paper_sudoku`'s step peak in a reset once
+    # the orthonormalization's workspace had shrunk (perf/peak_breakdown.py, 441 MiB). One
     # block when X is fp32 (X.float() is X) or small.
     step = N if X.dtype == torch.float32 else max(1, _WIDEN_ELEMS // max(D, 1))
     if step >= N:
