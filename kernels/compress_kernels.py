@@ -255,8 +255,10 @@ SPEC_COEFF = declare(KernelSpec(
               "num_stages": 3},
     # 256-row blocks, 16 warps: the fp32 basis tile is read from L2 once per 256 rows, not
     # 128 (the binding bound at r >= 64: 2x X's bytes at r = 128). Shipped per shape where
-    # they pass the audit (bf16 and fp16 X; an fp32 X's register split spills at r = 128).
-    preferred=({"BLOCK_N": 256, "num_warps": 16},),
+    # they pass the audit; an fp32 or fp16 X split into halves in registers spills at
+    # r = 128 with 64-wide D chunks and 3 stages, not with 32-wide chunks and 2.
+    preferred=({"BLOCK_N": 256, "num_warps": 16},
+               {"BLOCK_N": 256, "BLOCK_D": 32, "num_warps": 16, "num_stages": 2}),
     interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
     tuning={"BLOCK_N": (32, 64, 128, 256), "BLOCK_D": (32, 64, 128), "num_warps": (4, 8, 16),
             "num_stages": (2, 3, 4)},

@@ -64,7 +64,9 @@ def test_prune_ladder_tries_preferred_configs_before_the_defaults():
     spec = SPECS["compress_coeff"]
     ladder = autotune.ladder("compress_coeff")
     assert ladder[0] == {**spec.defaults, "BLOCK_N": 256, "num_warps": 16}
-    assert ladder[1] == spec.defaults and ladder[2]["num_stages"] == spec.defaults["num_stages"] - 1
+    assert ladder[1] == {**spec.defaults, "BLOCK_N": 256, "BLOCK_D": 32, "num_warps": 16,
+                         "num_stages": 2}
+    assert ladder[2] == spec.defaults and ladder[3]["num_stages"] == spec.defaults["num_stages"] - 1
     assert autotune.ladder("compress_y")[0] == SPECS["compress_y"].defaults
 
 
