@@ -105,19 +105,22 @@ def wgmma_efficiency(hgmmas: list[tuple[str, str]]) -> float:
     return round(sum(m for m, _ in clocks) / total, 3) if total else 1.0
 
 
-def sass_facts(cubin: bytes) -> dict:
-    """Resource usage and instruction counts of a cubin."""
+def disassemble(cubin: bytes) -> tuple[str, str]:
+    """(`cuobjdump -res-usage` text, `nvdisasm -c` SASS) of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        res = _RES.search(_tool("cuobjdump", "-res-usage", path))
-        sass = _tool("nvdisasm", "-c", path)
+        return _tool("cuobjdump", "-res-usage", path), _tool("nvdisasm", "-c", path)
     finally:
         os.unlink(path)
-    ops4 = [(int(m[1], 16), m[2], m[3], m[4]) for m in _OP.finditer(sass)]
-    ops = [(a, op, rest) for a, op, _, rest in ops4]
-    count = Counter(op for _, op, _ in ops)
+
+
+def loop_structure(sass: str) -> tuple[list, list, list]:
+    """(ops, bodies, inner) of a SASS listing: ops are (address, opcode, suffix, operands);
+    a branch to an earlier address closes a loop body [target, branch]; the innermost bodies
+    contain no other (the self-loop at the end is the exit trap)."""
+    ops = [(int(m[1], 16), m[2], m[3], m[4]) for m in _OP.finditer(sass)]
     # Labels (".L_x_3:") name the address of the next instruction.
     labels, pending = {}, []
     for line in sass.splitlines():
@@ -129,15 +132,23 @@ def sass_facts(cubin: bytes) -> dict:
         if m and pending:
             labels.update({name: int(m[1], 16) for name in pending})
             pending = []
-    # Loops: a branch to an earlier address closes a body [target, branch]; innermost bodies
-    # are those that contain no other body (the self-loop at the end is the exit trap).
     bodies = []
-    for addr, op, rest in ops:
+    for addr, op, _, rest in ops:
         target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" else None
         if target and target[1] in labels and labels[target[1]] < addr:
             bodies.append((labels[target[1]], addr))
     inner = [b for b in bodies if not any(o != b and b[0] <= o[0] and o[1] <= b[1]
                                           for o in bodies)]
+    return ops, bodies, inner
+
+
+def sass_facts(cubin: bytes) -> dict:
+    """Resource usage and instruction counts of a cubin."""
+    res_usage, sass = disassemble(cubin)
+    res = _RES.search(res_usage)
+    ops4, bodies, inner = loop_structure(sass)
+    ops = [(a, op, rest) for a, op, _, rest in ops4]
+    count = Counter(op for _, op, _ in ops)
     in_loop = [(a, op) for a, op, _ in ops if any(lo <= a <= hi for lo, hi in inner)]
     outer = [b for b in bodies if b not in inner and any(b[0] <= i[0] and i[1] <= b[1]
                                                            for i in inner)]

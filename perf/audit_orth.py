@@ -97,39 +97,12 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
 def loop_bodies(cubin: bytes) -> list[tuple[int, int, int]]:
     """(instructions, DMMA, BAR) of each innermost loop body of a cubin's SASS (a backward
     branch closes a body; innermost: containing no other)."""
-    import os  # noqa: PLC0415
-    import re  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    from laser_triton.kernels._audit import disassemble, loop_structure  # noqa: PLC0415
 
-    from laser_triton.kernels._audit import _OP, _tool  # noqa: PLC0415
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = _tool("nvdisasm", "-c", f.name)
-    finally:
-        os.unlink(f.name)
-    ops, labels, pending = [], {}, []
-    for line in sass.splitlines():
-        lab = re.match(r"^(\.L_x_\d+):", line)
-        if lab:
-            pending.append(lab[1])
-            continue
-        m = _OP.match(line + "\n")
-        if m:
-            ops.append((int(m[1], 16), m[2], m[4]))
-            labels.update({name: ops[-1][0] for name in pending})
-            pending = []
-    bodies = []
-    for addr, op, rest in ops:
-        target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" else None
-        if target and target[1] in labels and labels[target[1]] < addr:
-            bodies.append((labels[target[1]], addr))
-    inner = [b for b in bodies if not any(o != b and b[0] <= o[0] and o[1] <= b[1]
-                                          for o in bodies)]
-    return [(sum(lo <= a <= hi for a, _, _ in ops),
-             sum(lo <= a <= hi and op == "DMMA" for a, op, _ in ops),
-             sum(lo <= a <= hi and op == "BAR" for a, op, _ in ops)) for lo, hi in inner]
+    ops, _, inner = loop_structure(disassemble(cubin)[1])
+    return [(sum(lo <= a <= hi for a, _, _, _ in ops),
+             sum(lo <= a <= hi and op == "DMMA" for a, op, _, _ in ops),
+             sum(lo <= a <= hi and op == "BAR" for a, op, _, _ in ops)) for lo, hi in inner]
 
 
 def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int]]) -> float:
