@@ -180,13 +180,15 @@ def config_label(cfg: dict, flags: dict | None = None) -> str:
 
 
 def audit(kernel: str, D: int, r: int, dtype: str, cfg: dict, N: int | None = None,
-          flags: dict | None = None) -> Facts:
-    """Compile `cfg` (over the spec's defaults) at this shape for sm_90 and read its binary."""
+          flags: dict | None = None, coeff: str = "bf16") -> Facts:
+    """Compile `cfg` (over the spec's defaults) at this shape for sm_90, C stored as `coeff`
+    (a non-bf16 C is part of the config label: it is a different binary), and read it."""
     cfg = {**SPECS[kernel].defaults, **cfg}
     kw = {} if N is None else {"N": N}
-    info = compile_info(kernel, D, r, dtype, cfg, flags=flags, **kw)
+    info = compile_info(kernel, D, r, dtype, cfg, flags=flags, coeff=coeff, **kw)
     sf = sass_facts(info["cubin"])
-    return Facts(kernel=kernel, config=config_label(cfg, flags), shared=info["shared"],
+    label = config_label(cfg, flags) + ("" if coeff == "bf16" else f";C={coeff}")
+    return Facts(kernel=kernel, config=label, shared=info["shared"],
                  num_warps=info["num_warps"], compile_s=round(info["compile_s"], 2),
                  compile_wall_s=round(info["compile_wall_s"], 2), **sf)
 

@@ -130,8 +130,9 @@ def _cached_summary(key: tuple, arch: int) -> dict:
 
 
 def compile_info(kernel: str, D: int, r: int, dtype: str, cfg: dict, arch: int = 90,
-                 N: int = TRM_N, flags: dict | None = None) -> dict:
-    """Compile `cfg` for `arch` at the launch specialization of shape (N, D, r, dtype).
+                 N: int = TRM_N, flags: dict | None = None, coeff: str = "bf16") -> dict:
+    """Compile `cfg` for `arch` at the launch specialization of shape (N, D, r, dtype), C
+    stored as `coeff` ("bf16", "fp16" or "fp32": LaserConfig.coeff_dtype).
 
     Returns {shared, ptx, cubin, cubin_bytes, num_warps, compile_s (CPU seconds of compiler
     and ptxas), compile_wall_s, name}; cached on the
@@ -139,7 +140,7 @@ def compile_info(kernel: str, D: int, r: int, dtype: str, cfg: dict, arch: int =
     TRITON_INTERPRET=1 too (the compile then runs in a spawned process).
     """
     cfg = {**SPECS[kernel].defaults, **cfg}
-    key = specialize(kernel, Shape(N, D, r, dtype), cfg, flags)
+    key = specialize(kernel, Shape(N, D, r, dtype, coeff), cfg, flags)
     return _cached_summary(key, arch)
 
 

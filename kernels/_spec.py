@@ -31,12 +31,15 @@ SIGNATURE_SMS = 132
 
 @dataclass(frozen=True)
 class Shape:
-    """One launch's problem size: N rows of width D, rank r, activation dtype name."""
+    """One launch's problem size: N rows of width D, rank r, activation and C dtype names."""
 
     N: int
     D: int
     r: int
     dtype: str  # "bf16", "fp16" or "fp32"
+    # Dtype name of the stored coefficients C (LaserConfig.coeff_dtype): compress kernels
+    # store C through a pointer of this type, so it selects a different binary.
+    coeff: str = "bf16"
 
 
 Signature = Callable[[Shape, dict], tuple[dict[str, Any], dict[str, Any]]]

@@ -208,7 +208,7 @@ def _x_args(shape: Shape, cfg: dict) -> dict:
 
 
 def _fused_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
-    runtime = dict(_x_args(shape, cfg), c_ptr="*bf16", ypart_ptr="*fp32", rows_ptr="*fp32",
+    runtime = dict(_x_args(shape, cfg), c_ptr=f"*{shape.coeff}", ypart_ptr="*fp32", rows_ptr="*fp32",
                    amax_ptr="*fp32")
     return runtime, dict(NEED_Y=True, ATOMIC=False, BLOCK_N=cfg["BLOCK_N"],
                          BLOCK_K=cfg["BLOCK_K"], D_PAD=pow2(shape.D),
@@ -218,7 +218,7 @@ def _fused_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
 
 def _coeff_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     split = cfg["PRECISION"] != "ieee"
-    runtime = dict(_x_args(shape, cfg), c_ptr="*bf16", cs_ptr="*bf16" if split else "*fp32",
+    runtime = dict(_x_args(shape, cfg), c_ptr=f"*{shape.coeff}", cs_ptr="*bf16" if split else "*fp32",
                    cslo_ptr="*bf16" if split else "*fp32", rows_ptr="*fp32", amax_ptr="*fp32")
     return runtime, dict(WRITE_CS=True, CS_SPLIT=split, BLOCK_N=cfg["BLOCK_N"],
                          BLOCK_D=cfg["BLOCK_D"], R_PAD=pow2(shape.r), PRECISION=cfg["PRECISION"],

@@ -31,7 +31,14 @@ from .compress_kernels import (
     _compress_fused_kernel,
     _compress_y_kernel,
 )
-from .compress_plan import fused_block_r, fused_by_size, fused_programs, rows_fit, y_segments
+from .compress_plan import (
+    for_coeff,
+    fused_block_r,
+    fused_by_size,
+    fused_programs,
+    rows_fit,
+    y_segments,
+)
 from .configs import PATH_TABLE, get_store
 
 __all__ = ["compress_pass", "choose_path", "fused_block_r", "launch_plan", "fused_by_size",
@@ -47,16 +54,18 @@ def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) ->
     return path
 
 
-def launch_plan(store, N: int, D: int, r: int, dtype: str,
-                need_y: bool = True) -> list[tuple[str, dict, dict]]:
+def launch_plan(store, N: int, D: int, r: int, dtype: str, need_y: bool = True,
+                coeff: str = "bf16") -> list[tuple[str, dict, dict]]:
     """[(kernel, config, mode flags)] that `compress_pass` launches for this shape with
-    `store`'s configs (before any out-of-resource fallback): what the static audit checks."""
+    `store`'s configs and C stored as `coeff` (before any out-of-resource fallback): what
+    the static audit checks (at that `coeff`)."""
     if choose_path(D, r, dtype, None, store) == "fused":
-        steps = [("compress_fused", store.lookup("compress_fused", D, r, dtype, N),
-                  {"NEED_Y": need_y})]
+        cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, r, dtype, N), coeff)
+        steps = [("compress_fused", cfg, {"NEED_Y": need_y})]
     else:
         y_cfg = store.lookup("compress_y", D, r, dtype, N)
-        steps = [("compress_coeff", store.lookup("compress_coeff", D, r, dtype, N),
+        cfg = for_coeff("compress_coeff", store.lookup("compress_coeff", D, r, dtype, N), coeff)
+        steps = [("compress_coeff", cfg,
                   {"WRITE_CS": need_y, "CS_SPLIT": y_cfg["PRECISION"] != "ieee"})]
         if need_y:
             steps.append(("compress_y", y_cfg, {}))
@@ -79,6 +88,9 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         raise ValueError(f"compress_pass: N = {N} rows is too many for rank {R} (the kernels "
                          "index up to (R + 1) N < 2^31 values; ops runs the reference there)")
     dev, dname = X.device, DTYPE_NAMES[X.dtype]
+    # C's dtype picks the binary (`for_coeff`); the interpreter has no registers to spill
+    # and keeps its big blocks
+    cname = "bf16" if INTERPRET else DTYPE_NAMES[coeff_dtype]
     store = get_store(dev)
     atomic = not deterministic
     sms = num_sms(dev)
@@ -121,11 +133,12 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
 
     ypart = None
     if choose_path(D, R, dname, dev) == "fused":
-        cfg = store.lookup("compress_fused", D, R, dname, N)
+        cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, R, dname, N), cname)
         try:
             ran, (ypart, rows, amax, n_tiles) = launch(
                 "compress_fused", run_fused, cfg, lambda c: shrink_config(c, SPEC_FUSED.block_keys))
-            store.remember("compress_fused", D, R, dname, N, ran)
+            if ran != cfg or cname == "bf16":  # the store's entry is for a bf16 C
+                store.remember("compress_fused", D, R, dname, N, ran)
         except OutOfResources:  # even the smallest blocks do not fit: go split
             store.remember_path(D, R, dname, "split")
     if ypart is None:
@@ -138,10 +151,11 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
             cs = cslo = new_buffer((N, R), torch.float32, dev)
         else:
             cs = cslo = C
-        cfg = store.lookup("compress_coeff", D, R, dname, N)
+        cfg = for_coeff("compress_coeff", store.lookup("compress_coeff", D, R, dname, N), cname)
         ran, (rows, amax) = launch("compress_coeff", run_coeff, cfg,
                                    lambda c: shrink_config(c, SPEC_COEFF.block_keys))
-        store.remember("compress_coeff", D, R, dname, N, ran)
+        if ran != cfg or cname == "bf16":  # the store's entry is for a bf16 C
+            store.remember("compress_coeff", D, R, dname, N, ran)
         n_tiles = 1
         ypart = y_buffer(1)
         if need_y:

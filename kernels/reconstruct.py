@@ -93,9 +93,10 @@ def _block_r(R: int, cfg: dict) -> int:
 
 
 def _signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
-    """A launch from a row-major C of the activation dtype and the basis operands."""
+    """A launch from a row-major C (LaserConfig.coeff_dtype: `shape.coeff`) and the basis
+    operands, writing the activation dtype."""
     u = "*bf16" if cfg["PRECISION"] != "ieee" else "*fp32"  # split halves, or U (row-major)
-    runtime = dict(c_ptr=f"*{shape.dtype}", u_ptr=u, ulo_ptr=u, out_ptr=f"*{shape.dtype}",
+    runtime = dict(c_ptr=f"*{shape.coeff}", u_ptr=u, ulo_ptr=u, out_ptr=f"*{shape.dtype}",
                    N=shape.N, D=shape.D, R=shape.r, stride_cn=shape.r, stride_cr=1,
                    stride_ud=shape.r, stride_ur=1)
     return runtime, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],

@@ -1,12 +1,14 @@
 """Static sm_90 audit of what the dispatcher launches for TRM shapes, and a performance model.
 
-    laser-triton bench audit [--out perf/results/audit] [--full] [--cached]
+    laser-triton bench audit [--out perf/results/audit] [--full] [--cached] [--coeff fp32]
 
 No GPU needed. For each TRM shape (D in 97 (mlp_t positions), 512 (hidden), 1536 (SwiGLU),
 3072; r in 8..128; N = 87,000 rows) and activation dtype, the launch plan of compress_pass
 (`launch_plan`, the launcher's own path choice and the config store of an H200 with the
 shipped files) and reconstruct is compiled for sm_90 at the launch specialization and its
-binary read (`kernels._audit`). Writes:
+binary read (`kernels._audit`), with the coefficients C stored as `--coeff` (LaserConfig's
+coeff_dtype, default bf16; C's dtype changes the compress and reconstruct binaries and, via
+`compress_plan.for_coeff`, the compress configs). Writes:
 - `audit.csv`: kernel, shape, config, registers, spills, shared memory, HMMA/HGMMA/DMMA/FFMA
   counts, compile seconds, and what fails the budget;
 - `model.csv`: an ESTIMATE per op: predicted H200 time = sum over its kernels of
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=None, metavar="D:r",
                    help="audit these (D, r) instead")
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_BYTES))
+    p.add_argument("--coeff", default="bf16", choices=sorted(_BYTES),
+                   help="dtype of the stored coefficients C (LaserConfig.coeff_dtype)")
     p.add_argument("--cached", action="store_true", help="reuse Triton's compile cache")
     p.add_argument("--label", default="", help="a column naming this run (e.g. 'before')")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS,
@@ -242,7 +246,8 @@ def _run(args: argparse.Namespace) -> int:
     for dtype in args.dtypes:
         for D, r in shapes:
             rec = store.lookup("reconstruct", D, r, dtype, N_ROWS)
-            plans = {"compress_pass": cp.launch_plan(store, N_ROWS, D, r, dtype),
+            plans = {"compress_pass": cp.launch_plan(store, N_ROWS, D, r, dtype,
+                                                     coeff=args.coeff),
                      "reconstruct": ([("split_basis", dict(basis.CONFIG), {})]
                                      if rec["PRECISION"] != "ieee" else [])
                      + [("reconstruct", rec, {})]}
@@ -251,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
                     continue
                 total, parts = 0.0, []
                 for kernel, cfg, flags in steps:
-                    f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags)
+                    f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags, coeff=args.coeff)
                     bad = check(f)
                     failures += bool(bad)
                     pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg))
@@ -259,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
                     parts.append(f"{kernel}:{pred['t'] * 1e6:.1f}us/{pred['bound']}")
                     facts_rows.append({"label": args.label, "op": op, "D": D, "r": r,
                                        "dtype": dtype, **f.row(), "mma_unit": pred["unit"],
-                                       "problems": "; ".join(bad)})
+                                       "problems": "; ".join(bad), "coeff": args.coeff})
                     print(f"{op:13s} D={D:<4d} r={r:<3d} {dtype} {kernel:15s} regs {f.regs:3d} "
                           f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
                           f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
@@ -271,7 +276,8 @@ def _run(args: argparse.Namespace) -> int:
                     "predicted_us": round(total * 1e6, 1), "roofline_us": round(roof * 1e6, 1),
                     "predicted_fraction": round(roof / total, 3),
                     "goal_fraction": GOAL if op == "compress_pass" else "",
-                    "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)"})
+                    "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)",
+                    "coeff": args.coeff})
     if "orthonormalize" in args.ops:  # fp32 bases: once per shape, whatever the dtypes
         orth = _orth_module()
         calls = [(D, r, 1) for D, r in shapes] + [(512, 64, 32)] * ((512, 64) in shapes)

@@ -5,7 +5,9 @@ shared memory within budget, and compile time <= 10 s.
 Compiled on the CPU at the launch specialization (`kernels._hopper`), read with the ptxas
 tools that ship with Triton. Default tier: a representative set (the TRM's main width with
 the fused design, also with fp16 activations, the widest split shape, the narrow mlp_t
-width); the whole TRM grid, all three activation dtypes, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
+width, and fp32 coefficients C, which LaserConfig(coeff_dtype="float32") launches as a
+different binary); the whole TRM grid, all three activation dtypes and C in bf16, fp32 and
+fp16, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
 a rerun on the same machine costs seconds.
 """
 
@@ -26,7 +28,11 @@ from laser_triton.kernels.configs import ConfigStore  # noqa: E402
 
 CP = importlib.import_module("laser_triton.kernels.compress_pass")
 TRM_SHAPES = [(D, r) for D in (97, 512, 1536, 3072) for r in (8, 16, 32, 64, 128) if r <= D]
-QUICK = [(512, 32, "bf16"), (3072, 128, "bf16"), (97, 64, "bf16"), (512, 32, "fp16")]
+QUICK = [(512, 32, "bf16", "bf16"), (3072, 128, "bf16", "bf16"), (97, 64, "bf16", "bf16"),
+         (512, 32, "fp16", "bf16"),
+         # fp32 C: main@85572eb launched compress_coeff with 256 rows x 16 warps here, which
+         # spilled 13 LDL/STL (the store's configs are proven with bf16 C)
+         (512, 128, "bf16", "fp32")]
 
 
 def _h200_store() -> ConfigStore:
@@ -34,33 +40,47 @@ def _h200_store() -> ConfigStore:
     return ConfigStore("NVIDIA H200", interpreter=False)
 
 
-def _launched(D: int, r: int, dtype: str):
+def _launched(D: int, r: int, dtype: str, coeff: str):
     store = _h200_store()
-    steps = CP.launch_plan(store, TRM_N, D, r, dtype)
+    steps = CP.launch_plan(store, TRM_N, D, r, dtype, coeff=coeff)
     steps.append(("reconstruct", store.lookup("reconstruct", D, r, dtype, TRM_N), {}))
     return steps
 
 
-def _gate(D: int, r: int, dtype: str) -> list[str]:
+def _gate(D: int, r: int, dtype: str, coeff: str) -> list[str]:
+    """X of `dtype`, C stored as `coeff` (the compress kernels store it, reconstruct reads it)."""
     problems = []
-    for kernel, cfg, flags in _launched(D, r, dtype):
-        f = audit(kernel, D, r, dtype, cfg, N=TRM_N, flags=flags)
+    for kernel, cfg, flags in _launched(D, r, dtype, coeff):
+        f = audit(kernel, D, r, dtype, cfg, N=TRM_N, flags=flags, coeff=coeff)
         # Tensor cores wherever the kernel multiplies, whatever precision a config asks for.
         bad = check(f, needs_tensor_cores=SPECS[kernel].tensor_cores)
         problems += [f"{kernel} D={D} r={r} {dtype} {f.config}: {b}" for b in bad]
     return problems
 
 
-@pytest.mark.parametrize("D,r,dtype", QUICK, ids=[f"{d}x{r}-{t}" for d, r, t in QUICK])
-def test_launched_kernels_pass_the_static_audit(D, r, dtype):
-    assert _gate(D, r, dtype) == []
+@pytest.mark.parametrize("D,r,dtype,coeff", QUICK,
+                         ids=[f"{d}x{r}-{t}-C{c}" for d, r, t, c in QUICK])
+def test_launched_kernels_pass_the_static_audit(D, r, dtype, coeff):
+    assert _gate(D, r, dtype, coeff) == []
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("coeff", ["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("D,r", TRM_SHAPES, ids=[f"{d}x{r}" for d, r in TRM_SHAPES])
-def test_every_trm_shape_passes_the_static_audit(D, r, dtype):
-    assert _gate(D, r, dtype) == []
+def test_every_trm_shape_passes_the_static_audit(D, r, dtype, coeff):
+    assert _gate(D, r, dtype, coeff) == []
+
+
+def test_a_wide_c_keeps_the_stores_config_only_where_it_is_proven():
+    """`for_coeff` leaves bf16 C alone and moves a wider C off the configs that spilled."""
+    plan = importlib.import_module("laser_triton.kernels.compress_plan")
+    coeff = {"BLOCK_N": 256, "BLOCK_D": 64, "num_warps": 16, "num_stages": 3}
+    assert plan.for_coeff("compress_coeff", coeff, "bf16") is coeff
+    for c in ("fp32", "fp16"):
+        assert plan.for_coeff("compress_coeff", coeff, c) == {**coeff, "BLOCK_N": 128,
+                                                               "num_warps": 8}
+        assert plan.for_coeff("compress_fused", {"BLOCK_K": 64}, c) == {"BLOCK_K": 32}
 
 
 ORTH = importlib.import_module("laser_triton.kernels.orthonormalize")
