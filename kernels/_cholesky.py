@@ -8,8 +8,8 @@ per-chunk partials in chunk order), writes the Gram to factor into a per-site sc
 16 x 16 tiles and then, by MODE:
 - "repair": column scaling, completion of dead and degenerate columns, and the first
   Cholesky factor R1 (docs/design.md §2.6, matching laser_triton.reference.orthonormalize);
-- "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1;
-- "check": `ok` from the Gram of the final Q (max |Q^T Q - I| <= 1e-4, finite, factors fine).
+- "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1.
+`ok` is decided where the final Q's Gram is summed (_orth_kernels.py, CHECK).
 
 The factor is left-looking and blocked by PB = 16 rows (`_factor_blocked`): per row panel k,
 the updates from the panels above are tl.dot products (fp64, tensor cores on sm_90), then a
@@ -26,13 +26,10 @@ import triton
 import triton.language as tl
 
 from ..numerics import DEGENERATE_REL as _DEGENERATE_REL
-from ..numerics import ORTH_TOL as _ORTH_TOL
-from ._common import nan_max
 
 EPS64 = tl.constexpr(2.220446049250313e-16)  # float64 machine epsilon (shift of the Gram)
 TINY32 = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: zero-column cutoff
 DEGENERATE_REL = tl.constexpr(_DEGENERATE_REL)  # shared with the reference (numerics)
-ORTH_TOL = tl.constexpr(_ORTH_TOL)  # `ok` threshold on max |Q^T Q - I|, likewise
 PANEL = 16  # PB: rows per panel (tl.dot needs >= 16)
 
 
@@ -235,13 +232,13 @@ def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
 
 @triton.jit
 def _orth_factor_kernel(
-    g_ptr, za_ptr, zz_ptr, nf_ptr, meta_ptr, linv_ptr, scale_ptr, info_ptr, ok_ptr,
+    g_ptr, za_ptr, zz_ptr, nf_ptr, meta_ptr, linv_ptr, scale_ptr, info_ptr,
     gs_ptr, rs_ptr, dg_ptr, n_chunk,
     MODE: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr,
     CB: tl.constexpr,
 ):
     """For site s: its summed Gram (chunk 0's slot), then by MODE L^{-1} = R^{-T} of chol(G)
-    ("repair": of the scaled, completed Gram; "plain") or ok ("check").
+    ("repair": of the scaled, completed Gram; "plain").
     gs, rs: (R_PAD, R_PAD) fp64 scratch per site (the Gram, R's rows); dg: (R_PAD,) diag(R)."""
     s = tl.program_id(0)
     idx = tl.arange(0, R_PAD)
@@ -294,19 +291,6 @@ def _orth_factor_kernel(
                     False, R_PAD, PB, CB)
         failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
         tl.store(info_ptr + s * 2 + 1, failed)
-    else:  # "check": the Gram of the final Q
-        err = tl.zeros((PB,), tl.float64)
-        for k0 in range(0, R_PAD, PB):
-            rows = k0 + tl.arange(0, PB)
-            for c0 in range(0, R_PAD, CB):
-                cols = c0 + tl.arange(0, CB)
-                G = _sum_tile(g_ptr, s, n_chunk, rows[:, None] * R_PAD + cols[None, :], R_PAD)
-                inside = (rows[:, None] < r) & (cols[None, :] < r)
-                eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-                dev = tl.where(inside, tl.abs(G - eye), 0.0)
-                err = tl.maximum(err, nan_max(dev, 1), propagate_nan=tl.PropagateNan.ALL)
-        fine = (tl.load(info_ptr + s * 2 + 0) == 0) & (tl.load(info_ptr + s * 2 + 1) == 0)
-        tl.store(ok_ptr + s, fine & (nan_max(err, 0) <= ORTH_TOL))  # a NaN err is not ok
 
 
 @triton.jit

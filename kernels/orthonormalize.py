@@ -12,9 +12,9 @@ The apply is fp64, not fp32 (docs/design.md §9 has the alternatives). Measured 
   fp64 product (this)                3e-8 / 4e-8        (matches the reference to ~1e-8)
 The fp64 product is a GEMM on sm_90's fp64 tensor cores (D r^2 flops per pass).
 
-Launches (6, none synchronizes with the host), each over all sites at once:
+Launches (5, none synchronizes with the host), each over all sites at once:
   gram(A, Z)  -> factor("repair") -> apply(M -> Q1, Gram of Q1)
-              -> factor("plain")  -> apply(Q1 -> Q, Gram of Q) -> factor("check": ok)
+              -> factor("plain")  -> apply(Q1 -> Q, Gram of Q, and ok from it)
 Sites are packed into one flat buffer with a table of (offset, D, r), so bases of different
 shapes share each launch; rows are split into chunks whose partial Grams are summed in a fixed
 order (deterministic). Newton-Schulz is not implemented: docs/design.md §9 records why it lost.
@@ -46,9 +46,13 @@ APPLY_GRAM_MAX = 64
 
 
 # Mode flags each kernel runs with in some call (launch_plan); the autotune prune compiles all.
-MODE_VARIANTS = {"orth_gram": ({"WITH_Z": True}, {"WITH_Z": False}),
-                 "orth_factor": ({"MODE": "repair"}, {"MODE": "plain"}, {"MODE": "check"}),
-                 "orth_apply": ({"REPAIR": True}, {"REPAIR": False})}
+MODE_VARIANTS = {"orth_gram": ({"WITH_Z": True, "CHECK": False},
+                              {"WITH_Z": False, "CHECK": False},
+                              {"WITH_Z": False, "CHECK": True}),
+                 "orth_factor": ({"MODE": "repair"}, {"MODE": "plain"}),
+                 "orth_apply": ({"REPAIR": True, "CHECK": False},
+                               {"REPAIR": False, "CHECK": True},
+                               {"REPAIR": False, "CHECK": False})}  # the last: padded rank 128
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -73,18 +77,22 @@ def launch_plan(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
     gram = {**gram, "GRAM_TILE": min(gram["GRAM_TILE"], R_PAD)}
     fac = store.lookup("orth_factor", D, R_PAD, "fp32")
     app = store.lookup("orth_apply", D, R_PAD, "fp32")
-    extra = [] if R_PAD <= APPLY_GRAM_MAX else [("orth_gram", gram, {"WITH_Z": False})]
-    return ([("orth_gram", gram, {"WITH_Z": True}), ("orth_factor", fac, {"MODE": "repair"}),
-             ("orth_apply", app, {"REPAIR": True})] + extra
-            + [("orth_factor", fac, {"MODE": "plain"}), ("orth_apply", app, {"REPAIR": False})]
-            + extra + [("orth_factor", fac, {"MODE": "check"})])
+    fused = R_PAD <= APPLY_GRAM_MAX  # the apply forms its output's Gram (and the final ok)
+    return ([("orth_gram", gram, {"WITH_Z": True, "CHECK": False}),
+             ("orth_factor", fac, {"MODE": "repair"}),
+             ("orth_apply", app, {"REPAIR": True, "CHECK": False})]
+            + ([] if fused else [("orth_gram", gram, {"WITH_Z": False, "CHECK": False})])
+            + [("orth_factor", fac, {"MODE": "plain"}),
+               ("orth_apply", app, {"REPAIR": False, "CHECK": fused})]
+            + ([] if fused else [("orth_gram", gram, {"WITH_Z": False, "CHECK": True})]))
 
 
 def orth_launches(r_max: int, packed: bool) -> int:
     """Kernel launches of one orthonormalize_batched call whose largest rank is r_max:
-    gram, 3 factor steps, 2 applies (+ 2 Gram launches when the padded rank exceeds
-    APPLY_GRAM_MAX), plus one cat unless the input is one contiguous fp32 basis."""
-    return 6 + (2 if pow2(r_max) > APPLY_GRAM_MAX else 0) + (0 if packed else 1)
+    gram, 2 factor steps, 2 applies (+ 2 Gram launches when the padded rank exceeds
+    APPLY_GRAM_MAX), plus one cat unless the input is one contiguous fp32 basis; `ok` is
+    decided by the last program summing the final Gram, without a launch of its own."""
+    return 5 + (2 if pow2(r_max) > APPLY_GRAM_MAX else 0) + (0 if packed else 1)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -134,7 +142,8 @@ def _plan(shapes: tuple[tuple[int, int], ...], device: torch.device,
 def orthonormalize_batched(
     Ys: Sequence[torch.Tensor], Zs: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Orthonormal fp32 bases of span(Y_i) for D_i x r_i inputs (r_i <= D_i), in 6 launches.
+    """Orthonormal fp32 bases of span(Y_i) for D_i x r_i inputs (r_i <= D_i), in 5 launches
+    (7 when the padded rank exceeds APPLY_GRAM_MAX).
 
     Returns the list of Q_i (views into one packed buffer) and a bool tensor `ok` per input.
     `Zs` overrides the completion directions (default: `completion_matrix`).
@@ -169,33 +178,37 @@ def orthonormalize_batched(
     scale = new_buffer((S, R_PAD), f64, device)
     info = new_buffer((S, 2), torch.int32, device)
     ok = new_buffer((S,), torch.bool, device)  # poisoned as True: the check must write it
+    n_tiles = (R_PAD // min(gram_cfg["GRAM_TILE"], R_PAD)) ** 2
+    tile_err = new_buffer((S, n_tiles), f64, device)  # the final Gram's max |G - I| per tile
     Q1 = new_buffer((plan.total,), torch.float32, device)
     Q = new_buffer((plan.total,), torch.float32, device)
-    counts = chunk_counters(device, S * (R_PAD // min(gram_cfg["GRAM_TILE"], R_PAD)) ** 2)
+    counts = chunk_counters(device, S * (n_tiles + 1))  # per (site, tile), then per site
 
-    def run_gram(cfg: dict, src: torch.Tensor = A, with_z: bool = True) -> None:
+    def run_gram(cfg: dict, src: torch.Tensor = A, with_z: bool = True,
+                 check: bool = False) -> None:
         n_tiles = (R_PAD // cfg["GRAM_TILE"]) ** 2
         _orth_gram_kernel[(S, n_chunk, n_tiles)](
-            src, plan.Z, plan.meta, g_part, za_part, nf_part, counts, rows_per_chunk,
-            WITH_Z=with_z,
+            src, plan.Z, plan.meta, g_part, za_part, nf_part, counts, info, ok, tile_err,
+            rows_per_chunk, WITH_Z=with_z, CHECK=check,
             R_PAD=R_PAD, GT=cfg["GRAM_TILE"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def factor(mode: str) -> None:
         _orth_factor_kernel[(S,)](g_part, za_part, plan.ZZ, nf_part, plan.meta, Linv, scale, info,
-                                  ok, gram_s, r_rows, r_diag, n_chunk, MODE=mode, R_PAD=R_PAD,
+                                  gram_s, r_rows, r_diag, n_chunk, MODE=mode, R_PAD=R_PAD,
                                   **factor_blocks(fac_cfg, R_PAD))
 
     def apply(src: torch.Tensor, dst: torch.Tensor, repair: bool) -> None:
         def run(cfg: dict) -> None:
             _orth_apply_kernel[(S, n_chunk)](src, plan.Z, plan.meta, Linv, scale, dst, g_part,
-                                             counts, rows_per_chunk, REPAIR=repair, R_PAD=R_PAD,
-                                             BLOCK_K=min(R_PAD, 32), WITH_GRAM=fused_gram,
-                                             **cfg)
+                                             counts, info, ok, rows_per_chunk, REPAIR=repair,
+                                             R_PAD=R_PAD, BLOCK_K=min(R_PAD, 32),
+                                             WITH_GRAM=fused_gram,
+                                             CHECK=fused_gram and not repair, **cfg)
         ran, _ = launch("orth_apply", run, app_cfg, lambda c: shrink_config(c, ("BLOCK_D",)))
         store.remember("orth_apply", plan.max_D, R_PAD, "fp32", None, ran)
         if not fused_gram:  # dst^T dst by the (tiled, spill-free) Gram kernel
-            run_gram(gram_cfg, dst, with_z=False)
+            run_gram(gram_cfg, dst, with_z=False, check=not repair)
 
     ran, _ = launch("orth_gram", run_gram, gram_cfg,
                     lambda c: shrink_config(c, ("BLOCK_D", "GRAM_TILE")))
@@ -205,8 +218,7 @@ def orthonormalize_batched(
     factor("repair")            # R1 of the scaled, completed M
     apply(A, Q1, repair=True)   # Q1 = M R1^{-1}, and Q1^T Q1
     factor("plain")             # R2 = chol(Q1^T Q1)
-    apply(Q1, Q, repair=False)  # Q = Q1 R2^{-1}, and Q^T Q
-    factor("check")             # ok
+    apply(Q1, Q, repair=False)  # Q = Q1 R2^{-1}, Q^T Q and ok
     Qs = [Q[o: o + D * r].view(D, r) for o, (D, r) in zip(plan.offsets, shapes)]
     return Qs, ok
 
@@ -233,9 +245,10 @@ def _rows_per_chunk() -> int:
 def _gram_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(a_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", g_ptr="*fp64", za_ptr="*fp64",
-                   nf_ptr="*fp32", count_ptr="*i32", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
+                   nf_ptr="*fp32", count_ptr="*i32", info_ptr="*i32", ok_ptr="*i1",
+                   err_ptr="*fp64", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
     return runtime, dict(WITH_Z=True, R_PAD=R_PAD, GT=min(cfg["GRAM_TILE"], R_PAD),
-                         BLOCK_D=cfg["BLOCK_D"])
+                         BLOCK_D=cfg["BLOCK_D"], CHECK=False)
 
 
 def factor_blocks(cfg: dict, R_PAD: int) -> dict:
@@ -248,7 +261,7 @@ def factor_blocks(cfg: dict, R_PAD: int) -> dict:
 def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     runtime = dict(g_ptr="*fp64", za_ptr="*fp64", zz_ptr="*fp64", nf_ptr="*fp32",
                    meta_ptr="*i64", linv_ptr="*fp64", scale_ptr="*fp64", info_ptr="*i32",
-                   ok_ptr="*i1", gs_ptr="*fp64", rs_ptr="*fp64", dg_ptr="*fp64",
+                   gs_ptr="*fp64", rs_ptr="*fp64", dg_ptr="*fp64",
                    n_chunk=triton.cdiv(shape.D, _rows_per_chunk()))
     blocks = factor_blocks(cfg, pow2(shape.r))
     return runtime, dict(MODE="repair", R_PAD=pow2(shape.r), PB=blocks["PB"], KC=blocks["KC"],
@@ -259,9 +272,9 @@ def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", linv_ptr="*fp64",
                    scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64", count_ptr="*i32",
-                   rows_per_chunk=_rows_per_chunk())
+                   info_ptr="*i32", ok_ptr="*i1", rows_per_chunk=_rows_per_chunk())
     return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32),
-                         WITH_GRAM=R_PAD <= APPLY_GRAM_MAX)
+                         WITH_GRAM=R_PAD <= APPLY_GRAM_MAX, CHECK=False)
 
 
 def _n_chunk(shape: Shape) -> int:
@@ -277,7 +290,8 @@ SPEC_GRAM = declare(KernelSpec(
             "num_stages": (1, 2)},
     grid=lambda s, cfg, sms: (1, triton.cdiv(s.D, cfg["ROWS_PER_CHUNK"]),
                               (pow2(s.r) // min(cfg["GRAM_TILE"], pow2(s.r))) ** 2),
-    block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False, flags=("WITH_Z",)))
+    block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False,
+    flags=("WITH_Z", "CHECK")))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
     # One warp: the 16 x 16 diagonal-block factor's reductions are then warp shuffles (4
@@ -291,4 +305,4 @@ SPEC_APPLY = declare(KernelSpec(
     interpreter={"BLOCK_D": 128},
     tuning={"BLOCK_D": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
     grid=lambda s, cfg, sms: (1, _n_chunk(s)), block_keys=("BLOCK_D",), key=_orth_key,
-    keyed_on_n=False, flags=("REPAIR",)))
+    keyed_on_n=False, flags=("REPAIR", "CHECK")))

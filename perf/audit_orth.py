@@ -83,9 +83,6 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
                     outer=_cdiv(rows, cfg["BLOCK_D"]), inner=_cdiv(r, min(R_PAD, 32)))
     if kernel == "orth_factor":
         byt = sites * R_PAD * R_PAD * 8 * 6  # the summed Grams, ZZ, scratch, R, L^{-1}
-        if flags.get("MODE") == "check":
-            tiles = (R_PAD // PB) * (R_PAD // cfg["CB"])
-            return dict(bytes=byt, flops=0, programs=sites, outer=tiles, inner=1)
         n_pan = _cdiv(r, PB)
         return dict(bytes=byt, flops=2 * sites * R_PAD ** 3, programs=sites, outer=n_pan,
                     dot_trips=_left_looking_trips(n_pan) * n_pan,

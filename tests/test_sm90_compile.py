@@ -65,8 +65,9 @@ def test_kernel_compiles_for_sm90(kernel):
 # variant a GPU run can launch is compiled here.
 _LAUNCHED_VARIANTS = [
     ("compress_fused", {"NEED_Y": False}), ("compress_coeff", {"WRITE_CS": False}),
-    ("orth_factor", {"MODE": "plain"}), ("orth_factor", {"MODE": "check"}),
-    ("orth_apply", {"REPAIR": False}), ("orth_gram", {"WITH_Z": False}),  # padded rank 128
+    ("orth_factor", {"MODE": "plain"}), ("orth_apply", {"REPAIR": False, "CHECK": True}),
+    ("orth_gram", {"WITH_Z": False}), ("orth_apply", {"REPAIR": False}),  # padded rank 128
+    ("orth_gram", {"WITH_Z": False, "CHECK": True}),
 ]
 _OTHER_VARIANTS = [  # deterministic=False (Y by atomics; the scalars always reduce in order)
     ("compress_fused", {"ATOMIC": True}), ("compress_y", {"ATOMIC": True}),
@@ -80,7 +81,7 @@ def _compile_variant(kernel, flags):
 
 
 @pytest.mark.parametrize("kernel,flags", _LAUNCHED_VARIANTS,
-                         ids=[f"{k}-{v}" for k, f in _LAUNCHED_VARIANTS for v in f.values()])
+                         ids=[f"{k}-" + "-".join(map(str, f.values())) for k, f in _LAUNCHED_VARIANTS])
 def test_launched_variants_compile_for_sm90(kernel, flags):
     _compile_variant(kernel, flags)
 
