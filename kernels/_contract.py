@@ -161,6 +161,15 @@ def scenarios(D: int, r: int, dtype: str) -> list[tuple[str, dict, Callable[[], 
             return compress_pass(X, U, need_y, coeff, deterministic=det)
         out.append((f"compress_pass(path={path}, need_y={need_y}, deterministic={det}, "
                     f"coeff={coeff})", {configs.PATH_TABLE: path}, run))
+    # The TMA design reads a bf16 X whose rows are 16-byte aligned (D a multiple of 8)
+    D8 = min(8 * -(-D // 8), 512)
+    X8 = torch.randn(N, D8, generator=gen).to(torch.bfloat16)
+    U8 = torch.linalg.qr(torch.randn(D8, min(r, 64), generator=gen))[0]
+    for need_y, det in itertools.product((True, False), (True, False)):
+        out.append((f"compress_pass(path=tma, D={D8}, need_y={need_y}, deterministic={det})",
+                    {configs.PATH_TABLE: "tma"},
+                    lambda need_y=need_y, det=det: compress_pass(X8, U8, need_y, None,
+                                                                 deterministic=det)))
     out.append(("compress_pass(strided X)", {},
                 lambda: compress_pass(Xt, U.contiguous(), True, dt)))
     for out_dt in sorted({dt, torch.float32}, key=str):

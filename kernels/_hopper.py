@@ -58,8 +58,8 @@ def specialize(kernel: str, shape: Shape, cfg: dict, flags: dict | None = None) 
             args.append((name, "constexpr", consts[name]))
             continue
         v = runtime[name]
-        if isinstance(v, str):  # a pointer "*dtype"
-            args.append((name, v, "D"))
+        if isinstance(v, str):  # a pointer "*dtype" (16-byte aligned), or a TMA descriptor
+            args.append((name, v, None if v.startswith("tensordesc") else "D"))
             continue
         ty, attr = _int_spec(int(v))
         args.append((name, ty, int(v) if ty == "constexpr" else attr))

@@ -39,17 +39,28 @@ from .compress_plan import (
     rows_fit,
     y_segments,
 )
+from .compress_tma import (
+    SPEC_TMA,
+    _compress_tma_kernel,
+    tma_block_k,
+    tma_fits,
+    tma_programs,
+    x_descriptor,
+    x_ok,
+)
 from .configs import PATH_TABLE, get_store
 
 __all__ = ["compress_pass", "choose_path", "fused_block_r", "launch_plan", "fused_by_size",
            "fused_programs", "y_segments", "finish_grid", "SPEC_FUSED", "SPEC_COEFF", "SPEC_Y",
-           "SPEC_FINISH"]
+           "SPEC_FINISH", "SPEC_TMA"]
 
 
 def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) -> str:
-    """'fused' or 'split': the store's `compress_path` entry, else the size rule."""
+    """'fused', 'split' or 'tma': the store's `compress_path` entry, else the size rule. A
+    'tma' entry needs a shape the TMA kernel covers (`tma_fits`); the launcher also needs X's
+    layout to suit a TMA descriptor (`x_ok`), else it takes the size rule's design."""
     path = (store or get_store(device)).lookup(PATH_TABLE, D, r, dtype)
-    if path is None:
+    if path is None or (path == "tma" and not tma_fits(D, r, dtype)):
         path = "fused" if fused_by_size(D, r) else "split"
     return path
 
@@ -59,7 +70,11 @@ def launch_plan(store, N: int, D: int, r: int, dtype: str, need_y: bool = True,
     """[(kernel, config, mode flags)] that `compress_pass` launches for this shape with
     `store`'s configs and C stored as `coeff` (before any out-of-resource fallback): what
     the static audit checks (at that `coeff`)."""
-    if choose_path(D, r, dtype, None, store) == "fused":
+    path = choose_path(D, r, dtype, None, store)
+    if path == "tma":
+        steps = [("compress_tma", store.lookup("compress_tma", D, r, dtype, N),
+                  {"NEED_Y": need_y})]
+    elif path == "fused":
         cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, r, dtype, N), coeff)
         steps = [("compress_fused", cfg, {"NEED_Y": need_y})]
     else:
@@ -131,8 +146,27 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
             INTERPRET=INTERPRET, **{**cfg, "PRECISION": "bf16x3" if cs_split else "ieee"})
         return ypart
 
+    def run_tma(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        P = tma_programs(N, D, R, cfg, sms)
+        ypart, amax = y_buffer(P), new_buffer((P,), torch.float32, dev)
+        rows = new_buffer((2, N), torch.float32, dev)
+        _compress_tma_kernel[(P,)](
+            x_descriptor(X, cfg), U, C, ypart, rows, amax, N, D, R, *us, NEED_Y=need_y,
+            ATOMIC=atomic, BLOCK_K=tma_block_k(D), HALVES=triton.cdiv(D, tma_block_k(D)),
+            R_PAD=pow2(R), INTERPRET=INTERPRET, **SPEC_TMA.kernel_config(cfg))
+        return ypart, rows, amax
+
     ypart = None
-    if choose_path(D, R, dname, dev) == "fused":
+    path = choose_path(D, R, dname, dev)
+    if path == "tma" and not x_ok(X):  # a strided or misaligned X: the size rule's design
+        path = "fused" if fused_by_size(D, R) else "split"
+    if path == "tma":
+        cfg = store.lookup("compress_tma", D, R, dname, N)
+        ran, (ypart, rows, amax) = launch(
+            "compress_tma", run_tma, cfg, lambda c: shrink_config(c, SPEC_TMA.block_keys))
+        store.remember("compress_tma", D, R, dname, N, ran)
+        n_tiles = 1
+    elif path == "fused":
         cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, R, dname, N), cname)
         try:
             ran, (ypart, rows, amax, n_tiles) = launch(

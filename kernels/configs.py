@@ -99,7 +99,8 @@ def config_key(D: int, r: int, dtype: str, N: int | None = None) -> str:
 def validate_entry(kernel: str, entry: object) -> str | None:
     """Why `entry` is not a usable config for `kernel`, or None when it is well formed."""
     if kernel == PATH_TABLE:
-        return None if entry in ("fused", "split") else f"path {entry!r} is not fused/split"
+        return None if entry in ("fused", "split", "tma") else \
+            f"path {entry!r} is not fused/split/tma"
     if kernel not in DEFAULTS:
         return f"unknown kernel {kernel!r}"
     if not isinstance(entry, dict):

@@ -79,19 +79,24 @@ def _compress_module():
     return importlib.import_module("laser_triton.kernels.compress_pass")
 
 
-def kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> dict:
-    """HBM bytes, tensor-core (or FMA) flops, grid size and loop trips of one launch."""
+def kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
+                producer: tuple[str, dict] | None = None) -> dict:
+    """HBM bytes, tensor-core (or FMA) flops, grid size and loop trips of one launch.
+    `producer`: (kernel, config) of the product kernel a compress_finish step reduces."""
     import math  # noqa: PLC0415
 
     from laser_triton.kernels._spec import SPECS, Shape  # noqa: PLC0415
 
-    work = _kernel_work(kernel, N, D, r, dtype, cfg)
+    work = _kernel_work(kernel, N, D, r, dtype, cfg, producer)
     grid = SPECS[kernel].grid(Shape(N, D, r, dtype), cfg, 132)
     work["programs"] = int(math.prod(grid))
     return work
 
 
-def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> dict:
+def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
+                 producer: tuple[str, dict] | None = None) -> dict:
+    import importlib  # noqa: PLC0415
+
     from laser_triton.kernels._common import pow2  # noqa: PLC0415
 
     cp = _compress_module()
@@ -109,6 +114,25 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> 
         return dict(bytes=byt, l2_bytes=l2, flops=flops, outer=n_blk * J,
                     inner=_cdiv(D, cfg["BLOCK_K"]), stages=cfg["num_stages"],
                     stream=cfg["BLOCK_N"] * cfg["BLOCK_K"] * xb + cfg["BLOCK_K"] * br * 4)
+    if kernel == "compress_tma":
+        tma = importlib.import_module("laser_triton.kernels.compress_tma")
+        P = tma.tma_programs(N, D, r, cfg, 132)
+        n_blk = _cdiv(N, cfg["BLOCK_N"])
+        byt = N * D * xb + N * r * xb + 2 * N * 4 + P * D * r * 4
+        # L2 -> SM: X once (TMA into shared memory, both products read it there), the fp32
+        # basis once per program (split and kept in shared memory), the outputs
+        l2 = byt + P * D * r * 4
+        # The paired C product [X U_hi | X U_lo] (two products for bf16 X, four for fp16)
+        # is one 2r-wide MMA; with 32-row blocks it is below wgmma's 64 rows, so it runs as
+        # mma.sync (HMMA) at that unit's rate, next to the Y product's HGMMAs
+        c_flops = 2 * N * D * 2 * pow2(r) * (1 if dtype == "bf16" else 2)
+        y_flops = 2 * N * D * r * split
+        return dict(bytes=byt, l2_bytes=l2, flops=c_flops + y_flops,
+                    hmma_flops=c_flops if cfg["BLOCK_N"] < 64 else 0,
+                    # one trip of the persistent loop per program, its row blocks inside (the
+                    # SASS's only other "loops" are mbarrier retry stubs, rarely taken)
+                    outer=P, inner=_cdiv(n_blk, P), stages=cfg["num_stages"],
+                    stream=cfg["BLOCK_N"] * D * xb)
     if kernel == "compress_coeff":
         byt = N * D * xb + N * r * xb + (N * r * 4 if dtype != "fp32" else 0) + 2 * N * 4
         n_blk = _cdiv(N, cfg["BLOCK_N"])
@@ -125,7 +149,10 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict) -> 
                     stages=cfg["num_stages"],
                     stream=cfg["BLOCK_N"] * (cfg["BLOCK_D"] * xb + pow2(r) * 4))
     if kernel == "compress_finish":
-        if cp.fused_by_size(D, r):
+        if producer is not None and producer[0] == "compress_tma":  # one slab per program
+            P, J = importlib.import_module("laser_triton.kernels.compress_tma").tma_programs(
+                N, D, r, producer[1], 132), 1
+        elif cp.fused_by_size(D, r):
             P, J = cp.fused_programs(N, D, r, cp.SPEC_FUSED.defaults, 132)
         else:
             P, J = cp.y_segments(N, D, r, cp.SPEC_Y.defaults, 132)[0], 1
@@ -174,6 +201,9 @@ def predict(facts, work: dict) -> dict:
            + outer * (facts.mma_clk_outer + work["inner"] * facts.mma_clk_inner))
     t_shape = clk * max(facts.num_warps // 4, 1) / (N_SMS * MMA_CLOCK)
     t_mma = max(work["flops"] / MMA_RATE[unit], t_shape if unit == "HGMMA" else 0.0)
+    if work.get("hmma_flops") and facts.hmma and unit == "HGMMA":
+        # mma.sync products beside the wgmmas share the tensor pipe, at mma.sync's rate
+        t_mma = max(t_mma, t_shape + work["hmma_flops"] / MMA_RATE["HMMA"])
     t_lat = 0.0
     if work.get("stream"):
         per_sm = max(1, min(65536 // (max(facts.regs, 1) * 32 * facts.num_warps),
@@ -259,7 +289,8 @@ def _run(args: argparse.Namespace) -> int:
                     f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags, coeff=args.coeff)
                     bad = check(f)
                     failures += bool(bad)
-                    pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg))
+                    pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg,
+                                                  producer=steps[0][:2]))
                     total += pred["t"]
                     parts.append(f"{kernel}:{pred['t'] * 1e6:.1f}us/{pred['bound']}")
                     facts_rows.append({"label": args.label, "op": op, "D": D, "r": r,
