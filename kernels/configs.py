@@ -67,7 +67,7 @@ class _SpecView(Mapping):
 # interpreter overrides: big blocks mean few programs and few loop trips.
 DEFAULTS: Mapping[str, dict] = _SpecView(interpreter=False)
 INTERPRETER_DEFAULTS: Mapping[str, dict] = _SpecView(interpreter=True)
-# compress_pass has two designs; this table picks one per key ("fused" or "split"). Without an
+# compress_pass has three designs; this table picks one per key ("fused", "split" or "tma"). Without an
 # entry: fused while the D x r fp32 accumulator is small (see compress_pass.FUSED_MAX_ELEMS).
 PATH_TABLE = "compress_path"
 _BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_R", "BLOCK_K", "ROWS_PER_CHUNK",
