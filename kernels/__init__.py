@@ -85,7 +85,7 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
         cp = importlib.import_module(f"{__name__}.compress_pass")
         X, U = tensors[0], tensors[1]
         plan = cp.launch_plan(get_store(X.device), X.shape[0], X.shape[1], U.shape[1],
-                              DTYPE_NAMES[X.dtype], need_y)
+                              DTYPE_NAMES[X.dtype], need_y, tma_ok=cp.x_ok(X))
         return sum(split_launches(U, book) if k == "split_basis" else 1 for k, _, _ in plan)
     if op == "orthonormalize":
         from .orthonormalize import orth_launches  # noqa: PLC0415

@@ -66,11 +66,14 @@ def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) ->
 
 
 def launch_plan(store, N: int, D: int, r: int, dtype: str, need_y: bool = True,
-                coeff: str = "bf16") -> list[tuple[str, dict, dict]]:
+                coeff: str = "bf16", tma_ok: bool = True) -> list[tuple[str, dict, dict]]:
     """[(kernel, config, mode flags)] that `compress_pass` launches for this shape with
     `store`'s configs and C stored as `coeff` (before any out-of-resource fallback): what
-    the static audit checks (at that `coeff`)."""
+    the static audit checks (at that `coeff`). tma_ok=False: X's layout does not suit a TMA
+    descriptor (`compress_tma.x_ok`), so a 'tma' path becomes the size rule's design."""
     path = choose_path(D, r, dtype, None, store)
+    if path == "tma" and not tma_ok:
+        path = "fused" if fused_by_size(D, r) else "split"
     if path == "tma":
         steps = [("compress_tma", store.lookup("compress_tma", D, r, dtype, N),
                   {"NEED_Y": need_y})]

@@ -59,6 +59,22 @@ def test_launch_count_of_compress_pass_is_what_its_launcher_launches(triton_runs
     assert n == kernels.launch_count("compress_pass", X, U, need_y=need_y)
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_launch_count_follows_the_tma_design_and_its_fallback(triton_runs, strided, monkeypatch):
+    """Where the store picks the TMA design, a contiguous bf16 X launches it (+ finish); a
+    strided X cannot be read by TMA and takes the size rule's design (here split: 3)."""
+    import importlib
+
+    cp = importlib.import_module("laser_triton.kernels.compress_pass")
+    monkeypatch.setattr(cp, "choose_path", lambda *args, **kwargs: "tma")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.randn(67, 2 * 264, device=dev).bfloat16()
+    X = base[:, ::2] if strided else base[:, :264].contiguous()
+    U = torch.linalg.qr(torch.randn(264, 40, dtype=torch.float64))[0].float().to(dev)
+    n = triton_runs.around(kernels.compress_pass, X, U, True, torch.bfloat16)
+    assert n == kernels.launch_count("compress_pass", X, U) == (3 if strided else 2)
+
+
 def test_launch_count_of_orthonormalize_and_reconstruct(triton_runs):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     Ys = [torch.randn(50, 3, device=dev), torch.randn(37, 9, device=dev)]
