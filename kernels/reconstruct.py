@@ -1,8 +1,16 @@
 """reconstruct: X_hat = C U^T with fp32 accumulation, written in the requested dtype (docs/design.md §6.3).
 
-One program per (row block, D block) tile of the (N, D) output: acc = sum over rank chunks of
-C[rows, k] U[cols, k]^T, then one cast and store. C (N x r, any float dtype) and U (D x r,
-fp32) may have any strides; the output is a new contiguous (N, D) tensor.
+A persistent grid: the (D tile, row block) tiles of the (N, D) output, ordered D tile first,
+are dealt out in equal contiguous runs, one run per program (`programs`). A program loads the
+basis tile of its D tile once (`R_PAD x BLOCK_D`, all ranks) and keeps it in shared memory
+while it streams its row blocks of C through it: out[rows, cols] = C[rows, :] U[cols, :]^T,
+fp32 accumulation, one cast and store per tile. A run crosses into the next D tile at most a
+few times, so the basis is read from L2 about once per program instead of once per row block
+(the binding bound of the old one-tile-per-program grid at r >= 64: 4 bytes of basis halves
+per output element at r = 128), and C once per D tile. C (N x r, any float dtype) and U (D x r,
+fp32) may have any strides; the output is a new contiguous (N, D) tensor. Every output
+element is written by one program with the same arithmetic whatever the grid, so results are
+bitwise repeatable.
 
 Products run on tensor cores by default ("bf16x3": U split once per call into bf16 halves,
 a bf16 C exact, other C dtypes split too; about 2^-17 relative per product); "ieee" keeps
@@ -24,42 +32,64 @@ from ._common import (
     load_basis,
     mma_basis,
     new_buffer,
+    num_sms,
     pow2,
     shrink_config,
 )
-from ._spec import KernelSpec, Shape, declare
+from ._spec import SIGNATURE_SMS, KernelSpec, Shape, declare
 from .configs import get_store
 
-__all__ = ["reconstruct"]
+__all__ = ["reconstruct", "programs"]
 
 
 @triton.jit
 def _reconstruct_kernel(
     c_ptr, u_ptr, ulo_ptr, out_ptr,
-    N, D, R, stride_cn, stride_cr, stride_ud, stride_ur,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    N, D, R, stride_cn, stride_cr, stride_ud, stride_ur, tiles_per_prog,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """out[rows, cols] = C[rows, :] U[cols, :]^T for one (BLOCK_N, BLOCK_D) tile of the (N, D)
-    output, summed over rank chunks of BLOCK_R in fp32 and cast once to out's dtype."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    offs_k = tl.arange(0, BLOCK_R)
-    n_ok = rows < N
-    d_ok = cols < D
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # this tile of X_hat, fp32
-    for k0 in range(0, R, BLOCK_R):
-        kk = k0 + offs_k
-        k_ok = kk < R
-        # C chunk (BLOCK_N, BLOCK_R) as stored (any float dtype); masked lanes are 0
-        c = tl.load(c_ptr + rows[:, None] * stride_cn + kk[None, :] * stride_cr,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        # U^T chunk (BLOCK_R, BLOCK_D): fp32, or its bf16 halves (split once per call)
-        ut_hi, ut_lo = load_basis(u_ptr, ulo_ptr, kk[:, None] * stride_ur + cols[None, :] * stride_ud,
+    """Output tiles [pid * tiles_per_prog, (pid + 1) * tiles_per_prog) of the D-tile-major
+    order (tile t: D tile t // n_rb, row block t % n_rb): per D tile touched, the basis tile
+    is loaded once, then each row block's (BLOCK_N, BLOCK_D) tile is C[rows, :] U[cols, :]^T
+    summed over all R_PAD ranks in fp32 and cast once to out's dtype."""
+    n_rb = tl.cdiv(N, BLOCK_N)
+    first = tl.program_id(0) * tiles_per_prog
+    last = tl.minimum(first + tiles_per_prog, tl.cdiv(D, BLOCK_D) * n_rb)  # exclusive
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, R_PAD)
+    k_ok = offs_k < R
+    for dt in range(first // n_rb, (last - 1) // n_rb + 1):
+        cols = dt * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        d_ok = cols < D
+        # U^T tile (R_PAD, BLOCK_D): fp32, or its bf16 halves (split once per call); kept for
+        # every row block of this D tile
+        ut_hi, ut_lo = load_basis(u_ptr, ulo_ptr,
+                                  offs_k[:, None] * stride_ur + cols[None, :] * stride_ud,
                                   k_ok[:, None] & d_ok[None, :], PRECISION)
-        acc = mma_basis(c, ut_hi, ut_lo, acc, PRECISION, INTERPRET)
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & d_ok[None, :])
+        for rb in range(tl.maximum(first, dt * n_rb) - dt * n_rb,
+                        tl.minimum(last, dt * n_rb + n_rb) - dt * n_rb):
+            n0 = rb * BLOCK_N
+            n_ok = offs_n < N - n0
+            # C rows (BLOCK_N, R_PAD) as stored (any float dtype; 64-bit row offsets: any
+            # strides); masked lanes are 0
+            c = tl.load(c_ptr + (n0 + offs_n).to(tl.int64)[:, None] * stride_cn
+                        + offs_k[None, :] * stride_cr,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = mma_basis(c, ut_hi, ut_lo, tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
+                            PRECISION, INTERPRET)
+            # one 64-bit base per row block, 32-bit offsets within it (BLOCK_N * D < 2^31):
+            # 64-bit offsets per element cost registers and integer issue slots
+            tl.store(out_ptr + n0.to(tl.int64) * D + (offs_n[:, None] * D + cols[None, :]),
+                     acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+
+def programs(N: int, D: int, cfg: dict, n_sms: int) -> tuple[int, int]:
+    """(programs, output tiles per program): PROGRAMS_PER_SM per SM, each an equal run of the
+    (D tile, row block) tiles, so no program waits on a short last wave."""
+    tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    per_prog = triton.cdiv(tiles, min(tiles, n_sms * cfg["PROGRAMS_PER_SM"]))
+    return triton.cdiv(tiles, per_prog), per_prog
 
 
 def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -74,13 +104,15 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     store = get_store(C.device)
     dname = DTYPE_NAMES[dtype]
     cfg = store.lookup("reconstruct", D, R, dname, N)
-    cfg = {**cfg, "BLOCK_R": _block_r(R, cfg)}
+    sms = num_sms(C.device)
 
     def run(c: dict) -> None:
-        grid = (triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(D, c["BLOCK_D"]))
+        grid, per_prog = programs(N, D, c, sms)
         u, ulo, sud, sur = basis_operands(U, c["PRECISION"])
-        _reconstruct_kernel[grid](C, u, ulo, out, N, D, R, C.stride(0), C.stride(1), sud, sur,
-                                  INTERPRET=INTERPRET, **c)
+        # PROGRAMS_PER_SM sizes the grid only: the compiled launcher rejects unknown keywords.
+        _reconstruct_kernel[(grid,)](C, u, ulo, out, N, D, R, C.stride(0), C.stride(1), sud,
+                                     sur, per_prog, R_PAD=pow2(R), INTERPRET=INTERPRET,
+                                     **SPEC.kernel_config(c))
 
     ran, _ = launch("reconstruct", run, cfg,
                     lambda c: shrink_config(c, SPEC.block_keys))
@@ -88,28 +120,28 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     return out
 
 
-def _block_r(R: int, cfg: dict) -> int:
-    return min(cfg["BLOCK_R"], pow2(R))
-
-
 def _signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     """A launch from a row-major C (LaserConfig.coeff_dtype: `shape.coeff`) and the basis
     operands, writing the activation dtype."""
     u = "*bf16" if cfg["PRECISION"] != "ieee" else "*fp32"  # split halves, or U (row-major)
+    _, per_prog = programs(shape.N, shape.D, cfg, SIGNATURE_SMS)
     runtime = dict(c_ptr=f"*{shape.coeff}", u_ptr=u, ulo_ptr=u, out_ptr=f"*{shape.dtype}",
                    N=shape.N, D=shape.D, R=shape.r, stride_cn=shape.r, stride_cr=1,
-                   stride_ud=shape.r, stride_ur=1)
-    return runtime, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                         BLOCK_R=_block_r(shape.r, cfg), PRECISION=cfg["PRECISION"],
-                         INTERPRET=False)
+                   stride_ud=shape.r, stride_ur=1, tiles_per_prog=per_prog)
+    return runtime, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], R_PAD=pow2(shape.r),
+                         PRECISION=cfg["PRECISION"], INTERPRET=False)
 
 
 SPEC = declare(KernelSpec(
     name="reconstruct", fn=_reconstruct_kernel, signature=_signature,
-    defaults={"BLOCK_N": 128, "BLOCK_D": 128, "BLOCK_R": 32, "PRECISION": "bf16x3",
-              "num_warps": 8, "num_stages": 3},
-    interpreter={"BLOCK_N": 256, "BLOCK_D": 256, "BLOCK_R": 64},
-    tuning={"BLOCK_N": (64, 128), "BLOCK_D": (64, 128, 256), "BLOCK_R": (16, 32, 64),
+    # One warpgroup per program, 64 x 128 output tiles, 2 programs per SM: spill-free at
+    # every TRM shape (128-row tiles spill at D = 97, where no store vectorizes), and at
+    # r = 128 with a bf16 output two programs fit one SM's shared memory (basis tile
+    # 64 KiB + 2 stages of C), so one's MMAs can overlap the other's stores.
+    defaults={"BLOCK_N": 64, "BLOCK_D": 128, "PROGRAMS_PER_SM": 2, "PRECISION": "bf16x3",
+              "num_warps": 4, "num_stages": 2},
+    interpreter={"BLOCK_N": 256, "BLOCK_D": 256},
+    tuning={"BLOCK_N": (64, 128, 256), "BLOCK_D": (64, 128, 256), "PROGRAMS_PER_SM": (1, 2),
             "num_warps": (4, 8), "num_stages": (2, 3, 4)},
-    grid=lambda s, cfg, sms: (triton.cdiv(s.N, cfg["BLOCK_N"]), triton.cdiv(s.D, cfg["BLOCK_D"])),
-    block_keys=("BLOCK_N", "BLOCK_D", "BLOCK_R"), tensor_cores=True))
+    grid=lambda s, cfg, sms: (programs(s.N, s.D, cfg, sms)[0],),
+    block_keys=("BLOCK_N", "BLOCK_D"), launch_fields=("PROGRAMS_PER_SM",), tensor_cores=True))

@@ -80,21 +80,22 @@ def _compress_module():
 
 
 def kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
-                producer: tuple[str, dict] | None = None) -> dict:
+                producer: tuple[str, dict] | None = None, coeff: str = "bf16") -> dict:
     """HBM bytes, tensor-core (or FMA) flops, grid size and loop trips of one launch.
-    `producer`: (kernel, config) of the product kernel a compress_finish step reduces."""
+    `producer`: (kernel, config) of the product kernel a compress_finish step reduces;
+    `coeff`: the dtype C is stored as (so far only reconstruct's bytes and products read it)."""
     import math  # noqa: PLC0415
 
     from laser_triton.kernels._spec import SPECS, Shape  # noqa: PLC0415
 
-    work = _kernel_work(kernel, N, D, r, dtype, cfg, producer)
+    work = _kernel_work(kernel, N, D, r, dtype, cfg, producer, coeff)
     grid = SPECS[kernel].grid(Shape(N, D, r, dtype), cfg, 132)
     work["programs"] = int(math.prod(grid))
     return work
 
 
 def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
-                 producer: tuple[str, dict] | None = None) -> dict:
+                 producer: tuple[str, dict] | None = None, coeff: str = "bf16") -> dict:
     import importlib  # noqa: PLC0415
 
     from laser_triton.kernels._common import pow2  # noqa: PLC0415
@@ -162,15 +163,32 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
     if kernel == "split_basis":
         return dict(bytes=D * r * 8, flops=0, outer=1, inner=1)
     if kernel == "reconstruct":
-        byt = N * r * xb + N * D * xb
-        l2 = byt + (_cdiv(D, cfg["BLOCK_D"]) - 1) * N * r * xb \
-            + (_cdiv(N, cfg["BLOCK_N"]) - 1) * D * r * 4  # C per D tile, U per row block
-        return dict(bytes=byt, l2_bytes=l2, flops=2 * N * D * r * split,
-                    outer=_cdiv(N, cfg["BLOCK_N"]) * _cdiv(D, cfg["BLOCK_D"]),
-                    inner=_cdiv(r, min(cfg["BLOCK_R"], pow2(r))), stages=cfg["num_stages"],
-                    stream=min(cfg["BLOCK_R"], pow2(r)) * (cfg["BLOCK_N"] * xb
-                                                          + cfg["BLOCK_D"] * 4))
+        return _reconstruct_work(N, D, r, dtype, cfg, coeff)
     raise KeyError(kernel)
+
+
+def _reconstruct_work(N: int, D: int, r: int, dtype: str, cfg: dict, coeff: str) -> dict:
+    """reconstruct (`kernels.reconstruct`): each program walks an equal run of the
+    D-tile-major (D tile, row block) tiles, loading the basis tile of each D tile it touches
+    once (`visits`) and C's rows once per row block: C crosses L2 once per D tile, the basis
+    once per visit, X_hat is written once. Products: 2 MMAs with a bf16 C, 3 otherwise."""
+    import importlib  # noqa: PLC0415
+
+    from laser_triton.kernels._common import pow2  # noqa: PLC0415
+
+    rc = importlib.import_module("laser_triton.kernels.reconstruct")
+    xb, cb = _BYTES[dtype], _BYTES[coeff]
+    ub = 4  # the basis: bf16 hi + lo halves, or fp32 U ("ieee")
+    split = 1 if cfg.get("PRECISION") == "ieee" else 2 if coeff == "bf16" else 3
+    n_rb, n_dt = _cdiv(N, cfg["BLOCK_N"]), _cdiv(D, cfg["BLOCK_D"])
+    P, per = rc.programs(N, D, cfg, N_SMS)
+    visits = sum((min((p + 1) * per, n_rb * n_dt) - 1) // n_rb - p * per // n_rb + 1
+                 for p in range(P))
+    loads = N * r * cb + D * r * ub
+    return dict(bytes=loads + N * D * xb, load_bytes=loads,
+                l2_bytes=N * D * xb + n_dt * N * r * cb + visits * min(cfg["BLOCK_D"], D) * r * ub,
+                flops=2 * N * D * r * split, outer=visits, inner=n_rb * n_dt / visits,
+                stages=cfg["num_stages"], stream=cfg["BLOCK_N"] * pow2(r) * cb)
 
 
 def predict(facts, work: dict) -> dict:
@@ -183,8 +201,10 @@ def predict(facts, work: dict) -> dict:
       shapes (narrow N is bound by shared-memory operand reads: `_audit.wgmma_clocks`),
       counted per loop level like the issue slots and per warpgroup;
     - issue: warp instructions (SASS loop bodies x trips) / the SMs' issue rate;
-    - latency: HBM bytes / (bytes the resident CTAs keep in flight / HBM_LATENCY_S), from
-      `stream` (bytes one pipelined loop iteration loads) and `stages` (Little's law).
+    - latency: HBM bytes loaded (`load_bytes`, default all bytes) / (bytes the resident
+      CTAs keep in flight / HBM_LATENCY_S), from `stream` (bytes one pipelined loop
+      iteration loads) and `stages` (Little's law); stores are posted, no thread waits on
+      them, so a kernel that mostly writes (reconstruct) is charged its loads only.
     """
     unit = "HGMMA" if facts.hgmma else "HMMA" if facts.hmma else "FFMA"
     t_mem = work["bytes"] / BW
@@ -210,23 +230,24 @@ def predict(facts, work: dict) -> dict:
                             232_448 // max(facts.shared, 1), 64 // facts.num_warps))
         resident = min(work["programs"], N_SMS * per_sm)
         in_flight = resident * max(work["stages"] - 1, 1) * work["stream"]
-        t_lat = work["bytes"] * HBM_LATENCY_S / in_flight
+        t_lat = work.get("load_bytes", work["bytes"]) * HBM_LATENCY_S / in_flight
     bounds = ((t_mem, "memory"), (t_l2, "L2"), (t_mma, "tensor"), (t_issue, "issue"),
               (t_lat, "latency"))
     return dict(t_mem=t_mem, t_l2=t_l2, t_mma=t_mma, t_issue=t_issue, t_lat=t_lat, unit=unit,
                 t=max(b for b, _ in bounds), bound=max(bounds)[1])
 
 
-def roofline(op: str, N: int, D: int, r: int, dtype: str) -> float:
+def roofline(op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16") -> float:
     """The op's floor: one read of X (or C) and the outputs at full bandwidth, and the MMA
-    flops the fp32-class split needs at the full HGMMA rate."""
+    flops the fp32-class split needs at the full HGMMA rate (reconstruct: C, stored as
+    `coeff`, times the basis halves: 2 MMAs for a bf16 C, 3 otherwise)."""
     xb, split = _BYTES[dtype], 2 if dtype == "bf16" else 3
     if op == "compress_pass":
         byt = N * D * xb + N * r * xb + D * r * 4
         flops = 4 * N * D * r * split
     else:
-        byt = N * r * xb + N * D * xb
-        flops = 2 * N * D * r * split
+        byt = N * r * _BYTES[coeff] + N * D * xb
+        flops = 2 * N * D * r * (2 if coeff == "bf16" else 3)
     return max(byt / BW, flops / MMA_RATE["HGMMA"])
 
 
@@ -290,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
                     bad = check(f)
                     failures += bool(bad)
                     pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg,
-                                                  producer=steps[0][:2]))
+                                                  producer=steps[0][:2], coeff=args.coeff))
                     total += pred["t"]
                     parts.append(f"{kernel}:{pred['t'] * 1e6:.1f}us/{pred['bound']}")
                     facts_rows.append({"label": args.label, "op": op, "D": D, "r": r,
@@ -301,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
                           f"{f.compile_s:5.1f} CPU s {'; '.join(bad) or 'ok'}", flush=True)
                 total += LAUNCH_S * (len(steps) - 1)
-                roof = roofline(op, N_ROWS, D, r, dtype)
+                roof = roofline(op, N_ROWS, D, r, dtype, args.coeff)
                 model_rows.append({
                     "label": args.label, "op": op, "D": D, "r": r, "dtype": dtype, "N": N_ROWS,
                     "predicted_us": round(total * 1e6, 1), "roofline_us": round(roof * 1e6, 1),

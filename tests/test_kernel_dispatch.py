@@ -39,7 +39,7 @@ def test_small_blocks(use_configs, monkeypatch):
         "compress_fused": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "PROGRAMS_PER_SM": 1}},
         "compress_coeff": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32}},
         "compress_y": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32}},
-        "reconstruct": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_R": 16}},
+        "reconstruct": {"D=70,r=20,dtype=fp32": {"BLOCK_N": 16, "BLOCK_D": 32}},
         "orth_gram": {"D=70,r=32,dtype=fp32": {"BLOCK_D": 16, "ROWS_PER_CHUNK": 32,
                                                "GRAM_TILE": 16}},
         "orth_apply": {"D=70,r=32,dtype=fp32": {"BLOCK_D": 16}},

@@ -82,17 +82,17 @@ from laser_triton.kernels import _contract
 import laser_triton.kernels.reconstruct
 mod = sys.modules["laser_triton.kernels.reconstruct"]
 C, U, out = torch.randn(37, 5), torch.randn(70, 5), torch.empty(37, 70)
-args = (C, U, U, out, 37, 70, 5, 5, 1, 5, 1)  # "ieee": u_ptr and ulo_ptr are both U
-kw = dict(BLOCK_N=64, BLOCK_D=64, BLOCK_R=16, PRECISION="ieee", INTERPRET=False, num_warps=4,
+args = (C, U, U, out, 37, 70, 5, 5, 1, 5, 1, 2)  # "ieee": u_ptr and ulo_ptr are both U
+kw = dict(BLOCK_N=64, BLOCK_D=64, R_PAD=16, PRECISION="ieee", INTERPRET=False, num_warps=4,
           num_stages=2)
 binder = _contract._Binder()
 binder.bind(_contract._Launch(mod._reconstruct_kernel, (1, 2), args, kw))  # the real launch
 try:
     binder.bind(_contract._Launch(mod._reconstruct_kernel, (1, 2), args[:-1], kw))
 except TypeError as exc:
-    assert "stride_ur" in str(exc), exc
+    assert "tiles_per_prog" in str(exc), exc
 else:
-    raise AssertionError("a launch without stride_ur was accepted")
+    raise AssertionError("a launch without tiles_per_prog was accepted")
 try:
     binder.bind(_contract._Launch(mod._reconstruct_kernel, (1, 70000, 1), args, kw))
 except ValueError as exc:
