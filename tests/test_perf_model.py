@@ -85,3 +85,23 @@ def test_l2_traffic_of_the_compress_kernels():
     wide = m.kernel_work("compress_y", N, 3072, 128, "bf16", {**y, "BLOCK_D": 256})
     # every D tile re-reads its segment's C halves: 48 tiles of 64 vs 12 of 256
     assert narrow["l2_bytes"] - wide["l2_bytes"] == pytest.approx(36 * N * 128 * 4, rel=0.05)
+
+
+def test_reconstruct_is_charged_what_its_programs_read():
+    """Persistent programs keep a basis tile for their run of row blocks: in L2 the basis
+    crosses once per (program, D tile) visit, C once per D tile, X_hat once; C is charged
+    at its stored width and a bf16 C needs 2 MMAs per product, a wider one 3."""
+    m = _model()
+    cfg = SPECS["reconstruct"].defaults
+    D, r = 3072, 128
+    w = m.kernel_work("reconstruct", N, D, r, "bf16", cfg)
+    n_dt, n_rb = D // cfg["BLOCK_D"], -(-N // cfg["BLOCK_N"])
+    P = w["programs"]
+    assert P <= 132 * cfg["PROGRAMS_PER_SM"] and P <= w["outer"] <= P + n_dt - 1  # visits
+    basis = w["l2_bytes"] - N * D * 2 - n_dt * N * r * 2
+    assert basis == w["outer"] * cfg["BLOCK_D"] * r * 4
+    assert basis < 0.01 * n_rb * D * r * 4  # the old grid: the basis once per row block
+    assert w["bytes"] == N * r * 2 + D * r * 4 + N * D * 2 and w["load_bytes"] < w["bytes"] / 20
+    wide = m.kernel_work("reconstruct", N, D, r, "bf16", cfg, coeff="fp32")
+    assert wide["bytes"] - w["bytes"] == N * r * 2 and wide["flops"] == 1.5 * w["flops"]
+    assert m.roofline("reconstruct", N, D, r, "fp16") == pytest.approx(w["flops"] / m.MMA_RATE["HGMMA"])
