@@ -28,6 +28,7 @@ from .compress_pass import compress_pass
 from .compress_plan import rows_fit
 from .grad_coeff import grad_coeff
 from .orthonormalize import completion_matrix, orthonormalize, orthonormalize_batched
+from .reconstruct import MAX_WIDTH as _RECONSTRUCT_MAX_WIDTH
 from .reconstruct import reconstruct
 
 __all__ = ["compress_pass", "orthonormalize", "orthonormalize_batched", "reconstruct", "grad_coeff",
@@ -56,8 +57,8 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
         X, U = tensors[0], tensors[1]
         return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK and rows_fit(X.shape[0], U.shape[1])
     if op == "reconstruct":
-        C = tensors[0]
-        return C.shape[1] <= MAX_RANK
+        C, U = tensors[0], tensors[1]
+        return C.shape[1] <= MAX_RANK and U.shape[0] <= _RECONSTRUCT_MAX_WIDTH
     if op == "orthonormalize":
         return all(Y.shape[0] <= MAX_D and Y.shape[1] <= MAX_ORTH_RANK for Y in tensors)
     return False

@@ -39,7 +39,11 @@ from ._common import (
 from ._spec import SIGNATURE_SMS, KernelSpec, Shape, declare
 from .configs import get_store
 
-__all__ = ["reconstruct", "programs"]
+__all__ = ["reconstruct", "programs", "MAX_WIDTH"]
+
+# The kernel addresses a row block of the output with 32-bit offsets (BLOCK_N * D < 2^31 for
+# every BLOCK_N a config may hold, <= 8192); wider outputs go to the torch twin.
+MAX_WIDTH = (2**31 - 1) // 8192  # 262,143 columns
 
 
 @triton.jit
@@ -100,6 +104,9 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
     dtype = check_reconstruct(C, U, dtype)
     N, R = C.shape
     D = U.shape[0]
+    if D > MAX_WIDTH:
+        raise ValueError(f"reconstruct: U has {D} rows, wider than the kernel's {MAX_WIDTH} "
+                         "(32-bit offsets within a row block); use the torch backend")
     out = new_buffer((N, D), dtype, C.device)
     store = get_store(C.device)
     dname = DTYPE_NAMES[dtype]

@@ -65,6 +65,12 @@ def test_supports():
     assert supports("orthonormalize", torch.zeros(512, 128))  # every TRM rank (issue 12)
     assert not supports("orthonormalize", torch.zeros(512, 129))
     assert supports("reconstruct", torch.zeros(10, 8, dtype=torch.bfloat16), torch.zeros(512, 8))
+    # 32-bit offsets within a row block of the output: wider ones go to torch, and the
+    # launcher says why
+    wide = torch.zeros(300_000, 8)
+    assert not supports("reconstruct", torch.zeros(10, 8), wide)
+    with pytest.raises(ValueError, match="300000 rows"):
+        reconstruct(torch.zeros(10, 8), wide)
     assert not supports("nonsense", X)
 
 
