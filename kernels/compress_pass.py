@@ -156,7 +156,8 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         _compress_tma_kernel[(P,)](
             x_descriptor(X, cfg), U, C, ypart, rows, amax, N, D, R, *us, NEED_Y=need_y,
             ATOMIC=atomic, BLOCK_K=tma_block_k(D), HALVES=triton.cdiv(D, tma_block_k(D)),
-            R_PAD=pow2(R), INTERPRET=INTERPRET, **SPEC_TMA.kernel_config(cfg))
+            R_PAD=pow2(R), X_FP16=X.dtype == torch.float16, INTERPRET=INTERPRET,
+            **SPEC_TMA.kernel_config(cfg))
         return ypart, rows, amax
 
     ypart = None

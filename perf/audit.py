@@ -123,11 +123,12 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
         # L2 -> SM: X once (TMA into shared memory, both products read it there), the fp32
         # basis once per program (split and kept in shared memory), the outputs
         l2 = byt + P * D * r * 4
-        # The paired C product [X U_hi | X U_lo] (two products for bf16 X, four for fp16)
-        # is one 2r-wide MMA; with 32-row blocks it is below wgmma's 64 rows, so it runs as
-        # mma.sync (HMMA) at that unit's rate, next to the Y product's HGMMAs
-        c_flops = 2 * N * D * 2 * pow2(r) * (1 if dtype == "bf16" else 2)
-        y_flops = 2 * N * D * r * split
+        # X (bf16 or fp16) is exact in an MMA of its own type: the paired C product
+        # [X U_hi | X U_lo] is one 2r-wide MMA and Y two (C's halves). With 32-row blocks the
+        # C product is below wgmma's 64 rows, so it runs as mma.sync (HMMA) at that unit's
+        # rate, next to the Y product's HGMMAs
+        c_flops = 2 * N * D * 2 * pow2(r)
+        y_flops = 2 * N * D * r * 2
         return dict(bytes=byt, l2_bytes=l2, flops=c_flops + y_flops,
                     hmma_flops=c_flops if cfg["BLOCK_N"] < 64 else 0,
                     # one trip of the persistent loop per program, its row blocks inside (the

@@ -20,7 +20,7 @@ pytestmark = KERNEL_MARKS
 
 CP = importlib.import_module("laser_triton.kernels.compress_pass")
 TMA = importlib.import_module("laser_triton.kernels.compress_tma")
-BF16, F32 = torch.bfloat16, torch.float32
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.fixture
@@ -43,30 +43,48 @@ def tma_runs(monkeypatch):
     return launches
 
 
-CASES = [  # (N, D, r, coeff dtype): two 256-wide column tiles, one tile wider than D, r = 64
-    (1037, 512, 33, BF16),
-    (300, 136, 8, F32),
-    (77, 264, 24, BF16),
-    (1, 512, 64, BF16),
+CASES = [  # (N, D, r, X dtype, coeff dtype): two 256-wide column tiles, one tile wider
+    (1037, 512, 33, BF16, BF16),  # than D, r = 64, fp16 X (fp16 halves of U and C)
+    (300, 136, 8, BF16, F32),
+    (77, 264, 24, BF16, BF16),
+    (1, 512, 64, BF16, BF16),
+    (1037, 512, 33, F16, F16),
+    (300, 264, 64, F16, BF16),
 ]
 
 
-@pytest.mark.parametrize("N,D,r,coeff", CASES, ids=[f"{n}x{d}-r{r}" for n, d, r, _ in CASES])
-def test_tma_kernel_matches_fp64(N, D, r, coeff, tma_runs):
-    X, U = inputs(N, D, r, BF16, seed=N + D + r)
+@pytest.mark.parametrize("N,D,r,dtype,coeff", CASES,
+                         ids=[f"{n}x{d}-r{r}-{str(t)[6:]}" for n, d, r, t, _ in CASES])
+def test_tma_kernel_matches_fp64(N, D, r, dtype, coeff, tma_runs):
+    X, U = inputs(N, D, r, dtype, seed=N + D + r)
     check_compress(compress_pass(X, U, True, coeff), X, U, coeff)
+    assert len(tma_runs) == 1
+
+
+def test_fp16_x_keeps_its_accuracy_at_any_magnitude(tma_runs):
+    """fp16 X: C's fp16 halves are scaled per row block by a power of two, so |C| beyond
+    fp16's range (65504; here ~2.7e5) and tiny rows (1e-4) both keep fp32-class Y; the later,
+    larger blocks rescale the sums of the earlier ones."""
+    X, U = inputs(600, 512, 16, F16, seed=21)
+    X = X.float()
+    X[:200] *= 1e-4 / 3
+    X[400:] = X[400:].sign() * 60000.0
+    X = X.half()
+    out = compress_pass(X, U, True, F32)
+    assert float(out.C.abs().max()) > 2 * 65504
+    check_compress(out, X, U, F32)
     assert len(tma_runs) == 1
 
 
 def test_tma_kernel_without_y_column_major_basis_and_nan_rows(tma_runs):
     """need_y=False; torch.linalg.qr's column-major U; a NaN in a later row block poisons
     max |C|, e_C and e_X as on the other paths."""
-    X, _ = inputs(400, 200, 12, BF16, seed=5)
+    X, _ = inputs(400, 200, 12, F16, seed=5)
     U = torch.linalg.qr(torch.randn(200, 12, dtype=torch.float64))[0].float().to(DEV)
     assert not U.is_contiguous()
-    check_compress(compress_pass(X, U, False, BF16), X, U, BF16, need_y=False)
+    check_compress(compress_pass(X, U, False, F16), X, U, F16, need_y=False)
     X[333, 150] = float("nan")
-    out = compress_pass(X, U, True, BF16)
+    out = compress_pass(X, U, True, F16)
     assert torch.isnan(out.c_amax) and torch.isnan(out.e_C) and torch.isnan(out.e_X)
     assert len(tma_runs) == 2
 
@@ -92,7 +110,7 @@ def test_tma_kernel_rounds_bf16_coefficients_to_nearest(tma_runs):
 
 
 def test_layouts_tma_cannot_read_take_the_other_designs(tma_runs):
-    """A strided X, a width that is not a multiple of 8, an fp16 X: no TMA launch, and the
+    """A strided X, a width that is not a multiple of 8, an fp32 X: no TMA launch, and the
     result is still right."""
     base, U = inputs(300, 2 * 136, 8, BF16, seed=7)
     U = U[:136]  # (136, 8), not orthonormal: fine for the check
@@ -100,7 +118,7 @@ def test_layouts_tma_cannot_read_take_the_other_designs(tma_runs):
     check_compress(compress_pass(X, U, True, BF16), X, U, BF16)
     X2, U2 = inputs(50, 130, 8, BF16, seed=8)
     check_compress(compress_pass(X2, U2, True, BF16), X2, U2, BF16)
-    X3, U3 = inputs(50, 136, 8, torch.float16, seed=9)
+    X3, U3 = inputs(50, 136, 8, F32, seed=9)
     check_compress(compress_pass(X3, U3, True, BF16), X3, U3, BF16)
     assert tma_runs == []
 
@@ -114,4 +132,4 @@ def test_only_shapes_the_kernel_covers_take_a_tma_entry():
     assert CP.choose_path(512, 32, "bf16", None, Store()) == "tma"
     assert CP.choose_path(512, 128, "bf16", None, Store()) == "split"  # r > 64
     assert CP.choose_path(97, 8, "bf16", None, Store()) == "fused"  # D not a multiple of 8
-    assert CP.choose_path(512, 32, "fp16", None, Store()) == "fused"
+    assert CP.choose_path(512, 32, "fp32", None, Store()) == "fused"
