@@ -182,10 +182,13 @@ def _compress_tma_kernel(
             # from the bits; NaN or inf make it huge, and Y is NaN then anyway)
             m = tl.max(tl.max(tl.abs(c), axis=1), axis=0)
             e = ((m.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
-            grown = tl.minimum(tl.maximum(scale, e - 13), 127)
-            if grown > scale:  # earlier blocks' sums, rescaled (exact unless they underflow)
-                y0 = y0 * _pow2(scale - grown)
-                y1 = y1 * _pow2(scale - grown)
+            grown = tl.minimum(tl.maximum(scale, e - 13), 115)
+            if grown > scale:  # earlier blocks' sums, rescaled (exact unless they underflow;
+                # below 2^-126 of the new unit they are flushed to zero)
+                shrink = scale - grown
+                f = tl.where(shrink < -126, 0.0, _pow2(tl.maximum(shrink, -126)))
+                y0 = y0 * f
+                y1 = y1 * f
                 scale = grown
             c_hi, c_lo = _split16(c * _pow2(-scale), X_FP16)
         else:
