@@ -4,8 +4,9 @@ Each factor mode writes L^{-1} = R^{-T} (fp64, lower triangular) for the apply k
 R itself (R's rows live in a scratch buffer while the factor runs).
 
 `_orth_factor_kernel` reads the site's summed Gram (the Gram and apply kernels sum their
-per-chunk partials in chunk order), writes the Gram to factor into a per-site scratch in
-16 x 16 tiles and then, by MODE:
+per-chunk partials in chunk order) and factors it (MODE "plain": in place, reading each
+block at or right of the diagonal once) or the Gram of the column-scaled, completed basis
+(MODE "repair": mixed from A^T A, Z^T A and Z^T Z into a per-site scratch, those blocks only):
 - "repair": column scaling, completion of dead and degenerate columns, and the first
   Cholesky factor R1 (docs/design.md §2.6, matching laser_triton.reference.orthonormalize);
 - "plain": the second factor R2 of CholeskyQR2 from the Gram of Q1.
@@ -128,11 +129,12 @@ def _small_factor(W, PB: tl.constexpr):
 
 
 @triton.jit
-def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
-                    R_PAD: tl.constexpr, PB: tl.constexpr, KC: tl.constexpr, CB: tl.constexpr):
+def _factor_blocked(gram, shift, rs_ptr, li_ptr, dg_ptr, r, R_PAD: tl.constexpr,
+                    PB: tl.constexpr, KC: tl.constexpr, CB: tl.constexpr):
     """R^T R = G (upper R) and L^{-1} = R^{-T} for one site, left-looking by PB-row panels.
 
-    gs: the site's Gram (R_PAD x R_PAD fp64, symmetric, shifted, identity outside r x r);
+    gram: the site's R_PAD x R_PAD Gram, read block by block where the factor needs it (the
+    diagonal block and the blocks right of it, each once) and shifted there (`_gram_block`);
     rs: scratch for R's rows; li: L^{-1} (every entry written: lower triangular, identity on
     the padded rows up to the panel boundary, zero beyond); dg: diag(R). Returns the failed
     pivots.
@@ -146,7 +148,7 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
     failed = 0
     for k0 in range(0, n_act, PB):
         rows = k0 + pb
-        W = tl.load(gs_ptr + rows[:, None] * R_PAD + rows[None, :])  # (PB, PB) fp64: G[k, k]
+        W = _gram_block(gram, rows, rows, shift, r, R_PAD)  # (PB, PB) fp64: G[k, k]
         for i0 in range(0, k0, KC):
             ii = i0 + kc
             rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=ii[:, None] < k0,
@@ -158,19 +160,17 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
         tl.store(rs_ptr + rows[:, None] * R_PAD + rows[None, :], Rkk)
         for c0 in range(k0 + PB, n_act, CB):  # R's row panel right of the diagonal block
             cc = c0 + cb
-            c_ok = cc[None, :] < n_act
             # Wc: (PB, CB) fp64, G[k, cc] minus the panels above; rr: (KC, CB) R[ii, cc]
-            Wc = tl.load(gs_ptr + rows[:, None] * R_PAD + cc[None, :], mask=c_ok, other=0.0)
+            # (cc < n_act <= R_PAD: CB divides PB's multiples)
+            Wc = _gram_block(gram, rows, cc, shift, r, R_PAD)
             for i0 in range(0, k0, KC):
                 ii = i0 + kc
                 i_ok = ii[:, None] < k0
                 rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=i_ok, other=0.0)
-                rr = tl.load(rs_ptr + ii[:, None] * R_PAD + cc[None, :], mask=i_ok & c_ok,
-                             other=0.0)
+                rr = tl.load(rs_ptr + ii[:, None] * R_PAD + cc[None, :], mask=i_ok, other=0.0)
                 Wc = tl.dot(-tl.trans(rc), rr, Wc, out_dtype=tl.float64)
-            tl.store(rs_ptr + rows[:, None] * R_PAD + cc[None, :],
-                     tl.dot(T, Wc, out_dtype=tl.float64), mask=c_ok)
-        for c0 in range(0, R_PAD, CB):  # L^{-1}'s row panel, all R_PAD columns
+            tl.store(rs_ptr + rows[:, None] * R_PAD + cc[None, :], tl.dot(T, Wc, out_dtype=tl.float64))
+        for c0 in range(0, k0 + PB, CB):  # L^{-1}'s row panel up to its diagonal block
             cc = c0 + cb
             # V: (PB, CB) fp64, E_k[:, cc] minus the panels above; lr: (KC, CB) L^{-1}[ii, cc]
             V = tl.where(cc[None, :] == rows[:, None], 1.0, 0.0).to(tl.float64)
@@ -182,6 +182,9 @@ def _factor_blocked(gs_ptr, rs_ptr, li_ptr, dg_ptr, r,
                 lr = tl.load(li_ptr + ii[:, None] * R_PAD + cc[None, :], mask=i_ok, other=0.0)
                 V = tl.dot(-tl.trans(rc), lr, V, out_dtype=tl.float64)
             tl.store(li_ptr + rows[:, None] * R_PAD + cc[None, :], tl.dot(T, V, out_dtype=tl.float64))
+        zero = tl.zeros((PB, CB), tl.float64)
+        for c0 in range(k0 + PB, R_PAD, CB):  # right of the diagonal block L^{-1} is 0
+            tl.store(li_ptr + rows[:, None] * R_PAD + (c0 + cb)[None, :], zero)
         tl.debug_barrier()  # this panel's rows are visible to the next panel's loads
     zero = tl.zeros((PB, CB), tl.float64)
     for k0 in range(n_act, R_PAD, PB):  # rows beyond the factored block: L^{-1} = 0 there
@@ -198,36 +201,50 @@ def _sum_tile(ptr, s, n_chunk, offs, R_PAD: tl.constexpr):
     return tl.load(ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD + offs)
 
 
+@triton.jit
+def _gram_block(gram, rows, cols, shift, r, R_PAD: tl.constexpr):
+    """Block (rows, cols) of the Gram to factor: the site's Gram plus `shift` on the
+    diagonal, identity outside the leading r x r block."""
+    G = tl.load(gram + rows[:, None] * R_PAD + cols[None, :])
+    inside = (rows[:, None] < r) & (cols[None, :] < r)
+    eye = rows[:, None] == cols[None, :]
+    return tl.where(inside, G + tl.where(eye, shift, 0.0), tl.where(eye, 1.0, 0.0))
+
+
 @triton.jit(noinline=True)
-def _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, shift, r,
-                MIX: tl.constexpr, R_PAD: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr):
-    """The Gram to factor, in (PB, CB) tiles, into the site's scratch `gs`: the sum of the
-    partials (MIX: of M, M_j = A_j * scale_j or Z_j where scale_j < 0, from A^T A, Z^T A
-    and Z^T Z), plus `shift` on the diagonal, identity outside the leading r x r block."""
-    for k0 in range(0, R_PAD, PB):
+def _mix_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, r, R_PAD: tl.constexpr,
+              PB: tl.constexpr, CB: tl.constexpr):
+    """The Gram of M (M_j = A_j * scale_j, or Z_j where scale_j < 0) from the summed A^T A,
+    Z^T A and Z^T Z, into the site's scratch `gs` in (PB, CB) tiles: only the tiles the
+    factor reads (at or right of the diagonal, inside the factored rows). Returns its trace
+    (inside r x r; the factor's shift is proportional to it)."""
+    idx = tl.arange(0, R_PAD)
+    sc = tl.load(scale_ptr + s * R_PAD + idx)
+    use = sc > 0
+    inv_n = tl.where(use, sc, 0.0)
+    diag_g = _diag_of_sum(g_ptr, s, n_chunk, R_PAD)
+    diag_zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + idx * (R_PAD + 1))
+    trace = tl.sum(tl.where(idx < r, tl.where(use, diag_g * inv_n * inv_n, diag_zz), 0.0), axis=0)
+    n_act = tl.cdiv(r, PB) * PB
+    for k0 in range(0, n_act, PB):
         rows = k0 + tl.arange(0, PB)
-        for c0 in range(0, R_PAD, CB):
+        sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
+        ua_i = sc_i > 0
+        for c0 in range(k0 // CB * CB, n_act, CB):
             cols = c0 + tl.arange(0, CB)
             offs = rows[:, None] * R_PAD + cols[None, :]
-            G = _sum_tile(g_ptr, s, n_chunk, offs, R_PAD)  # (PB, CB) fp64: A^T A [rows, cols]
-            if MIX:
-                sc_i = tl.load(scale_ptr + s * R_PAD + rows)[:, None]
-                sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
-                ua_i = sc_i > 0
-                ua_j = sc_j > 0
-                G = tl.where(ua_i & ua_j, G * sc_i * sc_j, 0.0)
-                G += tl.where(ua_j & ~ua_i,
-                              _sum_tile(za_ptr, s, n_chunk, offs, R_PAD) * sc_j, 0.0)
-                G += tl.where(ua_i & ~ua_j, _sum_tile(  # A_i . Z_j = (Z^T A)[j, i]
-                    za_ptr, s, n_chunk, cols[None, :] * R_PAD + rows[:, None], R_PAD) * sc_i,
-                    0.0)
-                zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs)
-                G += tl.where(~ua_i & ~ua_j, zz, 0.0)
-            inside = (rows[:, None] < r) & (cols[None, :] < r)
-            eye = rows[:, None] == cols[None, :]
-            G = tl.where(inside, G + tl.where(eye, shift, 0.0), tl.where(eye, 1.0, 0.0))
+            sc_j = tl.load(scale_ptr + s * R_PAD + cols)[None, :]
+            ua_j = sc_j > 0
+            G = tl.where(ua_i & ua_j, _sum_tile(g_ptr, s, n_chunk, offs, R_PAD) * sc_i * sc_j,
+                         0.0)
+            G += tl.where(ua_j & ~ua_i, _sum_tile(za_ptr, s, n_chunk, offs, R_PAD) * sc_j, 0.0)
+            G += tl.where(ua_i & ~ua_j, _sum_tile(  # A_i . Z_j = (Z^T A)[j, i]
+                za_ptr, s, n_chunk, cols[None, :] * R_PAD + rows[:, None], R_PAD) * sc_i, 0.0)
+            zz = tl.load(zz_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs)
+            G += tl.where(~ua_i & ~ua_j, zz, 0.0)
             tl.store(gs_ptr + s.to(tl.int64) * R_PAD * R_PAD + offs, G)
     tl.debug_barrier()  # the factor reads these rows back
+    return trace
 
 
 @triton.jit
@@ -239,7 +256,8 @@ def _orth_factor_kernel(
 ):
     """For site s: its summed Gram (chunk 0's slot), then by MODE L^{-1} = R^{-T} of chol(G)
     ("repair": of the scaled, completed Gram; "plain").
-    gs, rs: (R_PAD, R_PAD) fp64 scratch per site (the Gram, R's rows); dg: (R_PAD,) diag(R)."""
+    gs, rs: (R_PAD, R_PAD) fp64 scratch per site ("repair": the Gram of the scaled, completed
+    M; R's rows); dg: (R_PAD,) diag(R). "plain" factors the summed Gram in place."""
     s = tl.program_id(0)
     idx = tl.arange(0, R_PAD)
     r = tl.load(meta_ptr + s * 3 + 2).to(tl.int32)
@@ -261,18 +279,10 @@ def _orth_factor_kernel(
         failed = 0
         for attempt in range(2):  # a loop, so the factor is compiled once
             if redo:
-                # What the factor needs is reloaded here, not held in registers across it.
-                sc = tl.load(scale_ptr + s * R_PAD + idx)
-                use = sc > 0
-                inv_n = tl.where(use, sc, 0.0)
-                diag_g = _diag_of_sum(g_ptr, s, n_chunk, R_PAD)
-                diag_zz = tl.load(zz_ptr + site + idx * (R_PAD + 1))
-                trace = tl.sum(tl.where(idx < r, tl.where(use, diag_g * inv_n * inv_n, diag_zz),
-                                        0.0), axis=0)
-                _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk,
-                            EPS64 * r * trace, r, True, R_PAD, PB,
-                            32 if R_PAD >= 32 else R_PAD)  # 16 x 32 tiles: half the tile code
-                failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
+                # What the factor needs is reloaded, not held in registers across it.
+                trace = _mix_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, r, R_PAD,
+                                  PB, 32 if R_PAD >= 32 else R_PAD)  # 16 x 32 tiles
+                failed = _factor_blocked(gs, EPS64 * r * trace, rs, li, dg, r, R_PAD, PB, KC, CB)
                 sc = tl.load(scale_ptr + s * R_PAD + idx)  # reloaded: not live across the factor
                 use = sc > 0
                 inv_n = tl.where(use, sc, 0.0)
@@ -287,9 +297,8 @@ def _orth_factor_kernel(
         tl.store(info_ptr + s * 2 + 0, failed)
     elif MODE == "plain":
         trace = tl.sum(tl.where(idx < r, diag_g, 0.0), axis=0)
-        _store_gram(g_ptr, za_ptr, zz_ptr, scale_ptr, gs_ptr, s, n_chunk, EPS64 * r * trace, r,
-                    False, R_PAD, PB, CB)
-        failed = _factor_blocked(gs, rs, li, dg, r, R_PAD, PB, KC, CB)
+        failed = _factor_blocked(g_ptr + s.to(tl.int64) * n_chunk * R_PAD * R_PAD,
+                                 EPS64 * r * trace, rs, li, dg, r, R_PAD, PB, KC, CB)
         tl.store(info_ptr + s * 2 + 1, failed)
 
 

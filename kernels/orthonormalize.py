@@ -172,7 +172,7 @@ def orthonormalize_batched(
     za_part = new_buffer((S, n_chunk, R_PAD, R_PAD), f64, device)
     nf_part = new_buffer((S, n_chunk, R_PAD), torch.float32, device)
     Linv = new_buffer((S, R_PAD, R_PAD), f64, device)  # R^{-T} of the current pass
-    gram_s = new_buffer((S, R_PAD, R_PAD), f64, device)  # factor scratch: the Gram, R's rows
+    gram_s = new_buffer((S, R_PAD, R_PAD), f64, device)  # factor scratch: the mixed Gram
     r_rows = new_buffer((S, R_PAD, R_PAD), f64, device)
     r_diag = new_buffer((S, R_PAD), f64, device)
     scale = new_buffer((S, R_PAD), f64, device)

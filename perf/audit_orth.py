@@ -84,35 +84,43 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
     if kernel == "orth_factor":
         byt = sites * R_PAD * R_PAD * 8 * 6  # the summed Grams, ZZ, scratch, R, L^{-1}
         n_pan = _cdiv(r, PB)
+        cb, mb = min(cfg["CB"], R_PAD), min(32, R_PAD)  # L^{-1} blocks; the mixed Gram's tiles
+        mix = sum(_cdiv(n_pan * PB - k * PB // mb * mb, mb) for k in range(n_pan)) \
+            if flags.get("MODE") == "repair" else 0  # tiles at or right of the diagonal
+        zero = sum((R_PAD - (k + 1) * PB) // cb for k in range(n_pan)) \
+            + (R_PAD // PB - n_pan) * (R_PAD // cb)  # L^{-1} blocks right of / below the factor
         return dict(bytes=byt, flops=2 * sites * R_PAD ** 3, programs=sites, outer=n_pan,
-                    dot_trips=_left_looking_trips(n_pan) * n_pan,
-                    tile_trips=(R_PAD // PB) * (R_PAD // (min(32, R_PAD) if flags.get(
-                        "MODE") == "repair" else cfg["CB"])))  # the repair Gram: 16 x 32 tiles
+                    dot_trips=_left_looking_trips(n_pan) * n_pan, mix_trips=mix,
+                    zero_trips=zero)
     raise KeyError(kernel)
 
 
-def loop_bodies(cubin: bytes) -> list[tuple[int, int, int]]:
-    """(instructions, DMMA, BAR) of each innermost loop body of a cubin's SASS (a backward
-    branch closes a body; innermost: containing no other)."""
+def loop_bodies(cubin: bytes) -> list[tuple[int, int, int, int]]:
+    """(instructions, DMMA, BAR, LDG) of each innermost loop body of a cubin's SASS (a
+    backward branch closes a body; innermost: containing no other)."""
     from laser_triton.kernels._audit import disassemble, loop_structure  # noqa: PLC0415
 
     ops, _, inner = loop_structure(disassemble(cubin)[1])
-    return [(sum(lo <= a <= hi for a, _, _, _ in ops),
-             sum(lo <= a <= hi and op == "DMMA" for a, op, _, _ in ops),
-             sum(lo <= a <= hi and op == "BAR" for a, op, _, _ in ops)) for lo, hi in inner]
+    return [tuple(sum(lo <= a <= hi and (want is None or op == want) for a, op, _, _ in ops)
+                  for want in (None, "DMMA", "BAR", "LDG")) for lo, hi in inner]
 
 
-def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int]]) -> float:
+def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int, int]]) -> float:
     """Warp instructions of one factor program: the straight code once, the code of the
     outer loops (the panel loop with its unrolled 16-column diagonal-block factor) once per
-    panel, the tl.dot loops (the bodies with DMMA) for the left-looking trips, the other
-    innermost loops (Gram build and check tiles, zero fills) once per 16 x CB tile."""
+    panel, the tl.dot loops (the bodies with DMMA)
+    for the left-looking trips, the mixed Gram's tile loop (no DMMA, loads) per tile at or
+    right of the diagonal, the zero fills of L^{-1} (no DMMA, no loads) per 16 x CB block.
+    Not counted: the outer loops around the tl.dot loops (R's and L^{-1}'s column blocks) run
+    up to n_pan / 2 times per panel, not once (the same in every version of the factor)."""
     once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
-    dots = [n for n, dmma, _ in bodies if dmma]
-    other = sum(n for n, dmma, _ in bodies if not dmma)
+    dots = [n for n, dmma, _, _ in bodies if dmma]
+    mix = sum(n for n, dmma, _, ldg in bodies if not dmma and ldg)
+    zeros = [n for n, dmma, _, ldg in bodies if not dmma and not ldg]
     dot_avg = sum(dots) / len(dots) if dots else 0.0
+    zero_avg = sum(zeros) / len(zeros) if zeros else 0.0
     return (once + work["outer"] * facts.outer_body + work["dot_trips"] * dot_avg
-            + work["tile_trips"] * other)
+            + work["mix_trips"] * mix + work["zero_trips"] * zero_avg)
 
 
 def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
