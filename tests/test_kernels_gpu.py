@@ -61,6 +61,31 @@ def test_compress_pass_bf16_matches_fp64(kernels, N, D, r, path, monkeypatch):
     assert float(out.e_C) == pytest.approx(float(C.square().sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tma_design_on_hopper(kernels, dtype, monkeypatch):
+    """The TMA design (what D = 512 launches on an H200) against fp64, fp16 X with |C| past
+    fp16's range and zero row blocks first (C's fp16 halves are scaled per row block), and
+    bitwise repeatable."""
+    import importlib
+
+    cp = importlib.import_module("laser_triton.kernels.compress_pass")
+    monkeypatch.setattr(cp, "choose_path", lambda *args, **kwargs: "tma")
+    U = random_orthonormal(512, 32, seed=3).float().cuda()
+    X = torch.randn(70001, 512, device="cuda")
+    X[:4096] = 0.0
+    X[-5000:] = 60000.0 * U[:, 0].sign()  # |c_0| ~ 1e6
+    X = X.to(dtype)
+    out = kernels.compress_pass(X, U, True, torch.float32)
+    Xd, Ud = X.double(), U.double()
+    C = Xd @ Ud
+    assert float(C.abs().max()) > 65504
+    assert float((out.C.double() - C).norm() / C.norm()) < 1e-5
+    assert float((out.Y.double() - Xd.t() @ C).norm() / (Xd.t() @ C).norm()) < 1e-5
+    assert float(out.e_X) == pytest.approx(float(Xd.square().sum()), rel=1e-5)
+    again = kernels.compress_pass(X, U, True, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(tuple.__iter__(out), tuple.__iter__(again)))
+
+
 def test_fp32_products_are_not_tf32(kernels):
     """A TF32 product would show ~1e-3 relative errors in C for fp32 inputs."""
     X = torch.randn(4096, 512, device="cuda")
