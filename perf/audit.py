@@ -151,13 +151,20 @@ def _kernel_work(kernel: str, N: int, D: int, r: int, dtype: str, cfg: dict,
                     stages=cfg["num_stages"],
                     stream=cfg["BLOCK_N"] * (cfg["BLOCK_D"] * xb + pow2(r) * 4))
     if kernel == "compress_finish":
-        if producer is not None and producer[0] == "compress_tma":  # one slab per program
+        # The slabs it reduces are those its producer (the launch writing Y partials) wrote
+        # with the config it ran; without one, the size rule's design at built-in defaults.
+        if producer is None:
+            producer = (("compress_fused", cp.SPEC_FUSED.defaults) if cp.fused_by_size(D, r)
+                        else ("compress_y", cp.SPEC_Y.defaults))
+        pkernel, pcfg = producer
+        if pkernel == "compress_tma":  # one slab per program
             P, J = importlib.import_module("laser_triton.kernels.compress_tma").tma_programs(
-                N, D, r, producer[1], 132), 1
-        elif cp.fused_by_size(D, r):
-            P, J = cp.fused_programs(N, D, r, cp.SPEC_FUSED.defaults, 132)
-        else:
-            P, J = cp.y_segments(N, D, r, cp.SPEC_Y.defaults, 132)[0], 1
+                N, D, r, pcfg, 132), 1
+        elif pkernel == "compress_fused":
+            P, J = cp.fused_programs(N, D, r, {**cp.SPEC_FUSED.defaults, **pcfg}, 132)
+        else:  # compress_y (compress_coeff alone writes no slabs: need_y=False)
+            P, J = cp.y_segments(N, D, r, {**cp.SPEC_Y.defaults, **(
+                pcfg if pkernel == "compress_y" else {})}, 132)[0], 1
         n_yblk, n_rb = cp.finish_grid(N, D, r, True, False)
         byt = P * D * r * 4 + (J + 1) * N * 4 + D * r * 4
         return dict(bytes=byt, flops=0, outer=n_yblk + n_rb, inner=max(_cdiv(P, 16), J))
@@ -279,16 +286,73 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TRITON_CACHE_DIR"] = saved
 
 
+def op_steps(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16"
+             ) -> list[tuple[str, dict, dict]]:
+    """(kernel, config, flags) of every launch of `op` ("compress_pass" or "reconstruct") at
+    (N, D, r, dtype, C stored as `coeff`) with `store`'s configs: the launchers' own plans."""
+    import importlib  # noqa: PLC0415
+
+    if op == "compress_pass":
+        return _compress_module().launch_plan(store, N, D, r, dtype, coeff=coeff)
+    if op != "reconstruct":
+        raise KeyError(f"op_steps: {op!r} is not compress_pass or reconstruct")
+    basis = importlib.import_module("laser_triton.kernels._basis")
+    rec = store.lookup("reconstruct", D, r, dtype, N)
+    return ([("split_basis", dict(basis.CONFIG), {})] if rec["PRECISION"] != "ieee" else []) \
+        + [("reconstruct", rec, {})]
+
+
+def model_op(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16",
+             label: str = "", verbose: bool = True) -> dict:
+    """The audit and the model of one op at any (N, D, r, dtype, coeff): each launch of
+    `op_steps` compiled for sm_90 at that shape's specialization and predicted.
+
+    Returns {"row": the model.csv row (times rounded), "facts": audit.csv rows, "failures":
+    launches that fail the budget, "t" and "roofline": the op's predicted and roofline
+    seconds, "parts": per launch {kernel, t, bound, t_mem, t_l2, t_mma, t_issue, t_lat}
+    (seconds), "launch_gaps": seconds of launch gaps (included in "t")}."""
+    from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
+
+    steps = op_steps(store, op, N, D, r, dtype, coeff)
+    # the kernel whose per-program Y slabs compress_finish reduces: the last product launch
+    producer = steps[-2][:2] if len(steps) > 1 else None
+    total, parts, facts_rows, failures = 0.0, [], [], 0
+    for kernel, cfg, flags in steps:
+        f = audit(kernel, D, r, dtype, cfg, N=N, flags=flags, coeff=coeff)
+        bad = check(f)
+        failures += bool(bad)
+        pred = predict(f, kernel_work(kernel, N, D, r, dtype, cfg, producer=producer,
+                                      coeff=coeff))
+        total += pred["t"]
+        parts.append({"kernel": kernel, **{k: v for k, v in pred.items() if k != "unit"}})
+        facts_rows.append({"label": label, "op": op, "D": D, "r": r, "dtype": dtype, **f.row(),
+                           "mma_unit": pred["unit"], "problems": "; ".join(bad),
+                           "coeff": coeff})
+        if verbose:
+            print(f"{op:13s} D={D:<4d} r={r:<3d} {dtype} {kernel:15s} regs {f.regs:3d} "
+                  f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
+                  f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
+                  f"{f.compile_s:5.1f} CPU s {'; '.join(bad) or 'ok'}", flush=True)
+    gaps = LAUNCH_S * (len(steps) - 1)
+    total += gaps
+    roof = roofline(op, N, D, r, dtype, coeff)
+    row = {"label": label, "op": op, "D": D, "r": r, "dtype": dtype, "N": N,
+           "predicted_us": round(total * 1e6, 1), "roofline_us": round(roof * 1e6, 1),
+           "predicted_fraction": round(roof / total, 3),
+           "goal_fraction": GOAL if op == "compress_pass" else "",
+           "kernels": " + ".join(f"{p['kernel']}:{p['t'] * 1e6:.1f}us/{p['bound']}"
+                                 for p in parts),
+           "kind": "estimate (static model, not timed)", "coeff": coeff}
+    return {"row": row, "facts": facts_rows, "failures": failures, "t": total, "roofline": roof,
+            "parts": parts, "launch_gaps": gaps}
+
+
 def _run(args: argparse.Namespace) -> int:
     """The audit and the model for `args` (see the module docstring). Under
     TRITON_INTERPRET=1 the compiles run in a clean child process (`kernels._hopper`)."""
-    import importlib  # noqa: PLC0415
-
     from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
     from laser_triton.kernels.configs import ConfigStore  # noqa: PLC0415
 
-    basis = importlib.import_module("laser_triton.kernels._basis")
-    cp = _compress_module()
     store = ConfigStore("NVIDIA H200", interpreter=False)
     shapes = [(D, r) for D in TRM_D for r in TRM_R if r <= D] if args.full else QUICK
     if args.shapes:
@@ -297,40 +361,13 @@ def _run(args: argparse.Namespace) -> int:
     facts_rows, model_rows, failures = [], [], 0
     for dtype in args.dtypes:
         for D, r in shapes:
-            rec = store.lookup("reconstruct", D, r, dtype, N_ROWS)
-            plans = {"compress_pass": cp.launch_plan(store, N_ROWS, D, r, dtype,
-                                                     coeff=args.coeff),
-                     "reconstruct": ([("split_basis", dict(basis.CONFIG), {})]
-                                     if rec["PRECISION"] != "ieee" else [])
-                     + [("reconstruct", rec, {})]}
-            for op, steps in plans.items():
+            for op in ("compress_pass", "reconstruct"):
                 if op not in args.ops:
                     continue
-                total, parts = 0.0, []
-                for kernel, cfg, flags in steps:
-                    f = audit(kernel, D, r, dtype, cfg, N=N_ROWS, flags=flags, coeff=args.coeff)
-                    bad = check(f)
-                    failures += bool(bad)
-                    pred = predict(f, kernel_work(kernel, N_ROWS, D, r, dtype, cfg,
-                                                  producer=steps[0][:2], coeff=args.coeff))
-                    total += pred["t"]
-                    parts.append(f"{kernel}:{pred['t'] * 1e6:.1f}us/{pred['bound']}")
-                    facts_rows.append({"label": args.label, "op": op, "D": D, "r": r,
-                                       "dtype": dtype, **f.row(), "mma_unit": pred["unit"],
-                                       "problems": "; ".join(bad), "coeff": args.coeff})
-                    print(f"{op:13s} D={D:<4d} r={r:<3d} {dtype} {kernel:15s} regs {f.regs:3d} "
-                          f"spill {f.spill_ops + f.stack + f.local:3d} smem {f.shared:6d} "
-                          f"HMMA {f.hmma:3d} HGMMA {f.hgmma:3d} FFMA {f.ffma:5d} "
-                          f"{f.compile_s:5.1f} CPU s {'; '.join(bad) or 'ok'}", flush=True)
-                total += LAUNCH_S * (len(steps) - 1)
-                roof = roofline(op, N_ROWS, D, r, dtype, args.coeff)
-                model_rows.append({
-                    "label": args.label, "op": op, "D": D, "r": r, "dtype": dtype, "N": N_ROWS,
-                    "predicted_us": round(total * 1e6, 1), "roofline_us": round(roof * 1e6, 1),
-                    "predicted_fraction": round(roof / total, 3),
-                    "goal_fraction": GOAL if op == "compress_pass" else "",
-                    "kernels": " + ".join(parts), "kind": "estimate (static model, not timed)",
-                    "coeff": args.coeff})
+                m = model_op(store, op, N_ROWS, D, r, dtype, args.coeff, args.label)
+                facts_rows += m["facts"]
+                model_rows.append(m["row"])
+                failures += m["failures"]
     if "orthonormalize" in args.ops:  # fp32 bases: once per shape, whatever the dtypes
         orth = _orth_module()
         calls = [(D, r, 1) for D, r in shapes] + [(512, 64, 32)] * ((512, 64) in shapes)

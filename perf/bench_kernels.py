@@ -46,10 +46,11 @@ from laser_triton.validation import DTYPES_BY_NAME
 
 from .harness import add_threads_option, backend_env, run_meta, set_threads
 
-COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype", "ms_median",
-           "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms", "frac_of_roofline",
-           "speedup_vs_torch", "target_ms", "rel_err", "bytes", "flops", "copy_gbps",
-           "matmul_tflops", "valid_timing", "torch_version", "triton_version", "date", "error"]
+COLUMNS = ["kernel", "provider", "mode", "layout", "gpu", "N", "D", "r", "dtype", "coeff_dtype",
+           "ms_median", "ms_p20", "ms_p80", "gbps", "frac_of_copy_bw", "roofline_ms",
+           "frac_of_roofline", "speedup_vs_torch", "target_ms", "rel_err", "bytes", "flops",
+           "copy_gbps", "matmul_tflops", "valid_timing", "torch_version", "triton_version", "date",
+           "error"]
 PROVIDERS = ("torch", "reference", "triton")
 RANK_PRIORITY = (32, 64, 16, 128, 8)
 # (layout, D, Ns): rows of the mlp_t layouts are batch 768 x hidden 512 of the Sudoku preset.
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if kind == "c":
             layout, N, D, r = spec
-            shape = dict(layout=layout, N=N, D=D, r=r)
+            # compress_pass stores C in X's dtype here, and reconstruct reads that C
+            shape = dict(layout=layout, N=N, D=D, r=r, coeff_dtype=meta["dtype"])
             for kernel, case in compress_cases(N, D, r, dtype, device).items():
                 rows += run_case(kernel, case, shape, device, rates, args.rep_ms, math.nan,
                                  tuple(args.providers))

@@ -4,7 +4,9 @@
     python -m perf.report --results DIR --summary DIR/SUMMARY.md --no-plots
 
 A results set is a folder holding `kernels.csv` and/or `trm.csv` (+ `trm_sites.csv`), as
-perf/gpu_check.sh writes them; `--results` may also point at one such folder. Each set is
+perf/gpu_check.sh writes them; `--results` may also point at one such folder. A GPU set's
+`model_compare.csv` (`laser-triton bench compare`, perf/compare.py) adds the static model's
+predictions beside the measured times, summarized by binding bound. Each set is
 described by the GPU, torch/triton versions and date its rows record. Sets measured on a CPU
 (`gpu == "cpu"`) are dry runs: the summary shows their byte accounting and says plainly that
 they make no timing claims; their kernel timings are left out. Plots per set:
@@ -218,6 +220,35 @@ def kernel_section(k: pd.DataFrame) -> list[str]:
         md_table(full, cols) + ["", "</details>"]
 
 
+MODEL_COMPARE = "model_compare.csv"  # written by `laser-triton bench compare` (perf/compare.py)
+
+
+def model_section(cmp: pd.DataFrame) -> list[str]:
+    """The static model's predictions next to this set's measured times (perf/compare.py)."""
+    from .compare import summarize  # noqa: PLC0415
+
+    out = ["", "**The performance model against this run** (`model_compare.csv`, "
+           "`laser-triton bench compare`): perf/audit.py's static model, an ESTIMATE, "
+           "evaluated at each measured Triton shape with an H200's configs; measured = CUDA-graph "
+           "device time. By the model's binding bound (the bound of the launch predicted "
+           "longest), measured / predicted (> 1: slower than predicted):", ""]
+    out += md_table(summarize(cmp), [
+        ("bound", "bound", ""), ("assumption", "rests on", ""), ("shapes", "shapes", "d"),
+        ("median_ratio", "median", ".2f"), ("min_ratio", "min", ".2f"),
+        ("max_ratio", "max", ".2f"), ("ops", "ops", "")])
+    eager_only = int(cmp.measured_over_predicted.isna().sum())
+    if eager_only:
+        out += ["", f"{eager_only} shape(s) timed in eager mode only are left out of this table."]
+    cols = [("op", "op", ""), ("N", "N", "d"), ("D", "D", "d"), ("r", "r", "d"),
+            ("dtype", "dtype", ""), ("measured_graph_us", "measured us", ".1f"),
+            ("measured_eager_us", "eager us", ".1f"), ("predicted_us", "predicted us", ".1f"),
+            ("measured_over_predicted", "measured / predicted", ".2f"), ("bound", "bound", ""),
+            ("predicted_fraction", "predicted of roofline", ".2f"),
+            ("measured_fraction", "measured of roofline", ".2f")]
+    return out + ["", "<details><summary>every compared shape</summary>", ""] + \
+        md_table(cmp.sort_values(["op", "D", "r", "N"]), cols) + ["", "</details>"]
+
+
 def render(sets: list[Path], summary: Path, plots: bool) -> str:
     if plots:
         from .report_plots import plot_kernels, plot_trm
@@ -256,6 +287,9 @@ def render(sets: list[Path], summary: Path, plots: bool) -> str:
                          f"{kern.rel_err.max():.1e}."]
             else:
                 body += kernel_section(kern)
+            cmp = load(d / MODEL_COMPARE)
+            if cmp is not None and not cpu:
+                body += model_section(cmp)
             if plots:
                 plot_kernels(kern, d / "kernels_roofline.png", head.removeprefix("## "),
                              KERNEL_ROOFLINE_GOAL)

@@ -105,3 +105,27 @@ def test_reconstruct_is_charged_what_its_programs_read():
     wide = m.kernel_work("reconstruct", N, D, r, "bf16", cfg, coeff="fp32")
     assert wide["bytes"] - w["bytes"] == N * r * 2 and wide["flops"] == 1.5 * w["flops"]
     assert m.roofline("reconstruct", N, D, r, "fp16") == pytest.approx(w["flops"] / m.MMA_RATE["HGMMA"])
+
+
+def test_finish_is_charged_the_slabs_its_producer_wrote():
+    """compress_finish reads one Y slab per program of the launch before it, sized by the
+    config that launch ran (the store's), not the built-in defaults. At D = 1536, 64-wide
+    D tiles (24 per row segment) leave compress_y 6 row segments on 132 SMs, 256-wide tiles
+    22; a fused config with more programs per SM writes more slabs."""
+    m = _model()
+    y = SPECS["compress_y"].defaults
+    cp = m._compress_module()
+    work = {}
+    for block_d in (64, 256):
+        cfg = {**y, "BLOCK_D": block_d}
+        work[block_d] = m.kernel_work("compress_finish", N, 1536, 128, "bf16", {},
+                                      producer=("compress_y", cfg))
+        n_seg = cp.y_segments(N, 1536, 128, cfg, 132)[0]
+        assert work[block_d]["bytes"] == n_seg * 1536 * 128 * 4 + 2 * N * 4 + 1536 * 128 * 4
+    assert work[64]["bytes"] < work[256]["bytes"]
+    fused = SPECS["compress_fused"].defaults
+    small = m.kernel_work("compress_finish", N, 512, 16, "bf16", {},
+                          producer=("compress_fused", {**fused, "PROGRAMS_PER_SM": 1}))
+    big = m.kernel_work("compress_finish", N, 512, 16, "bf16", {},
+                        producer=("compress_fused", {**fused, "PROGRAMS_PER_SM": 4}))
+    assert small["bytes"] < big["bytes"]

@@ -5,6 +5,7 @@
     laser-triton bench lowrank --out perf/results/cpu/lowrank.csv [bench_lowrank options]
     laser-triton bench report [--results perf/results]
     laser-triton bench audit [--full]   # static sm_90 audit + performance model (CPU, no GPU)
+    laser-triton bench compare --measured perf/results/h200/kernels.csv   # model vs a GPU run (CPU)
     laser-triton bench all [--results perf/results] [--set NAME]   # both benchmarks + report
 
 kernels, trm, lowrank and all take --threads N (intra-op CPU threads; 0, the default: 1 on a
@@ -30,7 +31,7 @@ from types import ModuleType
 __all__ = ["cli_main", "find_perf_dir", "load_script", "load_module", "PACKAGE"]
 
 SCRIPTS = {"kernels": "bench_kernels.py", "trm": "bench_trm.py", "lowrank": "bench_lowrank.py",
-           "report": "report.py", "audit": "audit.py"}
+           "report": "report.py", "audit": "audit.py", "compare": "compare.py"}
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -102,12 +103,12 @@ def _run_all(perf: Path, argv: list[str]) -> int:
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|lowrank|report|audit> --help` for a "
+        print(f"usage:\n{USAGE}\n\nRun `laser-triton bench <kernels|trm|lowrank|report|audit|compare> --help` for a "
               "script's options.")
         return 0
     what, rest = argv[0], argv[1:]
     if what not in (*SCRIPTS, "all"):
-        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, lowrank, report, audit or all",
+        print(f"laser-triton bench: unknown target {what!r}; choose kernels, trm, lowrank, report, audit, compare or all",
               file=sys.stderr)
         return 2
     perf = find_perf_dir()
