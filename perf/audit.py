@@ -16,8 +16,9 @@ coeff_dtype, default bf16; C's dtype changes the compress and reconstruct binari
   (assumed), bytes in flight / HBM latency (assumed 0.6 us), tensor time (flops / MMA rate, or the SASS's wgmma shapes when narrow N makes
   them shared-memory bound), issue-slot bound from the SASS loop bodies) + launch gaps, the
   roofline time, the predicted fraction of roofline, the bound per kernel and the goal
-  (compress >= 0.80). Not a measurement: latency (one CTA per SM, unpipelined loads) is not
-  modelled; compare with `bench kernels` on a GPU.
+  (compress >= 0.80). Not a measurement; `laser-triton bench compare` (perf/compare.py)
+  evaluates the same model (`model_op`, any N and D) at the shapes a GPU run of `bench
+  kernels` measured.
 Compile times are CPU seconds of the compiler and ptxas (independent of machine load), measured
 with an empty Triton cache (`--cached` reuses ~/.triton, where a hit costs ~0).
 """

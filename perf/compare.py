@@ -96,11 +96,13 @@ def measured_points(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     df = drop(~known, "kernels the model does not cover")
     if df.empty:
         return pd.DataFrame(), skipped
-    df = df.assign(dtype=df["dtype"].astype(str).map(lambda d: DTYPE.get(d, d)))
+    orth = ~df.kernel.isin(LINEAR_OPS)
+    # orthonormalize: the bench passes fp32 bases whatever its --dtype, and there is no C
+    df = df.assign(dtype=df["dtype"].astype(str).map(lambda d: DTYPE.get(d, d)).mask(orth, "fp32"))
     # The bench stores C in X's dtype; a `coeff_dtype` column (newer CSVs) says so per row.
     coeff = df.coeff_dtype if "coeff_dtype" in df else pd.Series(float("nan"), index=df.index)
-    df = df.assign(coeff=[DTYPE.get(str(c), d) if isinstance(c, str) else d
-                          for c, d in zip(coeff, df["dtype"])])
+    df = df.assign(coeff=[("" if o else DTYPE.get(str(c), d) if isinstance(c, str) else d)
+                          for c, d, o in zip(coeff, df["dtype"], orth)])
     keys = ["kernel", "N", "D", "r", "dtype", "coeff"]
     points = []
     for key, g in df.groupby(keys, sort=False):

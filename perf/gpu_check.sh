@@ -8,6 +8,10 @@
 #   trm.csv, trm_sites.csv, kernels.csv   benchmark CSVs, rewritten after every row
 #   <GPU name>.json   autotune sweep
 #   SUMMARY.md     perf/report.py over the CSVs above
+# Back on a CPU machine (no device time): `laser-triton bench compare --measured DIR/kernels.csv`
+# puts the static model's prediction (perf/audit.py) beside each measured kernel time
+# (DIR/model_compare.csv, summarized by binding bound in the next `bench report`); run on
+# the tree that was measured. It is not run here: its sm_90 compiles would hold the GPU.
 # Budgets: every section runs under `timeout`, its limit min(cap, what is left of TOTAL_S
 # (default 400 s) after reserving the caps of the sections after it), so each later section
 # keeps its share; the summary (30 s at most) runs last in any case: the whole script ends

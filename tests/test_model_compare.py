@@ -147,8 +147,15 @@ def test_orthonormalize_rows_take_their_batch_as_sites(compare, monkeypatch):
 
     fake = types.SimpleNamespace(audit_call=audit_call, CPI=1.5, FP64_MMA=67e12)
     monkeypatch.setattr(compare.audit, "_orth_module", lambda: fake)
-    point = dict(kernel="orthonormalize_x32", N=32, D=512, r=64, dtype="bf16", coeff="bf16",
-                 layout="batched", gpu=GPU, graph_ms=0.1, eager_ms=0.2, bench_frac=math.nan)
+    measured = pd.DataFrame([dict(kernel="orthonormalize_x32", provider="triton", mode=mode,
+                                  layout="batched", gpu=GPU, N=32, D=512, r=64,
+                                  dtype="bfloat16", valid_timing=True, error=math.nan,
+                                  ms_median=ms, frac_of_roofline=math.nan)
+                             for mode, ms in (("graph", 0.1), ("eager", 0.2))])
+    points, skipped = compare.measured_points(measured)
+    assert skipped == {} and len(points) == 1
+    point = points.iloc[0].to_dict()
+    assert (point["dtype"], point["coeff"]) == ("fp32", "")  # fp32 bases, no C
     row = compare.compare_row(point, compare.predict_point(None, point))
     assert calls == [(512, 64, 32)]
     assert row["predicted_us"] == pytest.approx(50.0)
