@@ -287,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TRITON_CACHE_DIR"] = saved
 
 
-def op_steps(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16"
-             ) -> list[tuple[str, dict, dict]]:
+def op_steps(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16",
+             basis_split: bool = False) -> list[tuple[str, dict, dict]]:
     """(kernel, config, flags) of every launch of `op` ("compress_pass" or "reconstruct") at
-    (N, D, r, dtype, C stored as `coeff`) with `store`'s configs: the launchers' own plans."""
+    (N, D, r, dtype, C stored as `coeff`) with `store`'s configs: the launchers' own plans.
+    basis_split: U's bf16 halves exist already (`kernels._basis` keeps them while U lives:
+    every reconstruct with a basis but the first), so reconstruct launches no split."""
     import importlib  # noqa: PLC0415
 
     if op == "compress_pass":
@@ -299,14 +301,16 @@ def op_steps(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "b
         raise KeyError(f"op_steps: {op!r} is not compress_pass or reconstruct")
     basis = importlib.import_module("laser_triton.kernels._basis")
     rec = store.lookup("reconstruct", D, r, dtype, N)
-    return ([("split_basis", dict(basis.CONFIG), {})] if rec["PRECISION"] != "ieee" else []) \
+    split = rec["PRECISION"] != "ieee" and not basis_split
+    return ([("split_basis", dict(basis.CONFIG), {})] if split else []) \
         + [("reconstruct", rec, {})]
 
 
 def model_op(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "bf16",
-             label: str = "", verbose: bool = True) -> dict:
+             label: str = "", verbose: bool = True, basis_split: bool = False) -> dict:
     """The audit and the model of one op at any (N, D, r, dtype, coeff): each launch of
-    `op_steps` compiled for sm_90 at that shape's specialization and predicted.
+    `op_steps` (`basis_split`: see there) compiled for sm_90 at that shape's
+    specialization and predicted.
 
     Returns {"row": the model.csv row (times rounded), "facts": audit.csv rows, "failures":
     launches that fail the budget, "t" and "roofline": the op's predicted and roofline
@@ -314,7 +318,7 @@ def model_op(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "b
     (seconds), "launch_gaps": seconds of launch gaps (included in "t")}."""
     from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
 
-    steps = op_steps(store, op, N, D, r, dtype, coeff)
+    steps = op_steps(store, op, N, D, r, dtype, coeff, basis_split)
     # the kernel whose per-program Y slabs compress_finish reduces: the last product launch
     producer = steps[-2][:2] if len(steps) > 1 else None
     total, parts, facts_rows, failures = 0.0, [], [], 0

@@ -8,7 +8,9 @@ timing, the model of perf/audit.py (compress_pass, reconstruct) or perf/audit_or
 (orthonormalize, single and batched) is evaluated at exactly that shape (N, D, r, activation
 dtype, C dtype), with the configs the config store resolves for an H200 (shipped files, then
 the built-in defaults), every launch compiled for sm_90 at that shape's specialization (the
-Triton cache is used: a second run costs seconds). Run it on the tree the GPU run measured:
+Triton cache is used: a second run costs seconds). reconstruct is modelled without the basis
+split: the bench times many calls with one basis, whose bf16 halves its first, untimed call
+split and `kernels._basis` keeps. Run it on the tree the GPU run measured:
 the configs and kernels compared must be the ones that were timed.
 
 Writes (default: next to the measured CSV)
@@ -132,7 +134,10 @@ def predict_point(store, p: dict) -> dict:
     """The model at one measured shape: {predicted_s, roofline_s, parts, launch_gaps}."""
     N, D, r = int(p["N"]), int(p["D"]), int(p["r"])
     if p["kernel"] in LINEAR_OPS:
-        m = audit.model_op(store, p["kernel"], N, D, r, p["dtype"], p["coeff"], verbose=False)
+        # The bench times many calls with one basis: its bf16 halves are split by the first
+        # (untimed) call and cached, so a timed reconstruct launches no split.
+        m = audit.model_op(store, p["kernel"], N, D, r, p["dtype"], p["coeff"], verbose=False,
+                           basis_split=True)
         return {"predicted_s": m["t"], "roofline_s": m["roofline"], "parts": m["parts"],
                 "launch_gaps": m["launch_gaps"]}
     from laser_triton.kernels._audit import audit as audit_kernel  # noqa: PLC0415
