@@ -159,9 +159,12 @@ def test_orthonormalize_rows_take_their_batch_as_sites(compare, monkeypatch):
     assert (point["dtype"], point["coeff"]) == ("fp32", "")  # fp32 bases, no C
     row = compare.compare_row(point, compare.predict_point(None, point))
     assert calls == [(512, 64, 32)]
-    assert row["predicted_us"] == pytest.approx(50.0)
-    assert row["measured_over_predicted"] == pytest.approx(2.0)
+    # the kernels (50 us) + the bench's pack copy of 32 bases and its launch gap
+    pack_us = 2 * 32 * 512 * 64 * 4 / compare.audit.BW * 1e6
+    assert row["predicted_us"] == pytest.approx(50.0 + pack_us + 2.0)
+    assert row["kernels"].startswith(f"pack(torch.cat):{pack_us:.1f}us/memory + orth_gram")
+    assert row["measured_over_predicted"] == pytest.approx(100.0 / row["predicted_us"])
     assert row["bound"] == "one program" and row["dominant_kernel"] == "orth_factor(MODE=repair)"
-    assert row["launch_gaps_us"] == pytest.approx(4.0) and math.isnan(row["measured_fraction"])
+    assert row["launch_gaps_us"] == pytest.approx(6.0) and math.isnan(row["measured_fraction"])
     single = compare.predict_point(None, dict(point, kernel="orthonormalize", N=1))
-    assert calls[-1] == (512, 64, 1) and len(single["parts"]) == 3
+    assert calls[-1] == (512, 64, 1) and len(single["parts"]) == 4
