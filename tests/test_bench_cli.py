@@ -11,7 +11,7 @@ from laser_triton.tools import bench
 pytestmark = pytest.mark.skipif(bench.find_perf_dir() is None, reason="needs a source checkout")
 
 
-@pytest.mark.parametrize("what", ["kernels", "trm", "lowrank", "report"])
+@pytest.mark.parametrize("what", ["kernels", "trm", "lowrank", "report", "compare"])
 def test_script_usage_names_the_bench_command(what, capsys):
     argv0 = sys.argv[0]
     with pytest.raises(SystemExit) as exc:
