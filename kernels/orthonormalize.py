@@ -40,6 +40,23 @@ from .configs import get_store
 __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "orth_launches",
            "launch_plan"]
 
+# A call's rows are split into about this many chunks over all its sites (per site, each chunk
+# is one program of the Gram and apply kernels; the last sums the partials): for one site,
+# 8 programs with an eighth of the rows each instead of two long ones; many sites fill the
+# GPU anyway and keep the partial Grams few. ROWS_PER_CHUNK caps a chunk.
+ORTH_CHUNKS = 8
+CHUNK_ALIGN = 64  # rows per chunk are a multiple (every BLOCK_D the configs use divides it)
+
+
+def chunk_rows(gram_cfg: dict, D: int, sites: int = 1) -> int:
+    """Rows per chunk of a call of `sites` sites whose widest is D (shared by the Gram and
+    apply kernels): about D / (ORTH_CHUNKS / sites), a multiple of CHUNK_ALIGN, at most
+    ROWS_PER_CHUNK."""
+    chunks = max(ORTH_CHUNKS // sites, 1)
+    rows = triton.cdiv(triton.cdiv(D, chunks), CHUNK_ALIGN) * CHUNK_ALIGN
+    return max(min(rows, gram_cfg["ROWS_PER_CHUNK"]), min(CHUNK_ALIGN, gram_cfg["ROWS_PER_CHUNK"]))
+
+
 # The apply kernel forms dst^T dst itself up to this padded rank (an R_PAD x R_PAD fp64
 # register tile; at 128 it spills on sm_90); beyond, the Gram kernel runs on dst (+1 launch).
 APPLY_GRAM_MAX = 64
@@ -164,7 +181,7 @@ def orthonormalize_batched(
     gram_cfg = {**gram_cfg, "GRAM_TILE": min(gram_cfg["GRAM_TILE"], R_PAD)}
     fac_cfg = store.lookup("orth_factor", plan.max_D, R_PAD, "fp32")
     app_cfg = store.lookup("orth_apply", plan.max_D, R_PAD, "fp32")
-    rows_per_chunk = gram_cfg["ROWS_PER_CHUNK"]
+    rows_per_chunk = chunk_rows(gram_cfg, plan.max_D, S)
     n_chunk = triton.cdiv(plan.max_D, rows_per_chunk)
 
     f64 = torch.float64
@@ -238,15 +255,15 @@ def _orth_key(shape: Shape) -> tuple[int, int, str]:
     return shape.D, pow2(shape.r), "fp32"
 
 
-def _rows_per_chunk() -> int:
-    return SPEC_GRAM.defaults["ROWS_PER_CHUNK"]
+def _rows_per_chunk(D: int) -> int:
+    return chunk_rows(SPEC_GRAM.defaults, D)
 
 
 def _gram_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(a_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", g_ptr="*fp64", za_ptr="*fp64",
                    nf_ptr="*fp32", count_ptr="*i32", info_ptr="*i32", ok_ptr="*i1",
-                   err_ptr="*fp64", rows_per_chunk=cfg["ROWS_PER_CHUNK"])
+                   err_ptr="*fp64", rows_per_chunk=chunk_rows(cfg, shape.D))
     return runtime, dict(WITH_Z=True, R_PAD=R_PAD, GT=min(cfg["GRAM_TILE"], R_PAD),
                          BLOCK_D=cfg["BLOCK_D"], CHECK=False)
 
@@ -262,7 +279,7 @@ def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     runtime = dict(g_ptr="*fp64", za_ptr="*fp64", zz_ptr="*fp64", nf_ptr="*fp32",
                    meta_ptr="*i64", linv_ptr="*fp64", scale_ptr="*fp64", info_ptr="*i32",
                    gs_ptr="*fp64", rs_ptr="*fp64", dg_ptr="*fp64",
-                   n_chunk=triton.cdiv(shape.D, _rows_per_chunk()))
+                   n_chunk=_n_chunk(shape))
     blocks = factor_blocks(cfg, pow2(shape.r))
     return runtime, dict(MODE="repair", R_PAD=pow2(shape.r), PB=blocks["PB"], KC=blocks["KC"],
                          CB=blocks["CB"])
@@ -272,13 +289,13 @@ def _apply_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
     R_PAD = pow2(shape.r)
     runtime = dict(src_ptr="*fp32", z_ptr="*fp64", meta_ptr="*i64", linv_ptr="*fp64",
                    scale_ptr="*fp64", dst_ptr="*fp32", g_ptr="*fp64", count_ptr="*i32",
-                   info_ptr="*i32", ok_ptr="*i1", rows_per_chunk=_rows_per_chunk())
+                   info_ptr="*i32", ok_ptr="*i1", rows_per_chunk=_rows_per_chunk(shape.D))
     return runtime, dict(REPAIR=True, R_PAD=R_PAD, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=min(R_PAD, 32),
                          WITH_GRAM=R_PAD <= APPLY_GRAM_MAX, CHECK=False)
 
 
 def _n_chunk(shape: Shape) -> int:
-    return triton.cdiv(shape.D, _rows_per_chunk())
+    return triton.cdiv(shape.D, _rows_per_chunk(shape.D))
 
 
 SPEC_GRAM = declare(KernelSpec(
@@ -288,7 +305,7 @@ SPEC_GRAM = declare(KernelSpec(
     interpreter={"BLOCK_D": 128, "ROWS_PER_CHUNK": 512, "GRAM_TILE": 128},  # fewer programs
     tuning={"BLOCK_D": (32, 64), "ROWS_PER_CHUNK": (128, 256, 512), "GRAM_TILE": (32, 64),
             "num_stages": (1, 2)},
-    grid=lambda s, cfg, sms: (1, triton.cdiv(s.D, cfg["ROWS_PER_CHUNK"]),
+    grid=lambda s, cfg, sms: (1, triton.cdiv(s.D, chunk_rows(cfg, s.D)),
                               (pow2(s.r) // min(cfg["GRAM_TILE"], pow2(s.r))) ** 2),
     block_keys=("BLOCK_D", "GRAM_TILE"), key=_orth_key, keyed_on_n=False,
     flags=("WITH_Z", "CHECK")))

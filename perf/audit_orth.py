@@ -47,6 +47,13 @@ def _pow2(n: int) -> int:
     return pow2(n)
 
 
+def _chunk_rows(gram_cfg: dict, D: int, sites: int) -> int:
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("laser_triton.kernels.orthonormalize").chunk_rows(
+        gram_cfg, D, sites)
+
+
 def orth_steps(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
     """(kernel, config, flags) of every launch of one call, in order (the launcher's plan)."""
     import importlib  # noqa: PLC0415
@@ -63,7 +70,8 @@ def _left_looking_trips(n_pan: int) -> float:
 
 def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
               rows_per_chunk: int) -> dict:
-    """bytes, fp64 flops, programs, and per program: outer trips and inner trips per outer."""
+    """bytes, fp64 flops, programs, and per program: outer trips and inner trips per outer,
+    and the chunk partials its last program sums."""
     R_PAD = _pow2(r)
     rows = min(D, rows_per_chunk)  # every kernel of a call uses the Gram config's chunks
     n_chunk = _cdiv(D, rows_per_chunk)
@@ -74,13 +82,14 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
             + sites * n_chunk * R_PAD * R_PAD * 8 * (2 if z else 1)
         flops = 2 * sites * D * R_PAD * R_PAD * (2 if z else 1)
         return dict(bytes=byt, flops=flops, programs=sites * n_chunk * nt * nt, outer=1,
-                    inner=_cdiv(rows, cfg["BLOCK_D"]))
+                    inner=_cdiv(rows, cfg["BLOCK_D"]), chunks=n_chunk)
     if kernel == "orth_apply":
         byt = sites * D * r * (4 + 4 + (8 if flags.get("REPAIR") else 0)) \
             + sites * n_chunk * R_PAD * R_PAD * 8 * 2
         flops = 2 * sites * D * R_PAD * (r + (R_PAD if R_PAD <= 64 else 0))
         return dict(bytes=byt, flops=flops, programs=sites * n_chunk,
-                    outer=_cdiv(rows, cfg["BLOCK_D"]), inner=_cdiv(r, min(R_PAD, 32)))
+                    outer=_cdiv(rows, cfg["BLOCK_D"]), inner=_cdiv(r, min(R_PAD, 32)),
+                    chunks=n_chunk)
     if kernel == "orth_factor":
         byt = sites * R_PAD * R_PAD * 8 * 6  # the summed Grams, ZZ, scratch, R, L^{-1}
         n_pan = _cdiv(r, PB)
@@ -127,9 +136,12 @@ def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
     """The four bounds of one launch (seconds) and their max."""
     if "dot_trips" in work and bodies is not None:
         program = _factor_program(facts, work, bodies)
-    else:
+    else:  # Gram / apply: the row loop with its tl.dot loops, then the last program's sums
         once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
-        program = once + work["outer"] * (facts.outer_body + work["inner"] * facts.loop_body)
+        dots = sum(n for n, dmma, _, _ in bodies if dmma) if bodies else facts.loop_body
+        sums = sum(n for n, dmma, _, _ in bodies if not dmma) if bodies else 0
+        program = once + work["outer"] * (facts.outer_body + work["inner"] * dots) \
+            + (work.get("chunks", 1) - 1) * sums
     t_mem = work["bytes"] / BW
     t_mma = work["flops"] / (FP64_MMA * min(work["programs"], SMS) / SMS)
     t_issue = work["programs"] * program * facts.num_warps / ISSUE_RATE
@@ -151,10 +163,9 @@ def audit_call(store, D: int, r: int, sites: int, label: str, audit, check) -> t
         f = audit(kernel, D, r, "fp32", cfg, flags=flags)
         bad = check(f)
         failures += bool(bad)
-        bodies = loop_bodies(compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"]) \
-            if kernel == "orth_factor" else None
-        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites, steps[0][1][
-            "ROWS_PER_CHUNK"]), bodies)
+        bodies = loop_bodies(compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"])
+        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites, _chunk_rows(
+            steps[0][1], D, sites)), bodies)
         total += pred["t"]
         parts.append(f"{kernel}({','.join(f'{k}={v}' for k, v in flags.items())}):"
                      f"{pred['t'] * 1e6:.1f}us/{pred['bound']}")
