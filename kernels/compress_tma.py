@@ -56,9 +56,13 @@ def tma_fits(D: int, r: int, dtype: str) -> bool:
 
 def x_ok(X: torch.Tensor) -> bool:
     """Whether X can be read through a TMA descriptor: unit column stride, 16-byte aligned
-    rows and base (a strided view or an odd width goes to the fused kernel instead)."""
+    rows and base (a strided view or an odd width goes to the fused kernel instead), and rows
+    that do not overlap: an expanded X (row stride 0) passes the alignment rules, but no
+    tensor map is documented for it, and cuTensorMapEncodeTiled failing would be an error at
+    launch, not a fallback."""
     size = X.element_size()
     return (X.stride(1) == 1 and (X.stride(0) * size) % 16 == 0 and X.data_ptr() % 16 == 0
+            and X.stride(0) >= X.shape[1]
             and X.dtype in (torch.bfloat16, torch.float16) and tma_fits(X.shape[1], 1, "bf16"))
 
 

@@ -142,3 +142,18 @@ def test_only_shapes_the_kernel_covers_take_a_tma_entry():
     assert CP.choose_path(512, 128, "bf16", None, Store()) == "split"  # r > 64
     assert CP.choose_path(97, 8, "bf16", None, Store()) == "fused"  # D not a multiple of 8
     assert CP.choose_path(512, 32, "fp32", None, Store()) == "fused"
+
+
+def test_views_with_offsets_and_overlapping_rows(tma_runs):
+    """Saved activations are often views. A row slice (storage offset 16-byte aligned) and a
+    column slice (rows padded: pitch > D) are read through the descriptor; a view whose base
+    is 8 bytes off and an expanded X (row stride 0: rows overlap, a layout no TMA descriptor
+    is documented for) take the other designs. All against fp64."""
+    base, U = inputs(301, 280, 8, BF16, seed=11)
+    U = U[:136]
+    for X, tma in ((base[1:, :136], True), (base[:, 8:144], True),
+                   (base.reshape(-1)[4:4 + 300 * 136].view(300, 136), False),
+                   (base[5, :136].expand(40, 136), False)):
+        before = len(tma_runs)
+        check_compress(compress_pass(X, U, True, BF16), X, U, BF16)
+        assert (len(tma_runs) > before) == tma, (X.stride(), X.storage_offset())
