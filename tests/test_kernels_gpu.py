@@ -142,3 +142,71 @@ def test_no_host_sync_on_the_hot_path(kernels):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert _orth_err(U_next) <= 1e-5 and X_hat.shape == X.shape and bool(oks.all())
+
+
+def test_ticket_counters_under_graph_replay_and_two_streams(kernels):
+    """The last-arriving-program counters (compress_finish; orth Gram/apply, and at padded
+    rank 128 the Gram kernel's per-site tile ticket) are zeroed once per stream and reset by
+    the kernels: calls captured in a CUDA graph (counters of the capture stream) replay three
+    times with the eager bits, calls on two streams at once (one counter buffer each) agree,
+    and every counter is back at 0 afterwards."""
+    import importlib
+
+    X = torch.randn(20000, 512, device="cuda").bfloat16()
+    U = random_orthonormal(512, 32).float().cuda()
+    Ys = [torch.randn(512, 64, device="cuda"), torch.randn(300, 100, device="cuda")]
+
+    def step() -> list[torch.Tensor]:
+        out = kernels.compress_pass(X, U)
+        Qs, ok = kernels.orthonormalize_batched(Ys)
+        return [t for t in tuple.__iter__(out) if t is not None] + Qs + [ok]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as bench_kernels does
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    main_out = step()
+    with torch.cuda.stream(side):  # overlaps the call above: its own counters
+        side_out = step()
+    torch.cuda.synchronize()
+    assert same(eager, main_out) and same(eager, side_out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        for t in captured:
+            t.fill_(float("nan") if t.is_floating_point() else 0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert same(eager, captured)
+    counters = [*importlib.import_module("laser_triton.kernels.compress_finish")._COUNTERS.values(),
+                *importlib.import_module("laser_triton.kernels.orthonormalize")._COUNTERS.values()]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+
+
+@pytest.mark.parametrize("N", [5, 4099])
+def test_tma_design_reads_views(kernels, N, monkeypatch):
+    """Saved activations are often views: X a row slice of a wider buffer (a storage offset
+    and a row pitch of 520 elements, both 16-byte multiples) through the TMA descriptor, fewer
+    rows than one box (N = 5) and a partial last box, against fp64."""
+    import importlib
+
+    cp = importlib.import_module("laser_triton.kernels.compress_pass")
+    tma = importlib.import_module("laser_triton.kernels.compress_tma")
+    monkeypatch.setattr(cp, "choose_path", lambda *args, **kwargs: "tma")
+    base = torch.randn(N + 1, 520, device="cuda").bfloat16()
+    X = base[1:, 8:]
+    assert X.storage_offset() == 528 and tma.x_ok(X)
+    U = random_orthonormal(512, 48, seed=5).float().cuda()
+    out = kernels.compress_pass(X, U, True, torch.float32)
+    Xd, Ud = X.double(), U.double()
+    C = Xd @ Ud
+    assert float((out.C.double() - C).norm() / C.norm()) < 1e-5
+    assert float((out.Y.double() - Xd.t() @ C).norm() / (Xd.t() @ C).norm()) < 1e-5
+    assert float(out.e_X) == pytest.approx(float(Xd.square().sum()), rel=1e-5)
+    assert float(out.e_C) == pytest.approx(float(C.square().sum()), rel=1e-5)
