@@ -40,19 +40,20 @@ from .configs import get_store
 __all__ = ["orthonormalize", "orthonormalize_batched", "completion_matrix", "orth_launches",
            "launch_plan"]
 
-# A call's rows are split into about this many chunks over all its sites (per site, each chunk
-# is one program of the Gram and apply kernels; the last sums the partials): for one site,
-# 8 programs with an eighth of the rows each instead of two long ones; many sites fill the
-# GPU anyway and keep the partial Grams few. ROWS_PER_CHUNK caps a chunk.
+# Each site's rows are split into up to ORTH_CHUNKS chunks (each one program of the Gram and
+# apply kernels; the last sums the partials), fewer when the sites alone give about
+# PROGRAMS programs (one per SM of a 132-SM GPU): one site runs 8 short programs instead of
+# two long ones, many sites keep the partial Grams few. ROWS_PER_CHUNK caps a chunk.
 ORTH_CHUNKS = 8
+PROGRAMS = 128
 CHUNK_ALIGN = 64  # rows per chunk are a multiple (every BLOCK_D the configs use divides it)
 
 
 def chunk_rows(gram_cfg: dict, D: int, sites: int = 1) -> int:
     """Rows per chunk of a call of `sites` sites whose widest is D (shared by the Gram and
-    apply kernels): about D / (ORTH_CHUNKS / sites), a multiple of CHUNK_ALIGN, at most
-    ROWS_PER_CHUNK."""
-    chunks = max(ORTH_CHUNKS // sites, 1)
+    apply kernels): D / min(ORTH_CHUNKS, PROGRAMS / sites) rounded up to a multiple of
+    CHUNK_ALIGN, at most ROWS_PER_CHUNK."""
+    chunks = min(ORTH_CHUNKS, max(PROGRAMS // sites, 1))
     rows = triton.cdiv(triton.cdiv(D, chunks), CHUNK_ALIGN) * CHUNK_ALIGN
     return max(min(rows, gram_cfg["ROWS_PER_CHUNK"]), min(CHUNK_ALIGN, gram_cfg["ROWS_PER_CHUNK"]))
 

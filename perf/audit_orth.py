@@ -4,7 +4,8 @@
 The compress model (perf/audit.py) is throughput-bound: thousands of programs fill the GPU.
 Orthonormalization is latency-bound: the factor runs one program (one warp) per site, so its
 time is the length of that program's instruction stream, not bytes or flops. Per launch:
-    t = max(bytes / 4.25 TB/s, fp64 tensor-core flops / (67 TFLOP/s x SMs used / 132),
+    t = max(HBM bytes / 4.25 TB/s, L2 -> SM bytes / 7 TB/s (assumed, as in perf/audit.py),
+            fp64 tensor-core flops / (67 TFLOP/s x SMs used / 132),
             warp instructions of all programs / issue rate of 132 SMs,
             warp instructions of one program x CPI / 1.98 GHz)
 with CPI = 1.5 cycles per instruction of one warp's dependent fp64 / shuffle chains (an assumed
@@ -24,6 +25,7 @@ FP64_MMA = 67e12  # H200 fp64 tensor-core flop/s (DMMA), whole GPU
 SMS = 132
 ISSUE_RATE = SMS * 4 * CLOCK
 BW = 4.25e12
+L2_BW = 7.0e12  # ASSUMED (perf/audit.py's L2_BW): the Gram's column blocks re-read per tile
 LAUNCH_S = 2e-6
 PB = 16  # the factor's panel height (kernels._cholesky.PANEL)
 
@@ -78,10 +80,14 @@ def orth_work(kernel: str, flags: dict, cfg: dict, D: int, r: int, sites: int,
     if kernel == "orth_gram":
         nt = R_PAD // cfg["GRAM_TILE"]
         z = flags.get("WITH_Z", True)
-        byt = sites * D * R_PAD * (4 + (8 if z else 0)) * 2 * nt \
-            + sites * n_chunk * R_PAD * R_PAD * 8 * (2 if z else 1)
+        parts = sites * n_chunk * R_PAD * R_PAD * 8 * (2 if z else 1) * 2  # written, summed
+        # HBM: A and Z once; L2 -> SM: every (ci, cj) tile program reads its two column
+        # blocks of A (and ci's of Z), so each column block NT times over.
+        byt = sites * D * R_PAD * (4 + (8 if z else 0)) + parts
+        l2 = sites * D * R_PAD * (8 + (8 if z else 0)) * nt + parts
         flops = 2 * sites * D * R_PAD * R_PAD * (2 if z else 1)
-        return dict(bytes=byt, flops=flops, programs=sites * n_chunk * nt * nt, outer=1,
+        return dict(bytes=byt, l2_bytes=l2, flops=flops, programs=sites * n_chunk * nt * nt,
+                    outer=1,
                     inner=_cdiv(rows, cfg["BLOCK_D"]), chunks=n_chunk)
     if kernel == "orth_apply":
         byt = sites * D * r * (4 + 4 + (8 if flags.get("REPAIR") else 0)) \
@@ -133,7 +139,7 @@ def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int, int]]) 
 
 
 def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
-    """The four bounds of one launch (seconds) and their max."""
+    """The five bounds of one launch (seconds) and their max."""
     if "dot_trips" in work and bodies is not None:
         program = _factor_program(facts, work, bodies)
     else:  # Gram / apply: the row loop with its tl.dot loops, then the last program's sums
@@ -143,10 +149,11 @@ def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
         program = once + work["outer"] * (facts.outer_body + work["inner"] * dots) \
             + (work.get("chunks", 1) - 1) * sums
     t_mem = work["bytes"] / BW
+    t_l2 = work.get("l2_bytes", 0) / L2_BW
     t_mma = work["flops"] / (FP64_MMA * min(work["programs"], SMS) / SMS)
     t_issue = work["programs"] * program * facts.num_warps / ISSUE_RATE
     t_program = program * CPI / CLOCK
-    bounds = ((t_mem, "memory"), (t_mma, "fp64 tensor"), (t_issue, "issue"),
+    bounds = ((t_mem, "memory"), (t_l2, "L2"), (t_mma, "fp64 tensor"), (t_issue, "issue"),
               (t_program, "one program"))
     t, bound = max(bounds)
     return dict(t=t, bound=bound, program_instr=program)

@@ -225,13 +225,15 @@ def test_ok_is_decided_where_the_final_gram_is_summed(R_PAD):
 
 def test_one_site_is_split_into_eight_row_chunks():
     """A single site's rows go to about 8 programs of the Gram and apply kernels (64 rows at
-    D = 512, where 256-row chunks made two long programs); many sites keep long chunks
-    (fewer partial Grams), ROWS_PER_CHUNK caps a chunk, chunks are multiples of 64 rows."""
+    D = 512, where 256-row chunks made two long programs); beyond 16 sites fewer chunks per
+    site (about 128 programs in all: fewer partial Grams), ROWS_PER_CHUNK caps a chunk,
+    chunks are multiples of 64 rows."""
     from laser_triton.kernels.orthonormalize import SPEC_GRAM, chunk_rows
 
     cfg = SPEC_GRAM.defaults
     assert cfg["ROWS_PER_CHUNK"] == 256
     assert chunk_rows(cfg, 512) == 64 and chunk_rows(cfg, 97) == 64
     assert chunk_rows(cfg, 1536) == 192 and chunk_rows(cfg, 3072) == 256
-    assert chunk_rows(cfg, 512, sites=2) == 128 and chunk_rows(cfg, 512, sites=32) == 256
+    assert chunk_rows(cfg, 512, sites=16) == 64 and chunk_rows(cfg, 512, sites=32) == 128
+    assert chunk_rows(cfg, 512, sites=128) == 256
     assert chunk_rows({**cfg, "ROWS_PER_CHUNK": 32}, 70) == 32
