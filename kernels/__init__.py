@@ -42,6 +42,16 @@ MAX_RANK = 256  # largest basis rank of compress_pass / reconstruct
 MAX_ORTH_RANK = 128
 
 
+def _span_fits(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether t's element offsets along `dims` (sum of stride * (size - 1)) stay below 2^31.
+
+    The kernels address rows with 64-bit offsets but columns and ranks with 32-bit ones
+    (`dd * stride_xd`, `offs_k * stride_cr`, ...): a row-major tensor always fits; a strided
+    view (say column-major X, stride N) with N * D >= 2^31 would wrap silently.
+    """
+    return sum(t.stride(d) * (t.shape[d] - 1) for d in dims) < 2**31
+
+
 def supports(op: str, *tensors: torch.Tensor) -> bool:
     """True when the Triton kernels handle `op` on these tensors (metadata only, no sync).
 
@@ -52,13 +62,17 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
     if not tensors:
         return False
     if op == "grad_coeff":  # G (B, N, O), C (B, N, R): any strides, any float dtypes
-        return tensors[1].shape[2] <= MAX_RANK
+        G, C = tensors[0], tensors[1]
+        return C.shape[2] <= MAX_RANK and _span_fits(G, (2,)) and _span_fits(C, (2,))
     if op == "compress_pass":
         X, U = tensors[0], tensors[1]
-        return X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK and rows_fit(X.shape[0], U.shape[1])
+        return (X.shape[1] <= MAX_D and U.shape[1] <= MAX_RANK
+                and rows_fit(X.shape[0], U.shape[1]) and _span_fits(X, (1,))
+                and _span_fits(U, (0, 1)))
     if op == "reconstruct":
         C, U = tensors[0], tensors[1]
-        return C.shape[1] <= MAX_RANK and U.shape[0] <= _RECONSTRUCT_MAX_WIDTH
+        return (C.shape[1] <= MAX_RANK and U.shape[0] <= _RECONSTRUCT_MAX_WIDTH
+                and _span_fits(C, (1,)) and _span_fits(U, (0, 1)))
     if op == "orthonormalize":
         return all(Y.shape[0] <= MAX_D and Y.shape[1] <= MAX_ORTH_RANK for Y in tensors)
     return False

@@ -74,6 +74,25 @@ def test_supports():
     assert not supports("nonsense", X)
 
 
+def test_supports_sends_strides_past_32_bit_offsets_to_torch():
+    """Columns and ranks are addressed with 32-bit offsets (rows with 64-bit ones): a
+    column-major X of 300,000 x 8,000 (stride(1) * 7,999 >= 2^31) or a C whose rank stride is
+    that large would wrap silently. Metadata only: meta tensors, nothing allocated."""
+    def strided(shape, strides):
+        return torch.empty_strided(shape, strides, device="meta")
+
+    N, D = 300_000, 8_000
+    U = torch.zeros(D, 64)
+    assert supports("compress_pass", strided((N, D), (D, 1)), U)  # row-major: fine
+    assert not supports("compress_pass", strided((N, D), (1, N)), U)
+    assert supports("compress_pass", strided((100_000, D), (1, 100_000)), U)  # 8e8: fits
+    assert not supports("reconstruct", strided((30_000_000, 128), (1, 30_000_000)),
+                        torch.zeros(64, 128))
+    assert supports("reconstruct", strided((30_000_000, 128), (128, 1)), torch.zeros(64, 128))
+    G = strided((1, N, D), (N * D, 1, N))  # a transposed gradient: O's stride is N
+    assert not supports("grad_coeff", G, strided((1, N, 16), (N * 16, 16, 1)))
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ops_dispatch(backend, monkeypatch):
     if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
