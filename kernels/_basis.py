@@ -83,12 +83,22 @@ def clear_cache() -> None:
     _BOOKED.clear()
 
 
+def _capturing(U: torch.Tensor) -> bool:
+    """Whether U's kernels are being captured into a CUDA graph right now."""
+    return U.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def split_basis(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo): contiguous bf16 (D, r) tensors with hi + lo = U to about 2^-17 relative;
     computed once per basis (and again if U is modified in place)."""
     if is_split(U):
         return _SPLITS[id(U)][2:]
     hi, lo = _split(U)
+    if _capturing(U):
+        # Under CUDA-graph capture the split only runs when the graph is replayed: cached,
+        # its halves would be read uninitialized by any call before the first replay (or
+        # after the graph and its memory pool are gone). The graph keeps its own split.
+        return hi, lo
     key = id(U)
     _SPLITS[key] = (weakref.ref(U, lambda _, k=key: _SPLITS.pop(k, None)), _identity(U), hi, lo)
     return hi, lo

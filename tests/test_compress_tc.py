@@ -114,6 +114,22 @@ def test_split_basis_halves():
     assert bool((err <= 2.0**-17 * U.double().abs()).all())
 
 
+def test_split_basis_made_under_graph_capture_is_not_cached(monkeypatch):
+    """Captured, the split kernel runs only at replay: a cached pair would be read
+    uninitialized by calls before the first replay. Not cached then; cached otherwise."""
+    import importlib
+
+    basis = importlib.import_module("laser_triton.kernels._basis")
+    U = torch.randn(40, 8, generator=torch.Generator().manual_seed(2)).to(DEV)
+    monkeypatch.setattr(basis, "_capturing", lambda U: True)
+    hi, lo = split_basis(U)
+    assert not basis.is_split(U) and basis.split_launches(U) == 1
+    assert torch.equal(hi, U.to(torch.bfloat16))
+    monkeypatch.setattr(basis, "_capturing", lambda U: False)
+    split_basis(U)
+    assert basis.is_split(U)
+
+
 @pytest.mark.parametrize("c_dtype", [torch.bfloat16, torch.float32])
 def test_reconstruct_tensor_core_default_matches_fp64(c_dtype):
     assert configs.DEFAULTS["reconstruct"]["PRECISION"] == "bf16x3"
