@@ -7,7 +7,8 @@ time is the length of that program's instruction stream, not bytes or flops. Per
     t = max(HBM bytes / 4.25 TB/s, L2 -> SM bytes / 7 TB/s (assumed, as in perf/audit.py),
             fp64 tensor-core flops / (67 TFLOP/s x SMs used / 132),
             warp instructions of all programs / issue rate of 132 SMs,
-            warp instructions of one program x CPI / 1.98 GHz)
+            (warp instructions of one program x CPI + its scratch round trips x 260 cycles)
+              / 1.98 GHz)
 with CPI = 1.5 cycles per instruction of one warp's dependent fp64 / shuffle chains (an assumed
 figure, not measured; Hopper fp64 FMA latency ~8 cycles and shuffles ~25 overlap with the other
 instructions of a 4-column pivot block). One program's instructions come from the SASS loop
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 CLOCK = 1.98e9
 CPI = 1.5  # assumed, see the module docstring
+# ASSUMED: a barrier that orders a program's global stores before its loads of them (the
+# factor's scratch round trips) waits for the stores and the dependent loads: counted at an
+# L2 hit's latency, the conservative case (an L1 hit would be ~40 cycles).
+ROUND_TRIP_CYCLES = 260
 FP64_MMA = 67e12  # H200 fp64 tensor-core flop/s (DMMA), whole GPU
 SMS = 132
 ISSUE_RATE = SMS * 4 * CLOCK
@@ -120,6 +125,25 @@ def loop_bodies(cubin: bytes) -> list[tuple[int, int, int, int]]:
                   for want in (None, "DMMA", "BAR", "LDG")) for lo, hi in inner]
 
 
+def store_barriers(cubin: bytes) -> int:
+    """Barriers in the factor's outer loop bodies (the panel loop; innermost bodies excluded)
+    with a global store since the previous barrier: scratch round trips, once per panel."""
+    from laser_triton.kernels._audit import disassemble, loop_structure  # noqa: PLC0415
+
+    ops, bodies, inner = loop_structure(disassemble(cubin)[1])
+    outer = [b for b in bodies if b not in inner]
+    count, stored = 0, False
+    for a, op, _, _ in ops:
+        if not any(lo <= a <= hi for lo, hi in outer) or any(lo <= a <= hi for lo, hi in inner):
+            continue
+        if op == "STG":
+            stored = True
+        elif op == "BAR":
+            count += stored
+            stored = False
+    return count
+
+
 def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int, int]]) -> float:
     """Warp instructions of one factor program: the straight code once, the code of the
     outer loops (the panel loop with its unrolled 16-column diagonal-block factor) once per
@@ -140,8 +164,10 @@ def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int, int]]) 
 
 def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
     """The five bounds of one launch (seconds) and their max."""
+    stall = 0.0  # cycles one program waits on scratch round trips
     if "dot_trips" in work and bodies is not None:
         program = _factor_program(facts, work, bodies)
+        stall = work["outer"] * work.get("round_trips", 0) * ROUND_TRIP_CYCLES
     else:  # Gram / apply: the row loop with its tl.dot loops, then the last program's sums
         once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
         dots = sum(n for n, dmma, _, _ in bodies if dmma) if bodies else facts.loop_body
@@ -152,7 +178,7 @@ def predict_orth(facts, work: dict, bodies: list | None = None) -> dict:
     t_l2 = work.get("l2_bytes", 0) / L2_BW
     t_mma = work["flops"] / (FP64_MMA * min(work["programs"], SMS) / SMS)
     t_issue = work["programs"] * program * facts.num_warps / ISSUE_RATE
-    t_program = program * CPI / CLOCK
+    t_program = (program * CPI + stall) / CLOCK
     bounds = ((t_mem, "memory"), (t_l2, "L2"), (t_mma, "fp64 tensor"), (t_issue, "issue"),
               (t_program, "one program"))
     t, bound = max(bounds)
@@ -171,8 +197,11 @@ def audit_call(store, D: int, r: int, sites: int, label: str, audit, check) -> t
         bad = check(f)
         failures += bool(bad)
         bodies = loop_bodies(compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"])
-        pred = predict_orth(f, orth_work(kernel, flags, cfg, D, r, sites, _chunk_rows(
-            steps[0][1], D, sites)), bodies)
+        work = orth_work(kernel, flags, cfg, D, r, sites, _chunk_rows(steps[0][1], D, sites))
+        if kernel == "orth_factor":
+            work["round_trips"] = store_barriers(compile_info(kernel, D, r, "fp32", cfg,
+                                                              flags=flags)["cubin"])
+        pred = predict_orth(f, work, bodies)
         total += pred["t"]
         parts.append(f"{kernel}({','.join(f'{k}={v}' for k, v in flags.items())}):"
                      f"{pred['t'] * 1e6:.1f}us/{pred['bound']}")
