@@ -14,11 +14,13 @@ block at or right of the diagonal once) or the Gram of the column-scaled, comple
 
 The factor is left-looking and blocked by PB = 16 rows (`_factor_blocked`): per row panel k,
 the updates from the panels above are tl.dot products (fp64, tensor cores on sm_90), then a
-PB x PB diagonal block is factored in registers by PB unrolled elimination steps that also
-invert it (`_small_factor`), then R's row panel and L^{-1}'s row panel are products with that
-inverse. One block barrier per panel (the next panel reads this one's rows back from the
-scratch, which stays in L1/L2), instead of r serial full-tile steps with 5-8 barriers each
-and an R_PAD x R_PAD fp64 tile in registers (128 KB at r = 128: the old kernel spilled).
+PB x PB diagonal block is factored and inverted by four 4-column pivot blocks whose rows go
+through the block's own place in the scratch (`_small_factor`: loads instead of the shuffle
+trees that extracting a row from a register tile costs), then R's row panel and L^{-1}'s row
+panel are products with that inverse. A block barrier ends each panel (the next panel reads
+this one's rows back from the scratch, which stays in L1/L2), instead of r serial full-tile
+steps with 5-8 barriers each and an R_PAD x R_PAD fp64 tile in registers (128 KB at
+r = 128: the old kernel spilled).
 """
 
 from __future__ import annotations
@@ -35,12 +37,6 @@ PANEL = 16  # PB: rows per panel (tl.dot needs >= 16)
 
 
 @triton.jit
-def _pick(v, i, j):
-    """v[j] of a vector (a reduction: Triton has no register indexing)."""
-    return tl.sum(tl.where(i == j, v, 0.0), axis=0)
-
-
-@triton.jit
 def _rsqrt_or_zero(x):
     """(1/sqrt(x), 0) for x > 0, else (0, 1): a failed pivot."""
     good = x > 0  # NaN-safe
@@ -48,42 +44,50 @@ def _rsqrt_or_zero(x):
 
 
 @triton.jit
-def _small_factor(W, PB: tl.constexpr):
-    """(Rkk upper, T = Rkk^{-T} lower, diag(Rkk), failed pivots) of a symmetric PB x PB W.
+def _small_factor(W, ws, ts, dg, R_PAD: tl.constexpr, PB: tl.constexpr):
+    """T = Rkk^{-T} (lower) and the failed pivots of a symmetric PB x PB block W = Rkk^T Rkk;
+    Rkk's rows go to `ws`, diag(Rkk) to `dg` (ws, ts: the block's place in R's and L^{-1}'s
+    scratch, row stride R_PAD; ts holds T's rows while they are made).
 
-    Right-looking by 4 columns: the 4 x 4 pivot block's Cholesky in scalars (every thread
-    computes it; rsqrt), R's and L^{-1}'s 4 rows as vectors, then a rank-4 update of the rows
-    below (W = L L^T, L = R^T; T starts as I and ends as L^{-1}). So a panel of 16 columns
-    costs 4 rounds of row extraction (reductions), not 16. A non-positive pivot (a
-    numerically dependent column; NaN too) counts as failed and gets a zero row, so later
-    columns are factored as if that column were absent.
+    Right-looking by 4 columns: the rows of W and T below the finished ones go to the
+    scratch, the pivot block's 4 rows come back as vectors with its 10 entries as scalars;
+    the 4 x 4 Cholesky in scalars (rsqrt), R's and T's 4 rows as vectors (stored), then a
+    rank-4 update of W and T whose multipliers L[i, a] = R[a, i] are R's new rows read back
+    as columns. Loads from the block's own scratch (L1) replace the shuffle
+    trees that extracting a row from a register tile costs (Triton has no register
+    indexing), and no tile is assembled from rows. A non-positive pivot (a numerically
+    dependent column; NaN too) counts as failed and gets a zero row, so later columns are
+    factored as if that column were absent.
     """
     i = tl.arange(0, PB)
-    ri = i[:, None]
-    ci = i[None, :]
+    ri = i[:, None]  # (PB, 1)
+    ci = i[None, :]  # (1, PB)
     T = tl.where(ri == ci, 1.0, 0.0).to(tl.float64)
-    R = tl.zeros((PB, PB), tl.float64)
-    diag = tl.zeros((PB,), tl.float64)
     failed = 0
     for jb in tl.static_range(0, PB, 4):
-        w0 = tl.sum(tl.where(ri == jb, W, 0.0), axis=0)
-        w1 = tl.sum(tl.where(ri == jb + 1, W, 0.0), axis=0)
-        w2 = tl.sum(tl.where(ri == jb + 2, W, 0.0), axis=0)
-        w3 = tl.sum(tl.where(ri == jb + 3, W, 0.0), axis=0)
-        t0 = tl.sum(tl.where(ri == jb, T, 0.0), axis=0)
-        t1 = tl.sum(tl.where(ri == jb + 1, T, 0.0), axis=0)
-        t2 = tl.sum(tl.where(ri == jb + 2, T, 0.0), axis=0)
-        t3 = tl.sum(tl.where(ri == jb + 3, T, 0.0), axis=0)
-        a00 = _pick(w0, i, jb)
-        a01 = _pick(w0, i, jb + 1)
-        a02 = _pick(w0, i, jb + 2)
-        a03 = _pick(w0, i, jb + 3)
-        a11 = _pick(w1, i, jb + 1)
-        a12 = _pick(w1, i, jb + 2)
-        a13 = _pick(w1, i, jb + 3)
-        a22 = _pick(w2, i, jb + 2)
-        a23 = _pick(w2, i, jb + 3)
-        a33 = _pick(w3, i, jb + 3)
+        tl.store(ws + ri * R_PAD + ci, W, mask=ri >= jb)  # rows above: R's, final
+        tl.store(ts + ri * R_PAD + ci, T, mask=ri >= jb)
+        tl.debug_barrier()
+        # w*, t*: (1, PB) rows jb..jb+3 of W and T; u*: (PB, 1) W's rows as columns
+        w0 = tl.load(ws + jb * R_PAD + ci)
+        w1 = tl.load(ws + (jb + 1) * R_PAD + ci)
+        w2 = tl.load(ws + (jb + 2) * R_PAD + ci)
+        w3 = tl.load(ws + (jb + 3) * R_PAD + ci)
+        t0 = tl.load(ts + jb * R_PAD + ci)
+        t1 = tl.load(ts + (jb + 1) * R_PAD + ci)
+        t2 = tl.load(ts + (jb + 2) * R_PAD + ci)
+        t3 = tl.load(ts + (jb + 3) * R_PAD + ci)
+        a00 = tl.load(ws + jb * R_PAD + jb)
+        a01 = tl.load(ws + jb * R_PAD + jb + 1)
+        a02 = tl.load(ws + jb * R_PAD + jb + 2)
+        a03 = tl.load(ws + jb * R_PAD + jb + 3)
+        a11 = tl.load(ws + (jb + 1) * R_PAD + jb + 1)
+        a12 = tl.load(ws + (jb + 1) * R_PAD + jb + 2)
+        a13 = tl.load(ws + (jb + 1) * R_PAD + jb + 3)
+        a22 = tl.load(ws + (jb + 2) * R_PAD + jb + 2)
+        a23 = tl.load(ws + (jb + 2) * R_PAD + jb + 3)
+        a33 = tl.load(ws + (jb + 3) * R_PAD + jb + 3)
+        tl.debug_barrier()  # every thread has its rows before they are overwritten
         # the 4 x 4 pivot block's Cholesky, in scalars
         s0, f0 = _rsqrt_or_zero(a00)
         r01 = a01 * s0
@@ -99,8 +103,10 @@ def _small_factor(W, PB: tl.constexpr):
         b33 = a33 - r03 * r03 - r13 * r13 - r23 * r23
         s3, f3 = _rsqrt_or_zero(b33)
         failed += f0 + f1 + f2 + f3
-        diag = tl.where(i == jb, a00 * s0, tl.where(i == jb + 1, b11 * s1, tl.where(
-            i == jb + 2, b22 * s2, tl.where(i == jb + 3, b33 * s3, diag))))
+        tl.store(dg + jb, a00 * s0)
+        tl.store(dg + jb + 1, b11 * s1)
+        tl.store(dg + jb + 2, b22 * s2)
+        tl.store(dg + jb + 3, b33 * s3)
         # R's rows jb..jb+3 and L^{-1}'s, as vectors over columns
         R0 = w0 * s0
         R1 = (w1 - r01 * R0) * s1
@@ -110,22 +116,35 @@ def _small_factor(W, PB: tl.constexpr):
         T1 = (t1 - r01 * T0) * s1
         T2 = (t2 - r02 * T0 - r12 * T1) * s2
         T3 = (t3 - r03 * T0 - r13 * T1 - r23 * T2) * s3
-        R0 = tl.where(i >= jb, R0, 0.0)
-        R1 = tl.where(i >= jb + 1, R1, 0.0)
-        R2 = tl.where(i >= jb + 2, R2, 0.0)
-        R3 = tl.where(i >= jb + 3, R3, 0.0)
-        R = tl.where(ri == jb, R0[None, :], tl.where(ri == jb + 1, R1[None, :], tl.where(
-            ri == jb + 2, R2[None, :], tl.where(ri == jb + 3, R3[None, :], R))))
-        T = tl.where(ri == jb, T0[None, :], tl.where(ri == jb + 1, T1[None, :], tl.where(
-            ri == jb + 2, T2[None, :], tl.where(ri == jb + 3, T3[None, :], T))))
-        # rank-4 update of the rows below the block (multipliers L[i, a] = R[a, i])
-        m0 = tl.where(i >= jb + 4, R0, 0.0)[:, None]
-        m1 = tl.where(i >= jb + 4, R1, 0.0)[:, None]
-        m2 = tl.where(i >= jb + 4, R2, 0.0)[:, None]
-        m3 = tl.where(i >= jb + 4, R3, 0.0)[:, None]
-        W = W - m0 * R0[None, :] - m1 * R1[None, :] - m2 * R2[None, :] - m3 * R3[None, :]
-        T = T - m0 * T0[None, :] - m1 * T1[None, :] - m2 * T2[None, :] - m3 * T3[None, :]
-    return R, T, diag, failed
+        tl.store(ws + jb * R_PAD + ci, tl.where(ci >= jb, R0, 0.0))
+        tl.store(ws + (jb + 1) * R_PAD + ci, tl.where(ci >= jb + 1, R1, 0.0))
+        tl.store(ws + (jb + 2) * R_PAD + ci, tl.where(ci >= jb + 2, R2, 0.0))
+        tl.store(ws + (jb + 3) * R_PAD + ci, tl.where(ci >= jb + 3, R3, 0.0))
+        tl.store(ts + jb * R_PAD + ci, T0)
+        tl.store(ts + (jb + 1) * R_PAD + ci, T1)
+        tl.store(ts + (jb + 2) * R_PAD + ci, T2)
+        tl.store(ts + (jb + 3) * R_PAD + ci, T3)
+        if jb + 4 < PB:
+            # rank-4 update of the rows below the block; the multipliers L[i, a] = R[a, i]
+            # are R's new rows read back as columns (m*: (PB, 1), zero above row jb + 4)
+            tl.debug_barrier()
+            below = ri >= jb + 4
+            m0 = tl.load(ws + jb * R_PAD + ri, mask=below, other=0.0)
+            W -= m0 * R0
+            T -= m0 * T0
+            m1 = tl.load(ws + (jb + 1) * R_PAD + ri, mask=below, other=0.0)
+            W -= m1 * R1
+            T -= m1 * T1
+            m2 = tl.load(ws + (jb + 2) * R_PAD + ri, mask=below, other=0.0)
+            W -= m2 * R2
+            T -= m2 * T2
+            m3 = tl.load(ws + (jb + 3) * R_PAD + ri, mask=below, other=0.0)
+            W -= m3 * R3
+            T -= m3 * T3
+    tl.debug_barrier()
+    T = tl.load(ts + ri * R_PAD + ci)
+    tl.debug_barrier()  # read before the panel's L^{-1} rows overwrite the scratch
+    return T, failed
 
 
 @triton.jit
@@ -154,10 +173,10 @@ def _factor_blocked(gram, shift, rs_ptr, li_ptr, dg_ptr, r, R_PAD: tl.constexpr,
             rc = tl.load(rs_ptr + ii[:, None] * R_PAD + rows[None, :], mask=ii[:, None] < k0,
                          other=0.0)  # (KC, PB): R[ii, panel columns]
             W = tl.dot(-tl.trans(rc), rc, W, out_dtype=tl.float64)
-        Rkk, T, diag, f = _small_factor(W, PB)  # (PB, PB) R[k, k], (PB, PB) its R^{-T}, (PB,)
+        # T: (PB, PB) R[k, k]^{-T}; R[k, k] and its diagonal are stored
+        T, f = _small_factor(W, rs_ptr + k0 * R_PAD + k0, li_ptr + k0 * R_PAD + k0, dg_ptr + k0,
+                             R_PAD, PB)
         failed += f
-        tl.store(dg_ptr + rows, diag)
-        tl.store(rs_ptr + rows[:, None] * R_PAD + rows[None, :], Rkk)
         for c0 in range(k0 + PB, n_act, CB):  # R's row panel right of the diagonal block
             cc = c0 + cb
             # Wc: (PB, CB) fp64, G[k, cc] minus the panels above; rr: (KC, CB) R[ii, cc]
