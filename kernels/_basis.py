@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _split_bf16, new_buffer, pow2
+from ._common import _split_bf16, capturing, new_buffer, pow2
 from ._spec import KernelSpec, Shape, declare
 
 __all__ = ["split_basis", "basis_operands", "is_split", "split_launches"]
@@ -85,7 +85,7 @@ def clear_cache() -> None:
 
 def _capturing(U: torch.Tensor) -> bool:
     """Whether U's kernels are being captured into a CUDA graph right now."""
-    return U.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return capturing(U.device)
 
 
 def split_basis(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,34 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether launches on `device` are being captured into a CUDA graph right now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def ticket_counters(device: torch.device, n: int, owner: str) -> torch.Tensor:
+    """At least n zeroed int32 ticket counters of `owner` (a kernel family) for this device
+    and current stream. The last program to take a ticket resets it to 0, so one buffer
+    serves every launch on the stream without a memset (launches on a stream never overlap);
+    it is allocated (one zero fill) only when a call needs more than any before.
+
+    Under CUDA-graph capture a fresh buffer is returned and not cached: its zero fill is a
+    node of the graph (it runs at each replay, so replays start from 0), and a cached one
+    would live in the graph's private memory pool, read before the first replay or after
+    the graph is gone."""
+    if capturing(device):
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (owner, str(device), stream)
+    counters = _TICKETS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _TICKETS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return counters
+
+
 def launch(name: str, run: Callable[[dict], T], config: dict,
            shrink: Callable[[dict], dict | None] | None = None) -> tuple[dict, T]:
     """`run(config)` (which allocates and launches); on out-of-resource errors, smaller configs.

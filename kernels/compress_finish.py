@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import nan_max
+from ._common import nan_max, ticket_counters
 from ._spec import KernelSpec, Shape, declare
 from .compress_kernels import SPEC_COEFF, SPEC_FUSED, SPEC_Y
 from .compress_plan import H100_SMS, fused_by_size, fused_programs, y_segments
@@ -94,18 +94,10 @@ def finish_grid(N: int, D: int, R: int, need_y: bool, atomic: bool) -> tuple[int
     return n_yblk, triton.cdiv(N, FINISH_CONFIG["ROWS"])
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
 def finish_counter(device: torch.device) -> torch.Tensor:
-    """The finishing kernel's zeroed int32 counter for this device and current stream (it
-    leaves it at 0 again). Per stream: launches on one stream never overlap."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+    """The finishing kernel's zeroed int32 counter for this device and current stream (the
+    last of its row-block programs leaves it at 0 again); see `ticket_counters`."""
+    return ticket_counters(device, 1, "compress_finish")
 
 
 def _finish_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:

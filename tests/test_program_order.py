@@ -31,6 +31,7 @@ pytestmark = [*KERNEL_MARKS, pytest.mark.skipif(DEV != "cpu", reason="patches th
 
 ORDERS = ("forward", "reverse", "shuffle")
 FIN = importlib.import_module("laser_triton.kernels.compress_finish")
+COMMON = importlib.import_module("laser_triton.kernels._common")
 ORTH = importlib.import_module("laser_triton.kernels.orthonormalize")
 CP = importlib.import_module("laser_triton.kernels.compress_pass")
 TMA = importlib.import_module("laser_triton.kernels.compress_tma")
@@ -81,7 +82,8 @@ def _fields(out) -> list[torch.Tensor]:
 
 
 def _counters_zero() -> bool:
-    return all(int(c.abs().sum()) == 0 for c in (*FIN._COUNTERS.values(), *ORTH._COUNTERS.values()))
+    counters = (*COMMON._TICKETS.values(), *getattr(ORTH, "_COUNTERS", {}).values())
+    return bool(counters) and all(int(c.abs().sum()) == 0 for c in counters)
 
 
 def test_the_hook_reorders_programs(program_order):
@@ -151,3 +153,21 @@ def test_persistent_grids_in_any_order(program_order, use_configs):
         runs.append([*_fields(out), reconstruct(C, U2, torch.float32)])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_ticket_counters_made_under_graph_capture_are_fresh(monkeypatch):
+    """Captured, a counter's zero fill runs only at replay, and a cached counter would live in
+    the graph's private pool (read before the first replay, or after the graph is freed): under
+    capture every call gets a fresh, uncached buffer; outside it one buffer per stream is reused."""
+    dev = torch.device(DEV)
+    monkeypatch.setattr(COMMON, "_TICKETS", {})
+    monkeypatch.setattr(COMMON, "capturing", lambda device: True)
+    a = COMMON.ticket_counters(dev, 3, "test")
+    b = COMMON.ticket_counters(dev, 3, "test")
+    assert a.data_ptr() != b.data_ptr() and not COMMON._TICKETS
+    assert a.numel() >= 3 and int(a.abs().sum()) == 0
+    monkeypatch.setattr(COMMON, "capturing", lambda device: False)
+    c = COMMON.ticket_counters(dev, 3, "test")
+    assert COMMON.ticket_counters(dev, 2, "test").data_ptr() == c.data_ptr()
+    assert COMMON.ticket_counters(dev, 3, "other").data_ptr() != c.data_ptr()
+    assert FIN.finish_counter(dev).data_ptr() == FIN.finish_counter(dev).data_ptr()
