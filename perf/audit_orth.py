@@ -144,21 +144,51 @@ def store_barriers(cubin: bytes) -> int:
     return count
 
 
+def column_loops(cubin: bytes) -> tuple[int, int] | None:
+    """Own instructions (their tl.dot loops excluded) of the factor's two column-block loops
+    in a panel (R's blocks right of the diagonal, then L^{-1}'s): the children of the panel
+    loop that hold a DMMA loop, in address order. None when ptxas's loops do not nest."""
+    from laser_triton.kernels._audit import disassemble, loop_structure  # noqa: PLC0415
+
+    ops, bodies, _ = loop_structure(disassemble(cubin)[1])
+    bodies = sorted(set(bodies))
+    if any(a[0] < b[0] <= a[1] < b[1] for a in bodies for b in bodies):
+        return None  # overlapping, not nested
+
+    def kids(b):
+        inside = [o for o in bodies if o != b and b[0] <= o[0] and o[1] <= b[1]]
+        return [o for o in inside if not any(p != o and p[0] <= o[0] and o[1] <= p[1]
+                                             for p in inside)]
+
+    def has_dmma(b):
+        return any(b[0] <= a <= b[1] and op == "DMMA" for a, op, _, _ in ops)
+    for panel in bodies:
+        col = [k for k in kids(panel) if any(has_dmma(g) for g in kids(k))]
+        if len(col) == 2:
+            return tuple(sum(lo <= a <= hi and not any(g[0] <= a <= g[1] for g in kids((lo, hi)))
+                             for a, _, _, _ in ops) for lo, hi in col)
+    return None
+
+
 def _factor_program(facts, work: dict, bodies: list[tuple[int, int, int, int]]) -> float:
     """Warp instructions of one factor program: the straight code once, the code of the
     outer loops (the panel loop with its unrolled 16-column diagonal-block factor) once per
     panel, the tl.dot loops (the bodies with DMMA)
     for the left-looking trips, the mixed Gram's tile loop (no DMMA, loads) per tile at or
     right of the diagonal, the zero fills of L^{-1} (no DMMA, no loads) per 16 x CB block.
-    Not counted: the outer loops around the tl.dot loops (R's and L^{-1}'s column blocks) run
-    up to n_pan / 2 times per panel, not once (the same in every version of the factor)."""
+    The two column-block loops around the tl.dot loops (R's blocks right of the diagonal,
+    L^{-1}'s up to it) run n(n-1)/2 and n(n+1)/2 times in all, not once per panel: their
+    own instructions are charged so where the loops nest (`column_loops`)."""
     once = max(facts.instructions - facts.loop_body - facts.outer_body, 0)
     dots = [n for n, dmma, _, _ in bodies if dmma]
     mix = sum(n for n, dmma, _, ldg in bodies if not dmma and ldg)
     zeros = [n for n, dmma, _, ldg in bodies if not dmma and not ldg]
     dot_avg = sum(dots) / len(dots) if dots else 0.0
     zero_avg = sum(zeros) / len(zeros) if zeros else 0.0
-    return (once + work["outer"] * facts.outer_body + work["dot_trips"] * dot_avg
+    n = work["outer"]
+    right, left = work.get("column_loops") or (0, 0)
+    columns = right * (n * (n - 1) // 2 - n) + left * (n * (n + 1) // 2 - n)
+    return (once + n * facts.outer_body + columns + work["dot_trips"] * dot_avg
             + work["mix_trips"] * mix + work["zero_trips"] * zero_avg)
 
 
@@ -199,8 +229,9 @@ def audit_call(store, D: int, r: int, sites: int, label: str, audit, check) -> t
         bodies = loop_bodies(compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"])
         work = orth_work(kernel, flags, cfg, D, r, sites, _chunk_rows(steps[0][1], D, sites))
         if kernel == "orth_factor":
-            work["round_trips"] = store_barriers(compile_info(kernel, D, r, "fp32", cfg,
-                                                              flags=flags)["cubin"])
+            cubin = compile_info(kernel, D, r, "fp32", cfg, flags=flags)["cubin"]
+            work["round_trips"] = store_barriers(cubin)
+            work["column_loops"] = column_loops(cubin)
         pred = predict_orth(f, work, bodies)
         total += pred["t"]
         parts.append(f"{kernel}({','.join(f'{k}={v}' for k, v in flags.items())}):"
