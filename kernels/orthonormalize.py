@@ -312,8 +312,10 @@ SPEC_GRAM = declare(KernelSpec(
     flags=("WITH_Z", "CHECK")))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
-    # One warp: the 16 x 16 diagonal-block factor's reductions are then warp shuffles (4
-    # warps put ~8 block barriers on every column); 16 x 16 tiles keep r = 128 unspilled.
+    # One warp by default; default.json runs 2 from r = 64 (the diagonal block loads its rows
+    # from the scratch, no cross-warp reductions; each warp's stream is about half), where
+    # ptxas keeps 2 warps unspilled (at r <= 32 it spilled around the rsqrt slow-path and
+    # mix calls). 16 x 16 tiles keep r = 128 unspilled.
     defaults={"KC": 16, "CB": 16, "num_warps": 1, "num_stages": 1},
     tuning={"num_warps": (1, 2, 4)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
