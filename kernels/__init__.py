@@ -113,8 +113,9 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
         from .configs import get_store  # noqa: PLC0415
 
         C, U = tensors[0], tensors[1]
-        cfg = get_store(C.device).lookup("reconstruct", U.shape[0], C.shape[1],
-                                         DTYPE_NAMES[C.dtype], C.shape[0])
+        cname = DTYPE_NAMES[C.dtype]  # the output dtype defaults to C's
+        cfg = get_store(C.device).lookup("reconstruct", U.shape[0], C.shape[1], cname,
+                                         C.shape[0], cname)
         from ._basis import split_launches  # noqa: PLC0415
 
         return 1 + (split_launches(U, book) if cfg["PRECISION"] != "ieee" else 0)

@@ -97,7 +97,7 @@ class _PinnedStore:
     def __init__(self, pins: dict[str, object]) -> None:
         self.pins, self.asked = pins, set()
 
-    def lookup(self, kernel, D, r, dtype, N=None):
+    def lookup(self, kernel, D, r, dtype, N=None, coeff="bf16"):
         self.asked.add(kernel)
         if kernel == configs.PATH_TABLE:
             return self.pins.get(kernel)

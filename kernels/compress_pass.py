@@ -32,7 +32,6 @@ from .compress_kernels import (
     _compress_y_kernel,
 )
 from .compress_plan import (
-    for_coeff,
     fused_block_r,
     fused_by_size,
     fused_programs,
@@ -55,11 +54,13 @@ __all__ = ["compress_pass", "choose_path", "fused_block_r", "launch_plan", "fuse
            "SPEC_FINISH", "SPEC_TMA"]
 
 
-def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) -> str:
-    """'fused', 'split' or 'tma': the store's `compress_path` entry, else the size rule. A
-    'tma' entry needs a shape the TMA kernel covers (`tma_fits`); the launcher also needs X's
-    layout to suit a TMA descriptor (`x_ok`), else it takes the size rule's design."""
-    path = (store or get_store(device)).lookup(PATH_TABLE, D, r, dtype)
+def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None,
+                coeff: str = "bf16") -> str:
+    """'fused', 'split' or 'tma': the store's `compress_path` entry (for C stored as
+    `coeff`), else the size rule. A 'tma' entry needs a shape the TMA kernel covers
+    (`tma_fits`); the launcher also needs X's layout to suit a TMA descriptor (`x_ok`), else
+    it takes the size rule's design."""
+    path = (store or get_store(device)).lookup(PATH_TABLE, D, r, dtype, coeff=coeff)
     if path is None or (path == "tma" and not tma_fits(D, r, dtype)):
         path = "fused" if fused_by_size(D, r) else "split"
     return path
@@ -68,21 +69,21 @@ def choose_path(D: int, r: int, dtype: str, device: torch.device, store=None) ->
 def launch_plan(store, N: int, D: int, r: int, dtype: str, need_y: bool = True,
                 coeff: str = "bf16", tma_ok: bool = True) -> list[tuple[str, dict, dict]]:
     """[(kernel, config, mode flags)] that `compress_pass` launches for this shape with
-    `store`'s configs and C stored as `coeff` (before any out-of-resource fallback): what
+    `store`'s configs for C stored as `coeff` (before any out-of-resource fallback): what
     the static audit checks (at that `coeff`). tma_ok=False: X's layout does not suit a TMA
     descriptor (`compress_tma.x_ok`), so a 'tma' path becomes the size rule's design."""
-    path = choose_path(D, r, dtype, None, store)
+    path = choose_path(D, r, dtype, None, store, coeff)
     if path == "tma" and not tma_ok:
         path = "fused" if fused_by_size(D, r) else "split"
     if path == "tma":
-        steps = [("compress_tma", store.lookup("compress_tma", D, r, dtype, N),
+        steps = [("compress_tma", store.lookup("compress_tma", D, r, dtype, N, coeff),
                   {"NEED_Y": need_y})]
     elif path == "fused":
-        cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, r, dtype, N), coeff)
+        cfg = store.lookup("compress_fused", D, r, dtype, N, coeff)
         steps = [("compress_fused", cfg, {"NEED_Y": need_y})]
     else:
         y_cfg = store.lookup("compress_y", D, r, dtype, N)
-        cfg = for_coeff("compress_coeff", store.lookup("compress_coeff", D, r, dtype, N), coeff)
+        cfg = store.lookup("compress_coeff", D, r, dtype, N, coeff)
         steps = [("compress_coeff", cfg,
                   {"WRITE_CS": need_y, "CS_SPLIT": y_cfg["PRECISION"] != "ieee"})]
         if need_y:
@@ -106,9 +107,8 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         raise ValueError(f"compress_pass: N = {N} rows is too many for rank {R} (the kernels "
                          "index up to (R + 1) N < 2^31 values; ops runs the reference there)")
     dev, dname = X.device, DTYPE_NAMES[X.dtype]
-    # C's dtype picks the binary (`for_coeff`); the interpreter has no registers to spill
-    # and keeps its big blocks
-    cname = "bf16" if INTERPRET else DTYPE_NAMES[coeff_dtype]
+    # C's dtype picks the binary, so the store keys those configs by it too
+    cname = DTYPE_NAMES[coeff_dtype]
     store = get_store(dev)
     atomic = not deterministic
     sms = num_sms(dev)
@@ -161,24 +161,23 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
         return ypart, rows, amax
 
     ypart = None
-    path = choose_path(D, R, dname, dev)
+    path = choose_path(D, R, dname, dev, store, cname)
     if path == "tma" and not x_ok(X):  # a strided or misaligned X: the size rule's design
         path = "fused" if fused_by_size(D, R) else "split"
     if path == "tma":
-        cfg = store.lookup("compress_tma", D, R, dname, N)
+        cfg = store.lookup("compress_tma", D, R, dname, N, cname)
         ran, (ypart, rows, amax) = launch(
             "compress_tma", run_tma, cfg, lambda c: shrink_config(c, SPEC_TMA.block_keys))
-        store.remember("compress_tma", D, R, dname, N, ran)
+        store.remember("compress_tma", D, R, dname, N, ran, cname)
         n_tiles = 1
     elif path == "fused":
-        cfg = for_coeff("compress_fused", store.lookup("compress_fused", D, R, dname, N), cname)
+        cfg = store.lookup("compress_fused", D, R, dname, N, cname)
         try:
             ran, (ypart, rows, amax, n_tiles) = launch(
                 "compress_fused", run_fused, cfg, lambda c: shrink_config(c, SPEC_FUSED.block_keys))
-            if ran != cfg or cname == "bf16":  # the store's entry is for a bf16 C
-                store.remember("compress_fused", D, R, dname, N, ran)
+            store.remember("compress_fused", D, R, dname, N, ran, cname)
         except OutOfResources:  # even the smallest blocks do not fit: go split
-            store.remember_path(D, R, dname, "split")
+            store.remember_path(D, R, dname, "split", cname)
     if ypart is None:
         y_cfg = store.lookup("compress_y", D, R, dname, N) if need_y else None
         # Step 2 takes the fp32 C in the form its products need: bf16 halves, or fp32.
@@ -189,11 +188,10 @@ def compress_pass(X: torch.Tensor, U: torch.Tensor, need_y: bool = True,
             cs = cslo = new_buffer((N, R), torch.float32, dev)
         else:
             cs = cslo = C
-        cfg = for_coeff("compress_coeff", store.lookup("compress_coeff", D, R, dname, N), cname)
+        cfg = store.lookup("compress_coeff", D, R, dname, N, cname)
         ran, (rows, amax) = launch("compress_coeff", run_coeff, cfg,
                                    lambda c: shrink_config(c, SPEC_COEFF.block_keys))
-        if ran != cfg or cname == "bf16":  # the store's entry is for a bf16 C
-            store.remember("compress_coeff", D, R, dname, N, ran)
+        store.remember("compress_coeff", D, R, dname, N, ran, cname)
         n_tiles = 1
         ypart = y_buffer(1)
         if need_y:

@@ -13,7 +13,7 @@ from ._common import pow2
 from ._spec import SIGNATURE_SMS
 
 __all__ = ["FUSED_MAX_ELEMS", "MIN_BLOCK_R", "MAX_PARTIAL_ELEMS", "H100_SMS", "fused_by_size",
-           "fused_block_r", "fused_programs", "y_segments", "rows_fit", "for_coeff"]
+           "fused_block_r", "fused_programs", "y_segments", "rows_fit"]
 
 FUSED_MAX_ELEMS = 16384  # bound on the fused Y accumulator, D_PAD x BLOCK_R fp32
 MIN_BLOCK_R = 16  # the smallest rank tile (tl.dot's minimum)
@@ -59,21 +59,3 @@ def y_segments(N: int, D: int, R: int, cfg: dict, n_sms: int) -> tuple[int, int]
     rows_per_seg = triton.cdiv(triton.cdiv(N, n_seg), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     return triton.cdiv(N, rows_per_seg), rows_per_seg
 
-
-def for_coeff(kernel: str, cfg: dict, coeff: str) -> dict:
-    """`cfg` (the store's config, proven spill-free with bf16 C) adapted to a C stored as
-    `coeff`. A bf16 C is the hi half of the split and is stored from it; any other C
-    (LaserConfig.coeff_dtype fp32 or fp16) keeps the fp32 tile live until its own store, and
-    on sm_90 the audit found spills there: compress_coeff at r = 128 with 256-row, 16-warp
-    blocks (128 registers per thread; 13-21 LDL/STL) and compress_fused at D = 97 with
-    64-wide D chunks (2-9 LDL/STL). So: 16 warps -> 8 with half the rows (up to 255
-    registers), and D chunks of at most 32 in the fused kernel. The audit gate checks the
-    result at every TRM shape (tests/test_kernel_audit.py)."""
-    if coeff == "bf16":
-        return cfg
-    if kernel == "compress_coeff" and cfg["num_warps"] > 8:
-        return {**cfg, "BLOCK_N": max(cfg["BLOCK_N"] * 8 // cfg["num_warps"], 16),
-                "num_warps": 8}
-    if kernel == "compress_fused" and cfg["BLOCK_K"] > 32:
-        return {**cfg, "BLOCK_K": 32}
-    return cfg

@@ -1,15 +1,20 @@
 """The launch-config store (docs/design.md §7): one config per launch, resolved before the launch.
 
 Triton's multi-config `@triton.autotune` cannot run without a GPU, so every launcher asks the
-store for one config. Files map, per kernel, `D=..,r=..,dtype=..[,N=..]` to
-`{BLOCK_*, num_warps, num_stages, ...}` (N is a bucket, never a raw row count).
+store for one config. Files map, per kernel, `D=..,r=..,dtype=..[,C=..][,N=..]` to
+`{BLOCK_*, num_warps, num_stages, ...}` (N is a bucket, never a raw row count; C is the dtype
+of the stored coefficients, LaserConfig.coeff_dtype, for the kernels whose binary depends on
+it: `keyed_on_coeff`. A key without C means bf16 C, the default, so older files keep working).
 
 Lookup order, per (kernel, key), cached:
   1. `$LASER_TRITON_CONFIG_DIR/<sanitized GPU name>.json`, exact key;
   2. the shipped `autotune_configs/<sanitized GPU name>.json`, exact key;
-  3. the nearest (D, r) entry for the same dtype in those files;
+  3. the nearest (D, r) entry for the same dtype (and C dtype) in those files;
   4. a safe default: the shipped `default.json` (configs proven to fit sm_90 by compiling them
      on CPU, never timed), exact or nearest, then the built-in DEFAULTS.
+A config proven with one C dtype is never used for another (with a wider C the compress
+kernels keep the fp32 C tile live longer and spill where a bf16 C does not): a tuned file
+holding only bf16-C entries leaves an fp32 C to default.json's fp32-C entries.
 Which one was used is logged once per kernel and source. A file written by another Triton
 version is still used (logged). Entries are checked for structure here; whether they fit the
 GPU is checked by compiling (`fits`) in the sweep and tests, and by catching out-of-resource
@@ -18,6 +23,7 @@ errors at launch (`_common.launch`), whose smaller config the launcher then `rem
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,12 +35,13 @@ from pathlib import Path
 import torch
 import triton
 
-from ._spec import SPECS
+from ._spec import SPECS, Shape
 
 log = logging.getLogger("laser_triton")
 
 __all__ = ["ConfigStore", "DEFAULTS", "get_store", "reset_stores", "config_key", "n_bucket",
-           "sanitize_gpu_name", "gpu_name", "validate_entry", "SHARED_LIMIT_SM90"]
+           "sanitize_gpu_name", "gpu_name", "validate_entry", "keyed_on_coeff",
+           "SHARED_LIMIT_SM90", "DEFAULT_COEFF"]
 
 SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on H100/H200
 SCHEMA = 1
@@ -72,7 +79,22 @@ INTERPRETER_DEFAULTS: Mapping[str, dict] = _SpecView(interpreter=True)
 PATH_TABLE = "compress_path"
 _BLOCK_KEYS = {"BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_R", "BLOCK_K", "ROWS_PER_CHUNK",
                "GRAM_TILE"}
-_KEY_RE = re.compile(r"^D=(\d+),r=(\d+),dtype=(fp32|bf16|fp16)(?:,N=(\d+))?$")
+_DT = "(fp32|bf16|fp16)"
+_KEY_RE = re.compile(rf"^D=(\d+),r=(\d+),dtype={_DT}(?:,C={_DT})?(?:,N=(\d+))?$")
+DEFAULT_COEFF = "bf16"  # LaserConfig.coeff_dtype's default; keys without C mean this
+
+
+@functools.cache
+def keyed_on_coeff(kernel: str) -> bool:
+    """Whether `kernel`'s configs are stored per C dtype: its compile signature (the binary a
+    launch runs) depends on `Shape.coeff` (compress_fused and compress_coeff store C,
+    reconstruct reads it), or it is the compress design table, which may differ per C."""
+    if kernel == PATH_TABLE:
+        return True
+    spec = SPECS[kernel]
+    sigs = [spec.signature(Shape(4096, 512, 32, "bf16", c), dict(spec.defaults))
+            for c in ("bf16", "fp32")]
+    return sigs[0] != sigs[1]
 
 
 def sanitize_gpu_name(name: str) -> str:
@@ -91,8 +113,10 @@ def n_bucket(N: int) -> int:
     return int(min(max(4 ** math.ceil(math.log(max(N, 1), 4)), 1024), 1 << 20))
 
 
-def config_key(D: int, r: int, dtype: str, N: int | None = None) -> str:
-    key = f"D={D},r={r},dtype={dtype}"
+def config_key(D: int, r: int, dtype: str, N: int | None = None,
+               coeff: str = DEFAULT_COEFF) -> str:
+    """The store key; C appears only when it is not the default (bf16)."""
+    key = f"D={D},r={r},dtype={dtype}" + ("" if coeff == DEFAULT_COEFF else f",C={coeff}")
     return key if N is None else f"{key},N={n_bucket(N)}"
 
 
@@ -125,11 +149,19 @@ def validate_entry(kernel: str, entry: object) -> str | None:
     return None
 
 
-def _parse_key(key: str) -> tuple[int, int, str, int | None] | None:
+def _parse_key(key: str) -> tuple[int, int, str, str, int | None] | None:
+    """(D, r, dtype, C dtype, N bucket or None); a key without C has bf16 C."""
     m = _KEY_RE.match(key)
     if m is None:
         return None
-    return int(m[1]), int(m[2]), m[3], (int(m[4]) if m[4] else None)
+    return int(m[1]), int(m[2]), m[3], m[4] or DEFAULT_COEFF, (int(m[5]) if m[5] else None)
+
+
+def _canonical(key: str) -> str:
+    """`key` as `config_key` writes it (an explicit C=bf16 is the same key as none)."""
+    p = _parse_key(key)
+    return key if p is None else config_key(p[0], p[1], p[2], None, p[3]) + (
+        "" if p[4] is None else f",N={p[4]}")
 
 
 class ConfigStore:
@@ -190,11 +222,11 @@ class ConfigStore:
                     self._log_once(kernel, f"skip-{label}-{key}", "warning",
                                    f"skipping {kernel} entry {key} in {label}: {why}")
                     continue
-                yield label, key, entry
+                yield label, _canonical(key), entry
 
-    def _ranked(self, tables, kernel, D, r, dtype, N, keys, nearest: bool):
-        """Entries of `tables` for `kernel`: exact keys in priority order, or all same-dtype
-        entries by (log D, log r[, log N]) distance."""
+    def _ranked(self, tables, kernel, D, r, dtype, N, keys, nearest: bool, coeff: str):
+        """Entries of `tables` for `kernel`: exact keys in priority order, or all entries of
+        the same dtype and C dtype by (log D, log r[, log N]) distance."""
         found = list(self._entries(tables, kernel))
         if not nearest:
             order = {(label, k): i for i, (label, _) in enumerate(tables) for k in keys}
@@ -204,21 +236,23 @@ class ConfigStore:
         scored = []
         for label, key, entry in found:
             parsed = _parse_key(key)
-            if parsed is None or parsed[2] != dtype:
+            if parsed is None or parsed[2] != dtype or parsed[3] != coeff:
                 continue
             d = abs(math.log2(parsed[0] / D)) + abs(math.log2(parsed[1] / r))
-            if N is not None and parsed[3] is not None:
-                d += 0.25 * abs(math.log(parsed[3] / n_bucket(N), 4))
+            if N is not None and parsed[4] is not None:
+                d += 0.25 * abs(math.log(parsed[4] / n_bucket(N), 4))
             scored.append((d, len(scored), label, key, entry))
         return [t[2:] for t in sorted(scored, key=lambda t: t[:2])]
 
-    def fits(self, kernel: str, entry: dict, D: int, r: int, dtype: str) -> bool:
+    def fits(self, kernel: str, entry: dict, D: int, r: int, dtype: str,
+             coeff: str = DEFAULT_COEFF) -> bool:
         """Whether `entry` compiles for this store's arch within its shared-memory limit and
-        passes the static audit (no spills, registers, tensor cores where required)."""
+        passes the static audit (no spills, registers, tensor cores where required), with C
+        stored as `coeff`."""
         from ._audit import audit, check  # noqa: PLC0415
 
         try:
-            facts = audit(kernel, D, r, dtype, {**self.defaults[kernel], **entry})
+            facts = audit(kernel, D, r, dtype, {**self.defaults[kernel], **entry}, coeff=coeff)
         except Exception as exc:  # does not compile at all (e.g. out of registers/shared)
             log.warning("laser_triton: %s config %s does not compile (%s)", kernel, entry, exc)
             return False
@@ -228,12 +262,20 @@ class ConfigStore:
                         self.arch, "; ".join(bad))
         return not bad and facts.shared <= self.shared_limit
 
-    def lookup(self, kernel: str, D: int, r: int, dtype: str, N: int | None = None):
-        """The config (a dict; a str for PATH_TABLE, or None when it has no entry)."""
-        ckey = (kernel, config_key(D, r, dtype, N))
+    def lookup(self, kernel: str, D: int, r: int, dtype: str, N: int | None = None,
+               coeff: str = DEFAULT_COEFF):
+        """The config (a dict; a str for PATH_TABLE, or None when it has no entry) of a
+        launch at (D, r, dtype[, N]) with C stored as `coeff` (ignored by the kernels whose
+        binary does not depend on it: `keyed_on_coeff`)."""
+        coeff = coeff if keyed_on_coeff(kernel) else DEFAULT_COEFF
+        ckey = (kernel, config_key(D, r, dtype, N, coeff))
         if ckey in self._cache:
             return self._cache[ckey]
-        keys = [config_key(D, r, dtype, N), config_key(D, r, dtype)] if N else [config_key(D, r, dtype)]
+        keys = [config_key(D, r, dtype, n, coeff) for n in ((N, None) if N else (None,))]
+        if kernel == PATH_TABLE and coeff != DEFAULT_COEFF:
+            # A design choice made for bf16 C holds for another C unless it has its own
+            # entry (set when no fused config fits that C); configs never carry over.
+            keys.append(config_key(D, r, dtype))
         near = kernel != PATH_TABLE  # a path choice does not carry over to other shapes
         steps = [("exact", self.tuned, False), ("nearest", self.tuned, True),
                  ("safe default (exact)", self.fallback, False),
@@ -242,8 +284,10 @@ class ConfigStore:
         for how, tables, nearest in steps:
             if nearest and not near:
                 continue
-            for label, key, entry in self._ranked(tables, kernel, D, r, dtype, N, keys, nearest):
-                if self.validate_fit and near and not self.fits(kernel, entry, D, r, dtype):
+            for label, key, entry in self._ranked(tables, kernel, D, r, dtype, N, keys, nearest,
+                                                  coeff):
+                if self.validate_fit and near and not self.fits(kernel, entry, D, r, dtype,
+                                                                coeff):
                     self._log_once(kernel, f"unfit-{label}-{key}", "warning",
                                    f"{kernel}: rejecting {key} from {label}: it does not fit "
                                    f"{self.shared_limit} bytes of shared memory")
@@ -264,12 +308,15 @@ class ConfigStore:
         self._cache[ckey] = result
         return result
 
-    def remember_path(self, D: int, r: int, dtype: str, path: str) -> None:
-        self._cache[(PATH_TABLE, config_key(D, r, dtype))] = path
+    def remember_path(self, D: int, r: int, dtype: str, path: str,
+                      coeff: str = DEFAULT_COEFF) -> None:
+        self._cache[(PATH_TABLE, config_key(D, r, dtype, None, coeff))] = path
 
-    def remember(self, kernel: str, D: int, r: int, dtype: str, N: int | None, cfg: dict) -> None:
+    def remember(self, kernel: str, D: int, r: int, dtype: str, N: int | None, cfg: dict,
+                 coeff: str = DEFAULT_COEFF) -> None:
         """Replace a cached config by one that ran (after an out-of-resource fallback)."""
-        self._cache[(kernel, config_key(D, r, dtype, N))] = dict(cfg)
+        coeff = coeff if keyed_on_coeff(kernel) else DEFAULT_COEFF
+        self._cache[(kernel, config_key(D, r, dtype, N, coeff))] = dict(cfg)
 
     def _log_once(self, kernel: str, what: str, level: str, msg: str) -> None:
         if (kernel, what) not in self._logged:

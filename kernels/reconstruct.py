@@ -109,8 +109,8 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
                          "(32-bit offsets within a row block); use the torch backend")
     out = new_buffer((N, D), dtype, C.device)
     store = get_store(C.device)
-    dname = DTYPE_NAMES[dtype]
-    cfg = store.lookup("reconstruct", D, R, dname, N)
+    dname, cname = DTYPE_NAMES[dtype], DTYPE_NAMES[C.dtype]  # C's dtype picks the binary
+    cfg = store.lookup("reconstruct", D, R, dname, N, cname)
     sms = num_sms(C.device)
 
     def run(c: dict) -> None:
@@ -123,7 +123,7 @@ def reconstruct(C: torch.Tensor, U: torch.Tensor, dtype: torch.dtype | None = No
 
     ran, _ = launch("reconstruct", run, cfg,
                     lambda c: shrink_config(c, SPEC.block_keys))
-    store.remember("reconstruct", D, R, dname, N, ran)
+    store.remember("reconstruct", D, R, dname, N, ran, cname)
     return out
 
 

@@ -2,13 +2,14 @@
 
     laser-triton bench audit [--out perf/results/audit] [--full] [--cached] [--coeff fp32]
 
-No GPU needed. For each TRM shape (D in 97 (mlp_t positions), 512 (hidden), 1536 (SwiGLU),
-3072; r in 8..128; N = 87,000 rows) and activation dtype, the launch plan of compress_pass
-(`launch_plan`, the launcher's own path choice and the config store of an H200 with the
-shipped files) and reconstruct is compiled for sm_90 at the launch specialization and its
-binary read (`kernels._audit`), with the coefficients C stored as `--coeff` (LaserConfig's
-coeff_dtype, default bf16; C's dtype changes the compress and reconstruct binaries and, via
-`compress_plan.for_coeff`, the compress configs). Writes:
+No GPU needed. For each TRM shape (D: every row width the shipped presets save,
+`laser_triton.trm.config.preset_widths`: 97 (mlp_t positions), 128 and 256 (tiny), 512
+(hidden), 1024 (mlp_t gate/up), 1536 (SwiGLU), 3072 (gate/up); r in 8..128; N = 87,000 rows)
+and activation dtype, the launch plan of compress_pass (`launch_plan`, the launcher's own path
+choice and the config store of an H200 with the shipped files) and reconstruct is compiled for
+sm_90 at the launch specialization and its binary read (`kernels._audit`), with the
+coefficients C stored as `--coeff` (LaserConfig's coeff_dtype, default bf16; C's dtype changes
+the compress and reconstruct binaries, so the store keys their configs by it). Writes:
 - `audit.csv`: kernel, shape, config, registers, spills, shared memory, HMMA/HGMMA/DMMA/FFMA
   counts, compile seconds, and what fails the budget;
 - `model.csv`: an ESTIMATE per op: predicted H200 time = sum over its kernels of
@@ -49,7 +50,14 @@ N_SMS = 132
 HBM_LATENCY_S = 0.6e-6
 LAUNCH_S = 2e-6  # gap per extra kernel launch in a stream
 N_ROWS = 87_000
-TRM_D = (97, 512, 1536, 3072)
+
+def _trm_widths() -> tuple[int, ...]:
+    from laser_triton.trm.config import preset_widths  # noqa: PLC0415
+
+    return preset_widths()
+
+
+TRM_D = _trm_widths()  # every width the presets save (97 is stored raw by default)
 TRM_R = (8, 16, 32, 64, 128)
 QUICK = [(512, 32), (512, 64), (512, 128), (97, 64), (1536, 64), (3072, 128)]
 GOAL = 0.80
@@ -300,7 +308,7 @@ def op_steps(store, op: str, N: int, D: int, r: int, dtype: str, coeff: str = "b
     if op != "reconstruct":
         raise KeyError(f"op_steps: {op!r} is not compress_pass or reconstruct")
     basis = importlib.import_module("laser_triton.kernels._basis")
-    rec = store.lookup("reconstruct", D, r, dtype, N)
+    rec = store.lookup("reconstruct", D, r, dtype, N, coeff)
     split = rec["PRECISION"] != "ieee" and not basis_split
     return ([("split_basis", dict(basis.CONFIG), {})] if split else []) \
         + [("reconstruct", rec, {})]

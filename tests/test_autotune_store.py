@@ -240,3 +240,89 @@ def test_prune_compiles_every_mode_a_launcher_runs():
     assert autotune.prune("orth_apply", 512, 16, "fp32", [{**base, "BLOCK_D": 32}]) == []
     fit = autotune.prune("orth_apply", 512, 16, "fp32", [{**base, "BLOCK_D": 16}])
     assert len(fit) == 1 and fit[0][0]["BLOCK_D"] == 16
+
+
+# ----------------------------------------------------------------------------- C dtype keys
+
+
+def test_configs_are_keyed_by_the_coefficient_dtype(dirs):
+    """A launch storing (or reading) C as fp32 gets the entry proven with an fp32 C, never the
+    bf16-C one (main@d9f8f3b: no C in the key; the launcher patched bf16-C configs), exact
+    or nearest; a key without C is bf16 C (old files), and C-independent kernels ignore it."""
+    env, _ = dirs
+    assert config_key(512, 64, "bf16", None, "fp32") == "D=512,r=64,dtype=bf16,C=fp32"
+    assert config_key(512, 64, "bf16", 65536, "bf16") == "D=512,r=64,dtype=bf16,N=65536"
+    assert [k for k in ("compress_fused", "compress_coeff", "compress_y", "reconstruct",
+                        "grad_coeff", "orth_gram") if configs.keyed_on_coeff(k)] == [
+        "compress_fused", "compress_coeff", "reconstruct"]
+    _write(env, {"compress_coeff": {"D=512,r=128,dtype=bf16": {"BLOCK_N": 256, "num_warps": 16},
+                                    "D=512,r=128,dtype=bf16,C=fp32": {"BLOCK_N": 64},
+                                    "D=512,r=128,dtype=bf16,C=fp16,N=131072": {"BLOCK_N": 32}},
+                 "reconstruct": {"D=512,r=8,dtype=bf16,C=bf16": {"BLOCK_N": 16}},
+                 "compress_y": {"D=512,r=128,dtype=bf16": {"BLOCK_N": 128}}})
+    store = _store(dirs)
+    assert store.lookup("compress_coeff", 512, 128, "bf16", 87_000)["BLOCK_N"] == 256
+    assert store.lookup("compress_coeff", 512, 128, "bf16", 87_000, "fp32")["BLOCK_N"] == 64
+    assert store.lookup("compress_coeff", 512, 128, "bf16", 87_000, "fp16")["BLOCK_N"] == 32
+    # nearest: same X dtype and same C dtype only
+    assert store.lookup("compress_coeff", 1024, 128, "bf16", None, "fp32")["BLOCK_N"] == 64
+    assert store.lookup("compress_coeff", 1024, 128, "bf16")["BLOCK_N"] == 256
+    assert store.lookup("reconstruct", 512, 8, "bf16")["BLOCK_N"] == 16  # C=bf16 == no C
+    assert store.lookup("reconstruct", 512, 8, "bf16", None, "fp32") == DEFAULTS["reconstruct"]
+    assert store.lookup("compress_y", 512, 128, "bf16", None, "fp32")["BLOCK_N"] == 128
+    # what ran after a fallback is remembered per C dtype
+    store.remember("compress_coeff", 512, 128, "bf16", 87_000, {"BLOCK_N": 16}, "fp32")
+    assert store.lookup("compress_coeff", 512, 128, "bf16", 87_000, "fp32") == {"BLOCK_N": 16}
+    assert store.lookup("compress_coeff", 512, 128, "bf16", 87_000)["BLOCK_N"] == 256
+
+
+def test_a_path_choice_for_bf16_c_holds_for_other_c_unless_overridden(dirs):
+    env, _ = dirs
+    _write(env, {configs.PATH_TABLE: {"D=512,r=16,dtype=fp16": "split",
+                                      "D=512,r=32,dtype=fp16,C=fp32": "fused"}})
+    store = _store(dirs)
+    assert store.lookup(configs.PATH_TABLE, 512, 16, "fp16", coeff="fp32") == "split"
+    assert store.lookup(configs.PATH_TABLE, 512, 32, "fp16", coeff="fp32") == "fused"
+    assert store.lookup(configs.PATH_TABLE, 512, 32, "fp16") is None
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
+def test_launchers_launch_the_entry_for_their_coeff_dtype(dirs, monkeypatch):
+    """compress_pass (C stored as coeff_dtype) and reconstruct (C read as given) launch the
+    store's entry for that C dtype (run under the interpreter, results checked)."""
+    import importlib
+
+    if not _common.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    cp = importlib.import_module("laser_triton.kernels.compress_pass")
+    rec = importlib.import_module("laser_triton.kernels.reconstruct")
+    env, _ = dirs
+    _write(env, {"compress_fused": {"D=48,r=16,dtype=fp32": {"BLOCK_N": 64, "BLOCK_K": 64},
+                                    "D=48,r=16,dtype=fp32,C=fp16": {"BLOCK_N": 32, "BLOCK_K": 16}},
+                 "reconstruct": {"D=48,r=16,dtype=fp32": {"BLOCK_N": 64},
+                                 "D=48,r=16,dtype=fp32,C=fp16": {"BLOCK_N": 16}}})
+    store = _store(dirs)  # a GPU store (files read), launched under the interpreter
+    launched = []
+
+    def spy(name, run, cfg, shrink):
+        launched.append((name, cfg["BLOCK_N"]))
+        return _common.launch(name, run, cfg, shrink)
+
+    for mod in (cp, rec):
+        monkeypatch.setattr(mod, "get_store", lambda device: store)
+        monkeypatch.setattr(mod, "launch", spy)
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(100, 48, generator=g)
+    U = torch.linalg.qr(torch.randn(48, 16, generator=g, dtype=torch.float64))[0]
+    for coeff, rows in ((torch.float16, 32), (torch.bfloat16, 64)):
+        launched.clear()
+        out = cp.compress_pass(X, U.float(), True, coeff)
+        assert launched == [("compress_fused", rows)]
+        ref = X.double() @ U
+        assert (out.C.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+        launched.clear()
+        Xh = rec.reconstruct(out.C, U.float(), torch.float32)
+        assert launched == [("reconstruct", 64 if coeff == torch.bfloat16 else 16)]
+        want = out.C.double() @ U.t()
+        assert (Xh.double() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -5,9 +5,10 @@ shared memory within budget, and compile time <= 10 s.
 Compiled on the CPU at the launch specialization (`kernels._hopper`), read with the ptxas
 tools that ship with Triton. Default tier: a representative set (the TRM's main width with
 the TMA design at r = 32 and 64, fp16 activations there, the widest split shape, the mlp_t
-width, and fp32 coefficients C, which LaserConfig(coeff_dtype="float32") launches as a
-different binary); the whole TRM grid, all three activation dtypes and C in bf16, fp32 and
-fp16, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
+width, the tiny preset's widths, and fp32 coefficients C, which
+LaserConfig(coeff_dtype="float32") launches as a different binary with its own store entry);
+the whole TRM grid (every width the presets save, `preset_widths`), all three activation
+dtypes and C in bf16, fp32 and fp16, runs under `-m slow`. Compiles land in Triton's disk cache (~/.triton), so
 a rerun on the same machine costs seconds.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
+import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -24,17 +27,23 @@ pytest.importorskip("triton")
 from laser_triton.kernels._audit import MAX_COMPILE_S, Facts, audit, check  # noqa: E402
 from laser_triton.kernels._hopper import TRM_N  # noqa: E402
 from laser_triton.kernels._spec import SPECS  # noqa: E402
-from laser_triton.kernels.configs import ConfigStore  # noqa: E402
+from laser_triton.kernels.configs import ConfigStore, config_key, keyed_on_coeff  # noqa: E402
+
+from laser_triton.trm.config import preset_widths  # noqa: E402
 
 CP = importlib.import_module("laser_triton.kernels.compress_pass")
-TRM_SHAPES = [(D, r) for D in (97, 512, 1536, 3072) for r in (8, 16, 32, 64, 128) if r <= D]
+TRM_SHAPES = [(D, r) for D in preset_widths() for r in (8, 16, 32, 64, 128) if r <= D]
+DTYPES = ("bf16", "fp32", "fp16")
 GOAL = 0.80  # predicted fraction of roofline (perf/audit.py's estimate)
 QUICK = [(512, 32, "bf16", "bf16"), (512, 64, "bf16", "bf16"), (3072, 128, "bf16", "bf16"),
          (97, 64, "bf16", "bf16"),
          (512, 32, "fp16", "bf16"),
          # fp32 C: main@85572eb launched compress_coeff with 256 rows x 16 warps here, which
-         # spilled 13 LDL/STL (the store's configs are proven with bf16 C)
-         (512, 128, "bf16", "fp32")]
+         # spilled 13 LDL/STL (the store's configs were proven with bf16 C only)
+         (512, 128, "bf16", "fp32"),
+         # the tiny preset (`make demo`): main@d9f8f3b had no entry at D = 128 and launched
+         # D = 97's 3-stage fused config, which spills here
+         (128, 128, "bf16", "bf16")]
 
 
 def _h200_store() -> ConfigStore:
@@ -45,7 +54,7 @@ def _h200_store() -> ConfigStore:
 def _launched(D: int, r: int, dtype: str, coeff: str):
     store = _h200_store()
     steps = CP.launch_plan(store, TRM_N, D, r, dtype, coeff=coeff)
-    steps.append(("reconstruct", store.lookup("reconstruct", D, r, dtype, TRM_N), {}))
+    steps.append(("reconstruct", store.lookup("reconstruct", D, r, dtype, TRM_N, coeff), {}))
     return steps
 
 
@@ -67,22 +76,30 @@ def test_launched_kernels_pass_the_static_audit(D, r, dtype, coeff):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("coeff", ["bf16", "fp32", "fp16"])
-@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
+@pytest.mark.parametrize("coeff", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D,r", TRM_SHAPES, ids=[f"{d}x{r}" for d, r in TRM_SHAPES])
 def test_every_trm_shape_passes_the_static_audit(D, r, dtype, coeff):
     assert _gate(D, r, dtype, coeff) == []
 
 
-def test_a_wide_c_keeps_the_stores_config_only_where_it_is_proven():
-    """`for_coeff` leaves bf16 C alone and moves a wider C off the configs that spilled."""
-    plan = importlib.import_module("laser_triton.kernels.compress_plan")
-    coeff = {"BLOCK_N": 256, "BLOCK_D": 64, "num_warps": 16, "num_stages": 3}
-    assert plan.for_coeff("compress_coeff", coeff, "bf16") is coeff
-    for c in ("fp32", "fp16"):
-        assert plan.for_coeff("compress_coeff", coeff, c) == {**coeff, "BLOCK_N": 128,
-                                                               "num_warps": 8}
-        assert plan.for_coeff("compress_fused", {"BLOCK_K": 64}, c) == {"BLOCK_K": 32}
+def test_the_shipped_store_has_an_entry_for_every_launched_trm_variant():
+    """default.json holds an exact entry, proven by the prune, for every kernel the launchers
+    run at every TRM shape (each width a preset saves), activation dtype and C dtype: none is
+    borrowed from a neighbouring shape or from another C dtype (main@d9f8f3b had no C dtype in
+    its keys and no entries at D = 128, 256 or 1024). No compiles: the audit tests above (and
+    the slow grid) check the configs themselves."""
+    path = Path(importlib.import_module("laser_triton.autotune_configs").__file__).parent
+    tables = json.loads((path / "default.json").read_text())["kernels"]
+    missing = []
+    for (D, r), dtype, coeff in itertools.product(TRM_SHAPES, DTYPES, DTYPES):
+        for kernel, _, _ in _launched(D, r, dtype, coeff):
+            if not SPECS[kernel].stored:
+                continue
+            key = config_key(D, r, dtype, None, coeff if keyed_on_coeff(kernel) else "bf16")
+            if key not in tables.get(kernel, {}):
+                missing.append(f"{kernel} {key}")
+    assert missing == []
 
 
 def _perf_model():

@@ -10,7 +10,7 @@ from helpers import sudoku_batch, trm_steps
 import laser_triton as lt
 from laser_triton.trm import TRM, TRMConfig, act_loss
 from laser_triton.trm.attention import attention_core, attention_reference
-from laser_triton.trm.config import swiglu_width
+from laser_triton.trm.config import preset_widths, swiglu_width
 from laser_triton.trm.layers import Block, RotaryEmbedding, rms_norm, trunc_normal_
 from laser_triton.trm.losses import log_stablemax, stablemax_cross_entropy
 from laser_triton.trm.savecount import SavedTensorCounter
@@ -58,6 +58,11 @@ def test_preset_shapes_follow_the_reference():
     assert TRMConfig.paper_sudoku_att().pos_encodings == "rope"
     assert cfg.resolve_dtype("cpu") == torch.float32
     assert cfg.resolve_dtype("cuda") == torch.bfloat16
+    # saved row widths: hidden, SwiGLU inner and gate/up, mlp_t positions, inner, gate/up
+    assert cfg.saved_widths() == (97, 512, 1024, 1536, 3072)
+    assert TRMConfig.paper_maze().saved_widths() == (512, 1536, 3072)  # qkv: 3 x 512
+    assert TRMConfig.tiny().saved_widths() == (97, 128, 256, 512)
+    assert preset_widths(128) == (128, 256, 512, 1024, 1536, 3072)
     with pytest.raises(ValueError):
         TRMConfig(mlp_t=True, pos_encodings="rope")
     with pytest.raises(ValueError):
@@ -373,6 +378,9 @@ def test_laser_on_gives_close_gradients():
     assert s["stored_bytes"] < 0.9 * s["raw_bytes"]  # something was actually compressed
     report = model.laser.report()
     assert report[report.width > 0].max_rel_err.max() <= 0.05 + 1e-6
+    # The widths LASER compressed are the ones the kernel audit covers (preset_widths)
+    compressed = set(report.width[report.width > 0])
+    assert compressed == {w for w in TRMConfig.tiny().saved_widths() if w >= cfg.min_width}
     for n in plain:
         err = (lasered[n] - plain[n]).norm() / plain[n].norm().clamp_min(1e-12)
         assert err < 2 * 0.05, (n, float(err))  # about tau; the bound is loose on purpose

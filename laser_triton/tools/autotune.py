@@ -1,6 +1,7 @@
 """`laser-triton autotune`: the launch-config sweep, and the config store's public face.
 
     laser-triton autotune --hidden 512 1536 --rank 8 16 32 64 128 --dtype bf16 [--out DIR]
+        [--coeff bf16 fp32 fp16]
 
 For every kernel and (D, r): the candidates (its `KernelSpec.tuning` grid, tensor-core
 "bf16x3" products; `--ieee` for exact fp32 FMA ones) are pruned on the CPU by the static audit
@@ -11,6 +12,11 @@ the torch reference, and the JSON file `<DIR>/<sanitized GPU name>.json` is rewr
 every entry (an interrupted sweep keeps what it finished). Without a GPU nothing can be timed:
 the command says so and stops after pruning, unless `--prune-only` asks for a file of untimed,
 audit-validated configs (how `autotune_configs/default.json` is made).
+
+`--coeff`: the dtypes of the stored coefficients C (LaserConfig.coeff_dtype) to tune for. The
+kernels whose binary depends on C (`configs.keyed_on_coeff`: compress_fused and compress_coeff
+store it, reconstruct reads it) are pruned and written per C dtype (keys `...,C=fp32`; bf16,
+the default, keeps the plain key); the others once.
 
 The store itself (lookup order, logging, validation by fit) lives in
 `laser_triton.kernels.configs`, beside the launchers that use it; it is re-exported here.
@@ -38,12 +44,14 @@ __all__ = ["cli_main", "candidates", "prune", "ConfigStore", "get_store", "confi
 
 try:  # the store needs Triton; the CLI reports a missing Triton itself
     from laser_triton.kernels.configs import (
+        DEFAULT_COEFF,
         DEFAULTS,
         PATH_TABLE,
         SHARED_LIMIT_SM90,
         ConfigStore,
         config_key,
         get_store,
+        keyed_on_coeff,
         sanitize_gpu_name,
     )
 except ImportError:  # pragma: no cover - exercised only without Triton
@@ -112,13 +120,13 @@ def applies(kernel: str, D: int, r: int) -> bool:
 
 def _audit_or_error(args) -> tuple[int | None, str]:
     """(shared bytes, "") for a candidate that passes the static audit, else (None, why)."""
-    kernel, D, r, dtype, cfg, arch = args
+    kernel, D, r, dtype, cfg, arch, coeff = args
     from laser_triton.kernels._audit import audit, check  # noqa: PLC0415
 
     shared = 0
     for flags in _mode_variants(kernel):  # every variant a launcher runs must fit
         try:
-            facts = audit(kernel, D, r, dtype, cfg, flags=flags or None)
+            facts = audit(kernel, D, r, dtype, cfg, flags=flags or None, coeff=coeff)
         except Exception as exc:  # a candidate that does not compile is pruned like one too big
             return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         bad = check(facts)
@@ -141,14 +149,16 @@ def _mode_variants(kernel: str) -> list[dict]:
 
 
 def prune(kernel: str, D: int, r: int, dtype: str, cands: list[dict], arch: int = 90,
-          limit: int = 232_448, jobs: int = 1, first_only: bool = False) -> list[tuple[dict, int]]:
+          limit: int = 232_448, jobs: int = 1, first_only: bool = False,
+          coeff: str = "bf16") -> list[tuple[dict, int]]:
     """[(config, shared bytes)] of the candidates that pass the static sm_90 audit (compile,
     no spills or local memory, registers and shared memory within `limit`, tensor cores
-    where the kernel needs them) at the launch specialization, before anything is timed.
+    where the kernel needs them) at the launch specialization with C stored as `coeff`,
+    before anything is timed.
 
     `first_only`: audit in order and stop at the first that passes.
     """
-    work = [(kernel, D, r, dtype, c, arch) for c in cands]
+    work = [(kernel, D, r, dtype, c, arch, coeff) for c in cands]
     if first_only:
         for w in work:
             shared, _ = _audit_or_error(w)
@@ -176,8 +186,10 @@ def spread(items: list, k: int) -> list:
 # ----------------------------------------------------------------------------- GPU timing
 
 
-def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device):
-    """A closure running the op that `kernel` belongs to, and a check of its result."""
+def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device,
+              coeff: torch.dtype = torch.bfloat16):
+    """A closure running the op that `kernel` belongs to (C stored as `coeff`), and a check
+    of its result."""
     from laser_triton import reference  # noqa: PLC0415
     from laser_triton.kernels import compress_pass, orthonormalize, reconstruct  # noqa: PLC0415
 
@@ -185,16 +197,16 @@ def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device):
     U = torch.linalg.qr(torch.randn(D, r, generator=g))[0].to(device)
     if kernel.startswith("compress"):
         X = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
-        ref = reference.compress_pass(X, U, True, torch.bfloat16)
+        ref = reference.compress_pass(X, U, True, coeff)
 
         def check() -> bool:
-            out = compress_pass(X, U, True, torch.bfloat16)
+            out = compress_pass(X, U, True, coeff)
             y_err = (out.Y - ref.Y).norm() / ref.Y.norm()
             e_err = abs(out.e_C - ref.e_C) / ref.e_X
             return bool(y_err < 1e-4 and e_err < 1e-6)
-        return (lambda: compress_pass(X, U, True, torch.bfloat16)), check
+        return (lambda: compress_pass(X, U, True, coeff)), check
     if kernel == "reconstruct":
-        C = torch.randn(N, r, generator=g).to(device=device, dtype=dtype)
+        C = torch.randn(N, r, generator=g).to(device=device, dtype=coeff)
         ref = reference.reconstruct(C, U, dtype).float()
         return (lambda: reconstruct(C, U, dtype)), lambda: bool(
             (reconstruct(C, U, dtype).float() - ref).norm() <= 1e-2 * ref.norm())
@@ -207,28 +219,33 @@ def _bench_op(kernel: str, D: int, r: int, dtype: torch.dtype, N: int, device):
     return (lambda: orthonormalize(Y)), check_orth
 
 
-def _time_kernel(store, kernel, D, r, dtype_name, N, fitting, best, device) -> tuple[dict, float]:
-    """Time each fitting config through the launchers; (fastest that checks out, ms)."""
+def _time_kernel(store, kernel, D, r, dtype_name, N, fitting, best, device,
+                 coeff: str = "bf16") -> tuple[dict, float]:
+    """Time each fitting config through the launchers (C stored as `coeff`); (fastest that
+    checks out, ms)."""
     from triton.testing import do_bench  # noqa: PLC0415
 
     kD, kr, kdt = shape_key(kernel, D, r, dtype_name)
     n_key = None if kernel.startswith("orth") else N
-    run, check = _bench_op(kernel, D, r, DTYPES_BY_NAME[dtype_name], N, device)
+    run, check = _bench_op(kernel, D, r, DTYPES_BY_NAME[dtype_name], N, device,
+                           DTYPES_BY_NAME[coeff])
     timed = []
     for cfg, _shared in fitting:
         store._cache.clear()
         for other, other_cfg in best.items():  # the winners so far for the other kernels
             oD, orr, odt = shape_key(other, D, r, dtype_name)
-            store.remember(other, oD, orr, odt, None if other.startswith("orth") else N, other_cfg)
-        store.remember(kernel, kD, kr, kdt, n_key, cfg)
+            store.remember(other, oD, orr, odt, None if other.startswith("orth") else N,
+                           other_cfg, coeff)
+        store.remember(kernel, kD, kr, kdt, n_key, cfg, coeff)
         if kernel.startswith("compress"):
-            store.remember_path(D, r, dtype_name, "fused" if kernel == "compress_fused" else "split")
+            store.remember_path(D, r, dtype_name,
+                                "fused" if kernel == "compress_fused" else "split", coeff)
         try:
             timed.append((do_bench(run, warmup=10, rep=50), len(timed), cfg))
         except Exception as exc:  # e.g. out of resources on this GPU despite the compile check
             print(f"  {kernel} {cfg}: failed ({type(exc).__name__})", file=sys.stderr)
     for ms, _, cfg in sorted(timed, key=lambda t: t[:2]):
-        store.remember(kernel, kD, kr, kdt, n_key, cfg)
+        store.remember(kernel, kD, kr, kdt, n_key, cfg, coeff)
         if check():
             return cfg, ms
         print(f"  {kernel} {cfg}: fast but inaccurate, skipped", file=sys.stderr)
@@ -255,6 +272,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1536])
     p.add_argument("--rank", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default="bf16")
+    p.add_argument("--coeff", nargs="+", choices=sorted(DTYPES_BY_NAME), default=["bf16"],
+                   help="dtypes of the stored coefficients C (LaserConfig.coeff_dtype): the "
+                        "kernels whose binary depends on C get an entry per C dtype")
     p.add_argument("--rows", type=int, default=65536, help="N of the timed activations")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: the package's)")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
@@ -278,7 +298,7 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     from laser_triton.kernels import configs  # noqa: PLC0415
 
-    fused_by_size = importlib.import_module("laser_triton.kernels.compress_pass").fused_by_size
+    choose_path = importlib.import_module("laser_triton.kernels.compress_pass").choose_path
 
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.prune_only:
@@ -315,27 +335,35 @@ def cli_main(argv: list[str] | None = None) -> int:
     if has_gpu and not args.prune_only:
         configs._STORES[configs.gpu_name(device)] = store  # the launchers read this store
     print(f"autotune: {gpu}, sm_{arch}, limit {limit} B, writing {path}")
-    for D, r in itertools.product(args.hidden, args.rank):
+    coeffs = list(dict.fromkeys(args.coeff))
+    for D, r, coeff in itertools.product(args.hidden, args.rank, coeffs):
         if r > D:
             continue
         best: dict[str, dict] = {}
         fused_ms = None
+        fused_fits = True
         for kernel in args.kernels:
             if not applies(kernel, D, r):
                 continue
+            c_key = coeff if keyed_on_coeff(kernel) else DEFAULT_COEFF
+            if c_key != coeff and coeff != coeffs[0] and fused_fits:
+                continue  # C-independent: tuned in the first C pass (or where this C split)
             if args.prune_only and kernel.startswith("compress") and (
-                    fused_by_size(D, r) != (kernel == "compress_fused")):
-                continue  # untimed: keep the size rule; only prove the configs it picks
+                    (fused_fits and choose_path(D, r, args.dtype, None, store, coeff) == "fused")
+                    != (kernel == "compress_fused")):
+                continue  # untimed: prove the design the launcher picks (shipped table, size)
             kD, kr, kdt = shape_key(kernel, D, r, args.dtype)
             key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
-                             else args.rows)
+                             else args.rows, c_key)
             cands = ladder(kernel) if args.prune_only else candidates(kernel, not args.ieee)
             fitting = prune(kernel, kD, kr, kdt, cands, arch, limit, args.jobs,
-                            first_only=args.prune_only)
+                            first_only=args.prune_only, coeff=c_key)
             print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
             if not fitting:
                 if kernel == "compress_fused":  # the size rule would pick fused: forbid it
-                    tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype)] = "split"
+                    tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype, None,
+                                                                 coeff)] = "split"
+                    fused_fits = False  # prove the split kernels instead
                     _write(path, doc)
                 continue
             if args.prune_only:
@@ -343,7 +371,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             else:
                 fitting = spread(fitting, args.max_candidates)
                 cfg, ms = _time_kernel(store, kernel, D, r, args.dtype, args.rows, fitting,
-                                       best, device)
+                                       best, device, coeff)
                 timing_tab.setdefault(kernel, {})[key] = round(ms, 5)
                 print(f"  {'':15s} best {ms:.4f} ms: {cfg}", flush=True)
             best[kernel] = cfg
@@ -353,7 +381,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                 fused_ms = ms
             if kernel == "compress_y" and "compress_coeff" in best and not args.prune_only:
                 # The compress_y timings ran the whole split op (with the best coeff config).
-                tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype)] = (
+                tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype, None, coeff)] = (
                     "fused" if fused_ms is not None and fused_ms <= ms else "split")
             _write(path, doc)
     print(f"autotune: wrote {path}")

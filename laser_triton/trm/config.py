@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TRMConfig", "PRESETS", "swiglu_width"]
+__all__ = ["TRMConfig", "PRESETS", "swiglu_width", "preset_widths"]
 
 _POS_ENCODINGS = ("rope", "learned", "none")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -115,6 +115,20 @@ class TRMConfig:
     def token_mlp_width(self) -> int:
         return swiglu_width(self.total_len, self.expansion)
 
+    def saved_widths(self) -> tuple[int, ...]:
+        """Row widths of the activations this model saves for backward, which LASER may
+        compress (it stores those narrower than `LaserConfig.min_width` raw): the hidden size
+        (block inputs, norm outputs, projection inputs), the channel SwiGLU's inner width
+        (down_proj input) and twice it (the fused gate/up output), then either the mlp_t
+        widths (the sequence positions, the token SwiGLU's inner width and twice it) or the
+        attention's packed qkv (3 x hidden; attention saves nothing else, trm/attention.py)."""
+        widths = {self.hidden_size, self.mlp_width, 2 * self.mlp_width}
+        if self.mlp_t:
+            widths |= {self.total_len, self.token_mlp_width, 2 * self.token_mlp_width}
+        else:
+            widths.add(3 * self.hidden_size)
+        return tuple(sorted(widths))
+
     def resolve_dtype(self, device: torch.device | str) -> torch.dtype:
         """The dtype activations run in on `device` (parameters stay fp32)."""
         if self.forward_dtype == "auto":
@@ -165,3 +179,11 @@ PRESETS: dict[str, str] = {
     "paper_maze": "paper_maze",
     "tiny": "tiny",
 }
+
+
+def preset_widths(min_width: int = 1) -> tuple[int, ...]:
+    """Every saved row width (`TRMConfig.saved_widths`) of the shipped presets that is at
+    least `min_width`: the widths the kernels must serve (the static sm_90 audit's TRM grid,
+    perf/audit.py and tests/test_kernel_audit.py, reads them from here)."""
+    return tuple(sorted({w for name in PRESETS for w in TRMConfig.preset(name).saved_widths()
+                         if w >= min_width}))
