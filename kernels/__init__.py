@@ -78,7 +78,8 @@ def supports(op: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
-def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: bool = False) -> int:
+def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: bool = False,
+                 coeff_dtype: torch.dtype = torch.bfloat16) -> int:
     """Kernel launches one call of the launcher of `op` issues for these inputs (metadata only).
 
     compress_pass: fused kernel + finishing kernel, or coefficient kernel [+ Y kernel] +
@@ -88,7 +89,8 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
     non-fp32, non-contiguous) inputs; reconstruct: 1 (+ the basis split on first use).
     Buffers are allocated, never filled. The basis split counts unless its halves are cached
     (`_basis.split_launches`); book=True (booking calls the kernels do not run) counts it on
-    a basis's first booked call only, as a GPU run would launch it.
+    a basis's first booked call only, as a GPU run would launch it. coeff_dtype: compress_pass's
+    C (the store may pick another design for it).
     """
     if op == "compress_pass":  # what `launch_plan` lists: [split_basis +] kernels + finish
         import importlib  # noqa: PLC0415
@@ -100,7 +102,8 @@ def launch_count(op: str, *tensors: torch.Tensor, need_y: bool = True, book: boo
         cp = importlib.import_module(f"{__name__}.compress_pass")
         X, U = tensors[0], tensors[1]
         plan = cp.launch_plan(get_store(X.device), X.shape[0], X.shape[1], U.shape[1],
-                              DTYPE_NAMES[X.dtype], need_y, tma_ok=cp.x_ok(X))
+                              DTYPE_NAMES[X.dtype], need_y, DTYPE_NAMES[coeff_dtype],
+                              tma_ok=cp.x_ok(X))
         return sum(split_launches(U, book) if k == "split_basis" else 1 for k, _, _ in plan)
     if op == "orthonormalize":
         from .orthonormalize import orth_launches  # noqa: PLC0415

@@ -117,7 +117,8 @@ def backend_for(op: str, *tensors: torch.Tensor) -> str:
     return "triton" if kernels.supports(op, *tensors) else "torch"
 
 
-def _book(op: str, *tensors: torch.Tensor, need_y: bool = True):
+def _book(op: str, *tensors: torch.Tensor, need_y: bool = True,
+          coeff_dtype: torch.dtype = torch.bfloat16):
     """Under a `launches.LaunchCounter`: book this call as the launches of the Triton launcher
     when the kernels handle these inputs (what `auto` runs on a GPU), else count its torch ops.
     Without a counter (always, outside the benchmarks): a shared no-op context."""
@@ -126,7 +127,8 @@ def _book(op: str, *tensors: torch.Tensor, need_y: bool = True):
     kernels = _triton_kernels()
     n = None
     if kernels is not None and kernels.supports(op, *tensors):
-        n = kernels.launch_count(op, *tensors, need_y=need_y, book=True)
+        n = kernels.launch_count(op, *tensors, need_y=need_y, book=True,
+                                 coeff_dtype=coeff_dtype)
     return launches.booked(op, n)
 
 
@@ -147,7 +149,7 @@ def compress_pass(
     `CompressOut`). C has `coeff_dtype` (default X.dtype); the rest is fp32.
     """
     coeff_dtype = check_compress_pass(X, U, coeff_dtype)
-    with _book("compress_pass", X, U, need_y=need_y):
+    with _book("compress_pass", X, U, need_y=need_y, coeff_dtype=coeff_dtype):
         if backend_for("compress_pass", X, U) == "triton":
             with device_guard(X.device):
                 return _triton_kernels().compress_pass(X, U, need_y, coeff_dtype)

@@ -183,11 +183,15 @@ def test_cli_without_gpu_says_so(capsys):
 
 def test_cli_prune_only_writes_untimed_file(tmp_path):
     rc = autotune.cli_main(["--prune-only", "--hidden", "256", "--rank", "16", "--out",
-                            str(tmp_path), "--kernels", "reconstruct", "orth_factor"])
+                            str(tmp_path), "--kernels", "reconstruct", "orth_factor",
+                            "--coeff", "bf16", "fp32"])
     assert rc == 0
     doc = json.loads((tmp_path / "default.json").read_text())
     assert doc["timed"] is False and "never timed" in doc["note"]
     assert doc["kernels"]["reconstruct"]["D=256,r=16,dtype=bf16"] == DEFAULTS["reconstruct"]
+    # reconstruct reads C: one entry per C dtype; orth_factor's binary does not depend on C
+    assert doc["kernels"]["reconstruct"]["D=256,r=16,dtype=bf16,C=fp32"] == DEFAULTS["reconstruct"]
+    assert list(doc["kernels"]["orth_factor"]) == ["D=256,r=16,dtype=fp32"]
     assert 0 < doc["shared_bytes"]["orth_factor"]["D=256,r=16,dtype=fp32"] <= 232_448
     store = ConfigStore(GPU, env_dir=tmp_path / "x", shipped_dir=tmp_path)  # reads it back
     assert store.lookup("reconstruct", 256, 16, "bf16") == DEFAULTS["reconstruct"]

@@ -34,7 +34,7 @@ def _shipped_docs():
 
 
 def _shipped_entries():
-    """(file, kernel, key, D, r, dtype, config) of every shipped kernel entry."""
+    """(file, kernel, key, D, r, dtype, config, C dtype) of every shipped kernel entry."""
     out = []
     for name, doc in _shipped_docs():
         for kernel, table in doc["kernels"].items():
@@ -43,7 +43,8 @@ def _shipped_entries():
             for key, entry in table.items():
                 fields = dict(p.split("=") for p in key.split(","))
                 out.append((name, kernel, key, int(fields["D"]), int(fields["r"]),
-                            fields["dtype"], {**DEFAULTS[kernel], **entry}))
+                            fields["dtype"], {**DEFAULTS[kernel], **entry},
+                            fields.get("C", "bf16")))
     return out
 
 
@@ -121,20 +122,21 @@ def test_shipped_configs_fit_sample():
     for e in _shipped_entries():
         if e[1] not in smallest or (e[3], e[4]) < (smallest[e[1]][3], smallest[e[1]][4]):
             smallest[e[1]] = e
-    for _, kernel, key, D, r, dtype, cfg in smallest.values():
-        assert _hopper.shared_bytes(kernel, D, r, dtype, cfg) <= SHARED_LIMIT_SM90, key
+    for _, kernel, key, D, r, dtype, cfg, coeff in smallest.values():
+        shared = _hopper.compile_info(kernel, D, r, dtype, cfg, coeff=coeff)["shared"]
+        assert shared <= SHARED_LIMIT_SM90, key
 
 
 @pytest.mark.slow
 def test_every_shipped_config_fits():
     seen = set()
-    for name, kernel, key, D, r, dtype, cfg in _shipped_entries():
-        ident = (kernel, pow2(D) if kernel == "compress_fused" else 0, pow2(r), dtype,
+    for name, kernel, key, D, r, dtype, cfg, coeff in _shipped_entries():
+        ident = (kernel, pow2(D) if kernel == "compress_fused" else 0, pow2(r), dtype, coeff,
                  tuple(sorted(cfg.items())))
         if ident in seen:
             continue
         seen.add(ident)
-        shared = _hopper.shared_bytes(kernel, D, r, dtype, cfg)
+        shared = _hopper.compile_info(kernel, D, r, dtype, cfg, coeff=coeff)["shared"]
         assert shared <= SHARED_LIMIT_SM90, f"{name}: {kernel} {key} needs {shared} bytes"
 
 

@@ -57,8 +57,13 @@ try:  # the store needs Triton; the CLI reports a missing Triton itself
 except ImportError:  # pragma: no cover - exercised only without Triton
     DEFAULTS = {}
 
-KERNELS = ("compress_fused", "compress_coeff", "compress_y", "reconstruct", "orth_gram",
-           "orth_factor", "orth_apply")  # the tunable kernels (their specs hold the grids)
+# The tunable kernels (their specs hold the grids), in sweep order: a one-pass design before
+# the designs it falls back to when no config of it fits.
+KERNELS = ("compress_tma", "compress_fused", "compress_coeff", "compress_y", "reconstruct",
+           "orth_gram", "orth_factor", "orth_apply")
+# compress_pass's designs (`compress_pass.choose_path`) and the kernels each launches
+PATH_KERNELS = {"fused": ("compress_fused",), "tma": ("compress_tma",),
+                "split": ("compress_coeff", "compress_y")}
 
 
 def _spec(kernel: str):
@@ -104,11 +109,14 @@ def shape_key(kernel: str, D: int, r: int, dtype: str) -> tuple[int, int, str]:
     return _spec(kernel).key(Shape(0, D, r, dtype))
 
 
-def applies(kernel: str, D: int, r: int) -> bool:
-    """Whether a kernel is worth tuning at (D, r) (the fused design only where it may fit)."""
+def applies(kernel: str, D: int, r: int, dtype: str = "bf16") -> bool:
+    """Whether a kernel is worth tuning at (D, r) (the fused design only where it may fit,
+    the TMA design where it covers the shape)."""
     import importlib  # noqa: PLC0415
 
     cp = importlib.import_module("laser_triton.kernels.compress_plan")
+    if kernel == "compress_tma":
+        return importlib.import_module("laser_triton.kernels.compress_tma").tma_fits(D, r, dtype)
     if kernel == "compress_fused":
         return cp.pow2(D) * cp.pow2(r) <= 2 * cp.FUSED_MAX_ELEMS  # at most two rank tiles
     if kernel.startswith("orth"):
@@ -238,8 +246,8 @@ def _time_kernel(store, kernel, D, r, dtype_name, N, fitting, best, device,
                            other_cfg, coeff)
         store.remember(kernel, kD, kr, kdt, n_key, cfg, coeff)
         if kernel.startswith("compress"):
-            store.remember_path(D, r, dtype_name,
-                                "fused" if kernel == "compress_fused" else "split", coeff)
+            design = next(d for d, ks in PATH_KERNELS.items() if kernel in ks)
+            store.remember_path(D, r, dtype_name, design, coeff)
         try:
             timed.append((do_bench(run, warmup=10, rep=50), len(timed), cfg))
         except Exception as exc:  # e.g. out of resources on this GPU despite the compile check
@@ -299,6 +307,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     from laser_triton.kernels import configs  # noqa: PLC0415
 
     choose_path = importlib.import_module("laser_triton.kernels.compress_pass").choose_path
+    fused_by_size = importlib.import_module("laser_triton.kernels.compress_pass").fused_by_size
 
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.prune_only:
@@ -341,16 +350,15 @@ def cli_main(argv: list[str] | None = None) -> int:
             continue
         best: dict[str, dict] = {}
         fused_ms = None
-        fused_fits = True
-        for kernel in args.kernels:
-            if not applies(kernel, D, r):
+        forced = None  # the design this C falls back to when the chosen one has no fit
+        for kernel in (k for k in KERNELS if k in args.kernels):
+            if not applies(kernel, D, r, args.dtype):
                 continue
             c_key = coeff if keyed_on_coeff(kernel) else DEFAULT_COEFF
-            if c_key != coeff and coeff != coeffs[0] and fused_fits:
+            if c_key != coeff and coeff != coeffs[0] and forced is None:
                 continue  # C-independent: tuned in the first C pass (or where this C split)
-            if args.prune_only and kernel.startswith("compress") and (
-                    (fused_fits and choose_path(D, r, args.dtype, None, store, coeff) == "fused")
-                    != (kernel == "compress_fused")):
+            design = forced or choose_path(D, r, args.dtype, None, store, coeff)
+            if args.prune_only and kernel in KERNELS[:4] and kernel not in PATH_KERNELS[design]:
                 continue  # untimed: prove the design the launcher picks (shipped table, size)
             kD, kr, kdt = shape_key(kernel, D, r, args.dtype)
             key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
@@ -360,11 +368,12 @@ def cli_main(argv: list[str] | None = None) -> int:
                             first_only=args.prune_only, coeff=c_key)
             print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
             if not fitting:
-                if kernel == "compress_fused":  # the size rule would pick fused: forbid it
+                if kernel in ("compress_tma", "compress_fused"):  # the launcher's pick: forbid it
+                    forced = "fused" if kernel == "compress_tma" and fused_by_size(D, r) \
+                        else "split"
                     tables.setdefault(PATH_TABLE, {})[config_key(D, r, args.dtype, None,
-                                                                 coeff)] = "split"
-                    fused_fits = False  # prove the split kernels instead
-                    _write(path, doc)
+                                                                 coeff)] = forced
+                    _write(path, doc)  # and prove the design that replaces it
                 continue
             if args.prune_only:
                 cfg, ms = fitting[0][0], None
