@@ -28,8 +28,9 @@ def tma_runs(monkeypatch):
     """compress_pass takes the TMA path wherever it fits; returns the list of its launches."""
     size_rule = CP.choose_path
 
-    def choose(D, r, dtype, device, store=None):
-        return "tma" if TMA.tma_fits(D, r, dtype) else size_rule(D, r, dtype, device, store)
+    def choose(D, r, dtype, device, store=None, coeff="bf16"):
+        return "tma" if TMA.tma_fits(D, r, dtype) else size_rule(D, r, dtype, device, store,
+                                                                  coeff)
 
     monkeypatch.setattr(CP, "choose_path", choose)
     launches, kernel = [], CP._compress_tma_kernel
@@ -135,7 +136,7 @@ def test_layouts_tma_cannot_read_take_the_other_designs(tma_runs):
 def test_only_shapes_the_kernel_covers_take_a_tma_entry():
     """A store's 'tma' entry applies where `tma_fits`; elsewhere the size rule decides."""
     class Store:
-        def lookup(self, *args):
+        def lookup(self, *args, **kwargs):
             return "tma"
 
     assert CP.choose_path(512, 32, "bf16", None, Store()) == "tma"

@@ -364,6 +364,10 @@ def cli_main(argv: list[str] | None = None) -> int:
             key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
                              else args.rows, c_key)
             cands = ladder(kernel) if args.prune_only else candidates(kernel, not args.ieee)
+            if args.prune_only and c_key != DEFAULT_COEFF:
+                # the store's config for bf16 C first (hand-picked ones may lie off the ladder)
+                base = store.lookup(kernel, kD, kr, kdt)
+                cands = [base] + [c for c in cands if c != base]
             fitting = prune(kernel, kD, kr, kdt, cands, arch, limit, args.jobs,
                             first_only=args.prune_only, coeff=c_key)
             print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
