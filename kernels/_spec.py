@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["Shape", "KernelSpec", "SPECS", "declare", "LAUNCH_OPTIONS", "SIGNATURE_SMS"]
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages")  # config fields that are compile options
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # config fields that are compile options
 # SMs of the GPU the compile signatures, grids and audit models assume (H100 SXM / H200)
 SIGNATURE_SMS = 132
 

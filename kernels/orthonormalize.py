@@ -273,7 +273,8 @@ def factor_blocks(cfg: dict, R_PAD: int) -> dict:
     """The factor kernel's block constexprs and options for a padded rank: the panel height
     PB (16), row chunks KC and column blocks CB of the left-looking updates (at most R_PAD)."""
     return dict(PB=PANEL, KC=min(cfg["KC"], R_PAD), CB=min(cfg["CB"], R_PAD),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
 
 
 def _factor_signature(shape: Shape, cfg: dict) -> tuple[dict, dict]:
@@ -312,11 +313,11 @@ SPEC_GRAM = declare(KernelSpec(
     flags=("WITH_Z", "CHECK")))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
-    # One warp by default; default.json runs 2 from r = 64 (the diagonal block loads its rows
-    # from the scratch, no cross-warp reductions; each warp's stream is about half), where
-    # ptxas keeps 2 warps unspilled (at r <= 32 it spilled around the rsqrt slow-path and
-    # mix calls). 16 x 16 tiles keep r = 128 unspilled.
-    defaults={"KC": 16, "CB": 16, "num_warps": 1, "num_stages": 1},
+    # Two warps: the diagonal block loads its rows from the scratch (no cross-warp
+    # reductions), so each warp's stream is about half of one warp's. maxnreg 255: without
+    # it ptxas gave 2 warps 168 registers at r <= 32 and spilled around the calls (rsqrt's
+    # slow path, the mixed Gram). 16 x 16 tiles keep r = 128 unspilled.
+    defaults={"KC": 16, "CB": 16, "num_warps": 2, "num_stages": 1, "maxnreg": 255},
     tuning={"num_warps": (1, 2, 4)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
 SPEC_APPLY = declare(KernelSpec(
