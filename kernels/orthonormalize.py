@@ -313,11 +313,12 @@ SPEC_GRAM = declare(KernelSpec(
     flags=("WITH_Z", "CHECK")))
 SPEC_FACTOR = declare(KernelSpec(
     name="orth_factor", fn=_orth_factor_kernel, signature=_factor_signature,
-    # Two warps: the diagonal block loads its rows from the scratch (no cross-warp
-    # reductions), so each warp's stream is about half of one warp's. maxnreg 255: without
-    # it ptxas gave 2 warps 168 registers at r <= 32 and spilled around the calls (rsqrt's
-    # slow path, the mixed Gram). 16 x 16 tiles keep r = 128 unspilled.
-    defaults={"KC": 16, "CB": 16, "num_warps": 2, "num_stages": 1, "maxnreg": 255},
+    # Four warps: the diagonal block loads its rows from the scratch (no cross-warp
+    # reductions), so the tiles' work splits over the warps (one warp's stream ~0.6x of 2
+    # warps' at r = 128). maxnreg 255: without it ptxas gave 2-4 warps 168 registers at
+    # r <= 32 and spilled around the calls (rsqrt's slow path, the mixed Gram). 16 x 16
+    # tiles keep r = 128 unspilled.
+    defaults={"KC": 16, "CB": 16, "num_warps": 4, "num_stages": 1, "maxnreg": 255},
     tuning={"num_warps": (1, 2, 4)},
     grid=lambda s, cfg, sms: (1,), key=_orth_key, keyed_on_n=False, flags=("MODE",)))
 SPEC_APPLY = declare(KernelSpec(

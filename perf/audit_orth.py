@@ -2,7 +2,7 @@
 `orthonormalize_batched` call at TRM ranks, their sm_90 facts, and an ESTIMATE of its H200 time.
 
 The compress model (perf/audit.py) is throughput-bound: thousands of programs fill the GPU.
-Orthonormalization is latency-bound: the factor runs one program (one warp) per site, so its
+Orthonormalization is latency-bound: the factor runs one program (4 warps) per site, so its
 time is the length of that program's instruction stream, not bytes or flops. Per launch:
     t = max(HBM bytes / 4.25 TB/s, L2 -> SM bytes / 7 TB/s (assumed, as in perf/audit.py),
             fp64 tensor-core flops / (67 TFLOP/s x SMs used / 132),
