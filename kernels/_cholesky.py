@@ -50,12 +50,13 @@ def _small_factor(W, ws, ts, dg, R_PAD: tl.constexpr, PB: tl.constexpr):
     scratch, row stride R_PAD; ts holds T's rows while they are made).
 
     Right-looking by 4 columns: the rows of W and T below the finished ones go to the
-    scratch, the pivot block's 4 rows come back as vectors with its 10 entries as scalars;
-    the 4 x 4 Cholesky in scalars (rsqrt), R's and T's 4 rows as vectors (stored), then a
-    rank-4 update of W and T whose multipliers L[i, a] = R[a, i] are R's new rows read back
-    as columns. Loads from the block's own scratch (L1) replace the shuffle
-    trees that extracting a row from a register tile costs (Triton has no register
-    indexing), and no tile is assembled from rows. A non-positive pivot (a numerically
+    scratch, the pivot block's 4 rows come back as vectors (W's twice: along the columns,
+    and along the rows for the multipliers) with its 10 entries as scalars; the 4 x 4
+    Cholesky in scalars (rsqrt), R's and T's 4 rows as vectors (stored), then a rank-4
+    update of W and T whose multipliers L[i, a] = R[a, i] follow R's recurrence on the rows
+    loaded as columns. One store -> load round trip per 4 columns; loads from the block's
+    own scratch (L1) replace the shuffle trees that extracting a row from a register tile
+    costs (Triton has no register indexing), and no tile is assembled from rows. A non-positive pivot (a numerically
     dependent column; NaN too) counts as failed and gets a zero row, so later columns are
     factored as if that column were absent.
     """
@@ -87,6 +88,11 @@ def _small_factor(W, ws, ts, dg, R_PAD: tl.constexpr, PB: tl.constexpr):
         a22 = tl.load(ws + (jb + 2) * R_PAD + jb + 2)
         a23 = tl.load(ws + (jb + 2) * R_PAD + jb + 3)
         a33 = tl.load(ws + (jb + 3) * R_PAD + jb + 3)
+        if jb + 4 < PB:  # the same rows as columns: the multipliers' recurrence
+            u0 = tl.load(ws + jb * R_PAD + ri, mask=ri >= jb + 4, other=0.0)
+            u1 = tl.load(ws + (jb + 1) * R_PAD + ri, mask=ri >= jb + 4, other=0.0)
+            u2 = tl.load(ws + (jb + 2) * R_PAD + ri, mask=ri >= jb + 4, other=0.0)
+            u3 = tl.load(ws + (jb + 3) * R_PAD + ri, mask=ri >= jb + 4, other=0.0)
         tl.debug_barrier()  # every thread has its rows before they are overwritten
         # the 4 x 4 pivot block's Cholesky, in scalars
         s0, f0 = _rsqrt_or_zero(a00)
@@ -125,20 +131,18 @@ def _small_factor(W, ws, ts, dg, R_PAD: tl.constexpr, PB: tl.constexpr):
         tl.store(ts + (jb + 2) * R_PAD + ci, T2)
         tl.store(ts + (jb + 3) * R_PAD + ci, T3)
         if jb + 4 < PB:
-            # rank-4 update of the rows below the block; the multipliers L[i, a] = R[a, i]
-            # are R's new rows read back as columns (m*: (PB, 1), zero above row jb + 4)
-            tl.debug_barrier()
-            below = ri >= jb + 4
-            m0 = tl.load(ws + jb * R_PAD + ri, mask=below, other=0.0)
+            # rank-4 update of the rows below the block: the multipliers L[i, a] = R[a, i]
+            # (m*: (PB, 1), zero above row jb + 4) by R's recurrence on the rows as columns
+            m0 = u0 * s0
             W -= m0 * R0
             T -= m0 * T0
-            m1 = tl.load(ws + (jb + 1) * R_PAD + ri, mask=below, other=0.0)
+            m1 = (u1 - r01 * m0) * s1
             W -= m1 * R1
             T -= m1 * T1
-            m2 = tl.load(ws + (jb + 2) * R_PAD + ri, mask=below, other=0.0)
+            m2 = (u2 - r02 * m0 - r12 * m1) * s2
             W -= m2 * R2
             T -= m2 * T2
-            m3 = tl.load(ws + (jb + 3) * R_PAD + ri, mask=below, other=0.0)
+            m3 = (u3 - r03 * m0 - r13 * m1 - r23 * m2) * s3
             W -= m3 * R3
             T -= m3 * T3
     tl.debug_barrier()
