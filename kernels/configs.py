@@ -40,7 +40,8 @@ from ._spec import SPECS, Shape
 log = logging.getLogger("laser_triton")
 
 __all__ = ["ConfigStore", "DEFAULTS", "get_store", "reset_stores", "config_key", "n_bucket",
-           "sanitize_gpu_name", "gpu_name", "validate_entry", "keyed_on_coeff",
+           "sanitize_gpu_name", "gpu_name", "validate_entry", "keyed_on_coeff", "rank_class",
+           "rank_representative",
            "SHARED_LIMIT_SM90", "DEFAULT_COEFF"]
 
 SHARED_LIMIT_SM90 = 232_448  # bytes of shared memory one block may use on H100/H200
@@ -111,6 +112,23 @@ def gpu_name(device: torch.device) -> str:
 def n_bucket(N: int) -> int:
     """Row-count bucket: the power of 4 at or above N, within [1024, 2^20]."""
     return int(min(max(4 ** math.ceil(math.log(max(N, 1), 4)), 1024), 1 << 20))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def rank_class(r: int) -> tuple[int, bool]:
+    """What of a rank r a compiled binary depends on: its padded width (R_PAD) and whether
+    Triton's launch specialization marks it divisible by 16 (r = 127 and r = 128 are
+    different binaries with the same padded width; 97 and 127 the same one)."""
+    return _pow2(r), r % 16 == 0
+
+
+def rank_representative(r: int) -> int:
+    """The rank whose entries stand for r's class (`rank_class`): the padded width when r is
+    a multiple of 16, else one less (the prune writes entries at 31, 63, 127)."""
+    return _pow2(r) if r % 16 == 0 else max(_pow2(r) - 1, 1)
 
 
 def config_key(D: int, r: int, dtype: str, N: int | None = None,
@@ -236,8 +254,9 @@ class ConfigStore:
         scored = []
         for label, key, entry in found:
             parsed = _parse_key(key)
-            if parsed is None or parsed[2] != dtype or parsed[3] != coeff:
-                continue
+            if parsed is None or parsed[2] != dtype or parsed[3] != coeff or \
+                    rank_class(parsed[1])[1] != rank_class(r)[1]:
+                continue  # another dtype, C dtype, or divisibility of r: another binary
             d = abs(math.log2(parsed[0] / D)) + abs(math.log2(parsed[1] / r))
             if N is not None and parsed[4] is not None:
                 d += 0.25 * abs(math.log(parsed[4] / n_bucket(N), 4))
@@ -271,11 +290,17 @@ class ConfigStore:
         ckey = (kernel, config_key(D, r, dtype, N, coeff))
         if ckey in self._cache:
             return self._cache[ckey]
-        keys = [config_key(D, r, dtype, n, coeff) for n in ((N, None) if N else (None,))]
-        if kernel == PATH_TABLE and coeff != DEFAULT_COEFF:
-            # A design choice made for bf16 C holds for another C unless it has its own
-            # entry (set when no fused config fits that C); configs never carry over.
-            keys.append(config_key(D, r, dtype))
+        # r's own entry, then its class representative's (the same binary: `rank_class`)
+        ranks = list(dict.fromkeys((r, rank_representative(r))))
+        keys = [config_key(D, k, dtype, n, coeff) for k in ranks
+                for n in ((N, None) if N else (None,))]
+        if kernel == PATH_TABLE:
+            # A design chosen at a padded rank holds for every rank padded alike, and one
+            # made for bf16 C for another C, unless they have their own entries (set where
+            # no config of that design fits them); configs never carry over.
+            keys += [config_key(D, k, dtype, None, c) for c in dict.fromkeys((coeff, DEFAULT_COEFF))
+                     for k in dict.fromkeys((*ranks, _pow2(r)))]
+            keys = list(dict.fromkeys(keys))
         near = kernel != PATH_TABLE  # a path choice does not carry over to other shapes
         steps = [("exact", self.tuned, False), ("nearest", self.tuned, True),
                  ("safe default (exact)", self.fallback, False),

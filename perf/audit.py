@@ -58,7 +58,10 @@ def _trm_widths() -> tuple[int, ...]:
 
 
 TRM_D = _trm_widths()  # every width the presets save (97 is stored raw by default)
-TRM_R = (8, 16, 32, 64, 128)
+# Ranks: the padded widths 8..128 and, per padded width from 32, one rank not divisible by 16
+# (LASER's adaptive ranks are mostly such: 97, 125, 127 on the tiny TRM), which Triton's
+# launch specialization compiles to another binary (`configs.rank_class`).
+TRM_R = (8, 16, 31, 32, 63, 64, 127, 128)
 QUICK = [(512, 32), (512, 64), (512, 128), (97, 64), (1536, 64), (3072, 128)]
 GOAL = 0.80
 OPS = ("compress_pass", "reconstruct", "orthonormalize")

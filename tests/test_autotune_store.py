@@ -97,9 +97,11 @@ def test_nearest_entry_same_dtype(dirs, caplog):
     }})
     store = _store(dirs)
     with caplog.at_level(logging.INFO, logger="laser_triton"):
-        assert store.lookup("compress_coeff", 600, 20, "bf16")["BLOCK_N"] == 16
-    assert store.lookup("compress_coeff", 3000, 100, "bf16")["BLOCK_N"] == 128
+        assert store.lookup("compress_coeff", 600, 16, "bf16")["BLOCK_N"] == 16
+    assert store.lookup("compress_coeff", 3000, 112, "bf16")["BLOCK_N"] == 128
     assert store.lookup("compress_coeff", 600, 20, "fp32")["BLOCK_N"] == 64  # exact
+    # a rank not divisible by 16 is another binary: it never borrows a multiple's config
+    assert store.lookup("compress_coeff", 600, 20, "bf16") == DEFAULTS["compress_coeff"]
     assert "using nearest configs" in caplog.text
     # Path choices are never borrowed from another shape.
     _write(env, {configs.PATH_TABLE: {"D=512,r=16,dtype=bf16": "split"}})
@@ -330,3 +332,24 @@ def test_launchers_launch_the_entry_for_their_coeff_dtype(dirs, monkeypatch):
         assert launched == [("reconstruct", 64 if coeff == torch.bfloat16 else 16)]
         want = out.C.double() @ U.t()
         assert (Xh.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_rank_takes_its_specialization_class_entry(dirs):
+    """r = 97 and r = 127 compile to one binary (padded width 128, not divisible by 16), r = 96
+    and 128 to another (main@8273088 gave r = 97 the r = 128 entry: on sm_90 its 256 x 16-warp
+    compress_coeff config spilled at r = 127). A padded rank's design holds for its class."""
+    env, _ = dirs
+    assert configs.rank_class(97) == configs.rank_class(127) != configs.rank_class(128)
+    assert [configs.rank_representative(r) for r in (8, 17, 31, 48, 97, 128)] == [
+        7, 31, 31, 64, 127, 128]
+    _write(env, {"compress_coeff": {"D=512,r=128,dtype=bf16": {"BLOCK_N": 256},
+                                    "D=512,r=127,dtype=bf16": {"BLOCK_N": 64}},
+                 configs.PATH_TABLE: {"D=512,r=64,dtype=bf16": "tma"}})
+    store = _store(dirs)
+    assert store.lookup("compress_coeff", 512, 97, "bf16", 87_000)["BLOCK_N"] == 64
+    assert store.lookup("compress_coeff", 512, 96, "bf16", 87_000)["BLOCK_N"] == 256
+    assert store.lookup("compress_coeff", 1536, 100, "bf16")["BLOCK_N"] == 64  # nearest, class
+    assert store.lookup(configs.PATH_TABLE, 512, 40, "bf16") == "tma"
+    assert store.lookup(configs.PATH_TABLE, 512, 40, "bf16", coeff="fp32") == "tma"
+    assert store.lookup(configs.PATH_TABLE, 512, 32, "bf16") is None
+

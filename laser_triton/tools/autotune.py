@@ -364,10 +364,14 @@ def cli_main(argv: list[str] | None = None) -> int:
             key = config_key(kD, kr, kdt, None if args.prune_only or kernel.startswith("orth")
                              else args.rows, c_key)
             cands = ladder(kernel) if args.prune_only else candidates(kernel, not args.ieee)
-            if args.prune_only and c_key != DEFAULT_COEFF:
-                # the store's config for bf16 C first (hand-picked ones may lie off the ladder)
-                base = store.lookup(kernel, kD, kr, kdt)
-                cands = [base] + [c for c in cands if c != base]
+            if args.prune_only:
+                # First the store's configs of the neighbouring binaries: for bf16 C, and at
+                # the padded rank (hand-picked entries may lie off the ladder)
+                seeds = [store.lookup(kernel, kD, kr, kdt)] if c_key != DEFAULT_COEFF else []
+                if kr % 16:
+                    seeds.append(store.lookup(kernel, kD, 1 << (kr - 1).bit_length(), kdt,
+                                              None, c_key))
+                cands = [c for i, c in enumerate(seeds + cands) if c not in (seeds + cands)[:i]]
             fitting = prune(kernel, kD, kr, kdt, cands, arch, limit, args.jobs,
                             first_only=args.prune_only, coeff=c_key)
             print(f"  {kernel:15s} {key}: {len(fitting)} candidates fit", flush=True)
