@@ -355,8 +355,9 @@ def cli_main(argv: list[str] | None = None) -> int:
             if not applies(kernel, D, r, args.dtype):
                 continue
             c_key = coeff if keyed_on_coeff(kernel) else DEFAULT_COEFF
-            if c_key != coeff and coeff != coeffs[0] and forced is None:
-                continue  # C-independent: tuned in the first C pass (or where this C split)
+            if c_key != coeff and coeff != coeffs[0] and forced is None and config_key(
+                    *shape_key(kernel, D, r, args.dtype)) in tables.get(kernel, {}):
+                continue  # C-independent: tuned in an earlier C pass
             design = forced or choose_path(D, r, args.dtype, None, store, coeff)
             if args.prune_only and kernel in KERNELS[:4] and kernel not in PATH_KERNELS[design]:
                 continue  # untimed: prove the design the launcher picks (shipped table, size)
