@@ -115,20 +115,25 @@ def n_bucket(N: int) -> int:
 
 
 def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    """The kernels' padded rank (`_common.pow2`: a power of two, at least 16)."""
+    return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-def rank_class(r: int) -> tuple[int, bool]:
-    """What of a rank r a compiled binary depends on: its padded width (R_PAD) and whether
-    Triton's launch specialization marks it divisible by 16 (r = 127 and r = 128 are
-    different binaries with the same padded width; 97 and 127 the same one)."""
-    return _pow2(r), r % 16 == 0
+def rank_class(r: int) -> tuple[int, bool | None]:
+    """What of a rank r a compiled binary depends on: its padded width (R_PAD, at least 16)
+    and whether Triton's launch specialization marks it divisible by 16 (None: r = 1, a
+    constant). r = 127 and r = 128 are different binaries with the same padded width; 97 and
+    127 the same one, as are 2..15."""
+    return _pow2(r), (None if r == 1 else r % 16 == 0)
 
 
 def rank_representative(r: int) -> int:
     """The rank whose entries stand for r's class (`rank_class`): the padded width when r is
-    a multiple of 16, else one less (the prune writes entries at 31, 63, 127)."""
-    return _pow2(r) if r % 16 == 0 else max(_pow2(r) - 1, 1)
+    a multiple of 16, else one less (the prune writes entries at 31, 63, 127), and 8 for the
+    ranks below 16 (the audit's grid point)."""
+    if r == 1 or r % 16 == 0:
+        return r if r == 1 else _pow2(r)
+    return 8 if _pow2(r) == 16 else _pow2(r) - 1
 
 
 def config_key(D: int, r: int, dtype: str, N: int | None = None,
@@ -255,7 +260,7 @@ class ConfigStore:
         for label, key, entry in found:
             parsed = _parse_key(key)
             if parsed is None or parsed[2] != dtype or parsed[3] != coeff or \
-                    rank_class(parsed[1])[1] != rank_class(r)[1]:
+                    (parsed[1] % 16 == 0) != (r % 16 == 0):
                 continue  # another dtype, C dtype, or divisibility of r: another binary
             d = abs(math.log2(parsed[0] / D)) + abs(math.log2(parsed[1] / r))
             if N is not None and parsed[4] is not None:

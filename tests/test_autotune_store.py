@@ -340,8 +340,9 @@ def test_a_rank_takes_its_specialization_class_entry(dirs):
     compress_coeff config spilled at r = 127). A padded rank's design holds for its class."""
     env, _ = dirs
     assert configs.rank_class(97) == configs.rank_class(127) != configs.rank_class(128)
-    assert [configs.rank_representative(r) for r in (8, 17, 31, 48, 97, 128)] == [
-        7, 31, 31, 64, 127, 128]
+    assert configs.rank_class(8) == configs.rank_class(15) != configs.rank_class(1)
+    assert [configs.rank_representative(r) for r in (1, 5, 15, 17, 31, 48, 97, 128)] == [
+        1, 8, 8, 31, 31, 64, 127, 128]
     _write(env, {"compress_coeff": {"D=512,r=128,dtype=bf16": {"BLOCK_N": 256},
                                     "D=512,r=127,dtype=bf16": {"BLOCK_N": 64}},
                  configs.PATH_TABLE: {"D=512,r=64,dtype=bf16": "tma"}})
