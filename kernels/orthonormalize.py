@@ -32,7 +32,7 @@ from ..numerics import completion_matrix
 from ..util import to_device_async
 from ..validation import check_orthonormalize
 from ._cholesky import PANEL, _orth_factor_kernel
-from ._common import launch, new_buffer, pow2, shrink_config
+from ._common import capturing, launch, new_buffer, pow2, shrink_config, ticket_counters
 from ._orth_kernels import _orth_apply_kernel, _orth_gram_kernel
 from ._spec import KernelSpec, Shape, declare
 from .configs import get_store
@@ -71,20 +71,12 @@ MODE_VARIANTS = {"orth_gram": ({"WITH_Z": True, "CHECK": False},
                  "orth_apply": ({"REPAIR": True, "CHECK": False},
                                {"REPAIR": False, "CHECK": True},
                                {"REPAIR": False, "CHECK": False})}  # the last: padded rank 128
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
 def chunk_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least n zeroed int32 counters for this device and current stream: the last chunk
     program of each (site, tile) finds itself by one and resets it to 0, so the buffer is
-    reused by every launch on the stream without a memset (launches on a stream never
-    overlap). Allocated (one zero fill) only when a call needs more than any before."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return counters
+    reused by every launch on the stream without a memset (`_common.ticket_counters`: a
+    fresh one under CUDA-graph capture)."""
+    return ticket_counters(device, n, "orthonormalize")
 
 
 def launch_plan(store, D: int, r: int) -> list[tuple[str, dict, dict]]:
@@ -141,14 +133,22 @@ class _Plan:
 
 
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+MIN_GRAM_TILE = 16  # the smallest Gram tile (tl.dot's minimum) a shrink may reach
 
 
 def _plan(shapes: tuple[tuple[int, int], ...], device: torch.device,
           Zs: Sequence[torch.Tensor] | None) -> _Plan:
+    key = (shapes, str(device))
+    plan = _PLANS.get(key) if Zs is None else None
+    if plan is None and capturing(device):
+        # A plan's tables go up through pinned host copies: captured, they would become graph
+        # nodes reading host blocks the caching allocator reuses after capture.
+        raise RuntimeError(
+            "orthonormalize_batched: these site shapes are seen for the first time inside "
+            f"CUDA-graph capture ({list(shapes)}); call it once with the same shapes (and the "
+            "default completion directions) before capturing: that builds and caches the plan")
     if Zs is not None:
         return _Plan(shapes, device, Zs)
-    key = (shapes, str(device))
-    plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _Plan(shapes, device, None)
         if len(_PLANS) > 64:
@@ -196,7 +196,9 @@ def orthonormalize_batched(
     scale = new_buffer((S, R_PAD), f64, device)
     info = new_buffer((S, 2), torch.int32, device)
     ok = new_buffer((S,), torch.bool, device)  # poisoned as True: the check must write it
-    n_tiles = (R_PAD // min(gram_cfg["GRAM_TILE"], R_PAD)) ** 2
+    # Sized for the smallest Gram tile an out-of-resources shrink can reach (16): the launch
+    # that runs may halve GRAM_TILE, and its per-tile slots and site tickets must still fit.
+    n_tiles = (R_PAD // MIN_GRAM_TILE) ** 2
     tile_err = new_buffer((S, n_tiles), f64, device)  # the final Gram's max |G - I| per tile
     Q1 = new_buffer((plan.total,), torch.float32, device)
     Q = new_buffer((plan.total,), torch.float32, device)
@@ -229,7 +231,7 @@ def orthonormalize_batched(
             run_gram(gram_cfg, dst, with_z=False, check=not repair)
 
     ran, _ = launch("orth_gram", run_gram, gram_cfg,
-                    lambda c: shrink_config(c, ("BLOCK_D", "GRAM_TILE")))
+                    lambda c: shrink_config(c, ("BLOCK_D", "GRAM_TILE"), MIN_GRAM_TILE))
     store.remember("orth_gram", plan.max_D, R_PAD, "fp32", None, ran)
     gram_cfg = ran
     fused_gram = R_PAD <= APPLY_GRAM_MAX

@@ -237,3 +237,44 @@ def test_one_site_is_split_into_eight_row_chunks():
     assert chunk_rows(cfg, 512, sites=16) == 64 and chunk_rows(cfg, 512, sites=32) == 128
     assert chunk_rows(cfg, 512, sites=128) == 256
     assert chunk_rows({**cfg, "ROWS_PER_CHUNK": 32}, 70) == 32
+
+
+def test_gram_tile_shrink_keeps_the_check_buffers_in_bounds(monkeypatch):
+    """An out-of-resources fallback may halve GRAM_TILE after the buffers are allocated: the
+    padded-rank-128 CHECK Gram then runs 4x the tiles, and each writes a per-tile error slot and
+    takes a per-site ticket. Both buffers must hold the tiles of the launch that runs (the old
+    sizing, from the store's tile, was written past on a GPU), and the result stays right."""
+    import importlib
+
+    from triton.runtime.errors import OutOfResources
+
+    orth = importlib.import_module("laser_triton.kernels.orthonormalize")
+    real_launch, real_kernel, launched = orth.launch, orth._orth_gram_kernel, []
+
+    def failing_once(name, run, config, shrink=None):
+        if name != "orth_gram":
+            return real_launch(name, run, config, shrink)
+
+        def run_once_the_tile_shrank(cfg):
+            if cfg["GRAM_TILE"] == config["GRAM_TILE"]:
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return run(cfg)
+        return real_launch(name, run_once_the_tile_shrank, config, shrink)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                S, n_tiles = grid[0], grid[2]
+                counts, err = args[6], args[9]
+                launched.append((n_tiles, kwargs["CHECK"]))
+                assert err.numel() >= S * n_tiles and counts.numel() >= S * (n_tiles + 1)
+                return real_kernel[grid](*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(orth, "launch", failing_once)
+    monkeypatch.setattr(orth, "_orth_gram_kernel", Spy())
+    Y = conditioned(150, 100, 1e3, seed=5)
+    Q, ok = orthonormalize(Y)
+    assert bool(ok) and orth_err(Q) <= 1e-5 and span_residual(Q, Y) <= 1e-5
+    check_tiles = [n for n, check in launched if check]
+    assert check_tiles and min(check_tiles) > 1  # the shrunk tile ran the checked Gram
