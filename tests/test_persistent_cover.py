@@ -30,8 +30,10 @@ SMS = (1, 3, 7, 200)  # one program; a few; more programs than tiles
 
 
 def test_reconstruct_tile_runs_cover_each_tile_once(use_configs, monkeypatch):
-    use_configs({"reconstruct": {"D=40,r=16,dtype=fp32,C=fp32": {
-        "BLOCK_N": 16, "BLOCK_D": 32, "PROGRAMS_PER_SM": 1, "PRECISION": "ieee"}}})
+    # One entry per rank class the shapes use (configs.rank_class: r = 3, 5, 9 and r = 16 are
+    # different binaries), keyed by the C dtype of the calls.
+    cfg = {"BLOCK_N": 16, "BLOCK_D": 32, "PROGRAMS_PER_SM": 1, "PRECISION": "ieee"}
+    use_configs({"reconstruct": {f"D=40,r={r},dtype=fp32,C=fp32": cfg for r in (8, 16)}})
     seen = set()
     for sms, (N, D, r) in itertools.product(SMS, [(1, 8, 3), (17, 33, 16), (50, 70, 5),
                                                  (33, 96, 9)]):
@@ -49,7 +51,8 @@ def test_reconstruct_tile_runs_cover_each_tile_once(use_configs, monkeypatch):
 
 def test_compress_tma_row_blocks_cover_each_row_once(use_configs, monkeypatch):
     monkeypatch.setattr(CP, "choose_path", lambda *args, **kwargs: "tma")
-    use_configs({"compress_tma": {"D=40,r=16,dtype=bf16,C=fp32": {"BLOCK_N": 16}}})
+    use_configs({"compress_tma": {f"D=40,r={r},dtype=bf16,C=fp32": {"BLOCK_N": 16}
+                                  for r in (1, 8, 31)}})  # the rank classes of r = 1, 8, 17
     launches = []
     kernel = CP._compress_tma_kernel
 
