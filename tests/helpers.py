@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import warnings
+from pathlib import Path
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -11,6 +13,17 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import laser_triton.hooks as hooks_mod
 from laser_triton.storage import Packed, region_view
 from laser_triton.trm import act_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_source(name: str, relpath: str):
+    """Execute a repository file that is not on the import path (perf/*.py, examples/*.py) as
+    a fresh module called `name`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def matrix_with_spectrum(N: int, D: int, sigma: torch.Tensor, seed: int = 0,

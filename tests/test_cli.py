@@ -4,7 +4,6 @@ exit (no traceback unless --debug), meaningless values are refused, every comman
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_source
 
 from laser_triton.tools import cli, cliutil
 
@@ -110,9 +110,7 @@ def test_every_command_takes_threads(command, capsys):
 
 @pytest.mark.parametrize("name", ["own_model", "ddp_laser"])
 def test_examples_take_threads(name, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_source(name, f"examples/{name}.py")
     monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])  # ddp_laser reads sys.argv
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"]) if name == "own_model" else module.main()

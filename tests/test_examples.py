@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from helpers import load_source
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_source(name, f"examples/{name}.py")
 
 
 def test_own_model_example(capsys):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+from helpers import load_source  # noqa: E402
 from laser_triton.kernels._audit import MAX_COMPILE_S, Facts, audit, check  # noqa: E402
 from laser_triton.kernels._hopper import TRM_N  # noqa: E402
 from laser_triton.kernels._spec import SPECS  # noqa: E402
@@ -35,11 +36,7 @@ CP = importlib.import_module("laser_triton.kernels.compress_pass")
 
 
 def _perf_model():
-    perf = Path(__file__).resolve().parent.parent / "perf" / "audit.py"
-    spec = importlib.util.spec_from_file_location("laser_triton_perf_audit_gate", perf)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_source("laser_triton_perf_audit_gate", "perf/audit.py")
 
 
 # every width a preset saves x the audit's ranks (perf/audit.py: powers of two and 31/63/127)
@@ -197,10 +194,7 @@ def test_a_known_spilling_config_is_caught():
 
 
 def test_audit_command_writes_csvs_with_model(tmp_path):
-    perf = Path(__file__).resolve().parent.parent / "perf" / "audit.py"
-    spec = importlib.util.spec_from_file_location("laser_triton_perf_audit_test", perf)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_source("laser_triton_perf_audit_test", "perf/audit.py")
     rc = module.main(["--out", str(tmp_path), "--cached", "--shapes", "512:32",
                       "--label", "test"])
     assert rc == 0

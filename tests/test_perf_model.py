@@ -6,12 +6,10 @@ reads outrun shared memory, L2 re-reads of X, U and C, and the loop trips of eac
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
+from helpers import load_source  # noqa: E402
 from laser_triton.kernels._audit import Facts, wgmma_clocks, wgmma_efficiency  # noqa: E402
 from laser_triton.kernels._spec import SPECS  # noqa: E402
 
@@ -19,11 +17,7 @@ N = 87_000
 
 
 def _model():
-    path = Path(__file__).resolve().parent.parent / "perf" / "audit.py"
-    spec = importlib.util.spec_from_file_location("laser_triton_perf_model_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_source("laser_triton_perf_model_test", "perf/audit.py")
 
 
 def test_wgmma_clocks_charge_shared_memory_reads_of_narrow_shapes():
